@@ -1,0 +1,10 @@
+# omnimoe_add_test(NAME LABEL cpu|cuda SOURCES a.cpp ...)
+# One GoogleTest executable, registered with ctest under the given label.
+include(GoogleTest)
+function(omnimoe_add_test name)
+  cmake_parse_arguments(ARG "" "LABEL" "SOURCES" ${ARGN})
+  add_executable(${name} ${ARG_SOURCES})
+  target_link_libraries(${name} PRIVATE omnimoe_lib GTest::gtest_main)
+  target_include_directories(${name} PRIVATE ${PROJECT_SOURCE_DIR}/src ${PROJECT_SOURCE_DIR}/tests)
+  gtest_discover_tests(${name} PROPERTIES LABELS ${ARG_LABEL} DISCOVERY_TIMEOUT 60)
+endfunction()

@@ -1,0 +1,25 @@
+// The interface every backend implements. Arguments arrive validated (core/validate.cpp);
+// a backend still checks what only it can see (index values on the CPU, CUDA errors).
+#pragma once
+
+#include "omnimoe/layer.hpp"
+
+namespace omnimoe::cpu {
+std::size_t forward_workspace_size(const Config& cfg, std::int64_t tokens, DType dtype);
+std::size_t backward_workspace_size(const Config& cfg, std::int64_t tokens, DType dtype);
+Status forward(const Config& cfg, Mode mode, const TensorView& x, const Params& p, const ForwardOutputs& out,
+               Workspace ws);
+Status backward(const Config& cfg, Mode mode, const TensorView& x, const Params& p, const TensorView& expert_ids,
+                const TensorView& grad_y, const Gradients& g, Workspace ws);
+}  // namespace omnimoe::cpu
+
+namespace omnimoe::cuda {
+// True when the library was built with the CUDA backend (a GPU may still be absent).
+bool built();
+Status forward_workspace_size(const Config& cfg, std::int64_t tokens, DType dtype, std::size_t* bytes);
+Status backward_workspace_size(const Config& cfg, std::int64_t tokens, DType dtype, std::size_t* bytes);
+Status forward(const Config& cfg, Mode mode, const TensorView& x, const Params& p, const ForwardOutputs& out,
+               Workspace ws, void* stream);
+Status backward(const Config& cfg, Mode mode, const TensorView& x, const Params& p, const TensorView& expert_ids,
+                const TensorView& grad_y, const Gradients& g, Workspace ws, void* stream);
+}  // namespace omnimoe::cuda

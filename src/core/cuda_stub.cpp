@@ -1,0 +1,20 @@
+// CUDA backend stand-in for builds without a CUDA toolkit: every call says so.
+#include "core/backend.hpp"
+
+namespace omnimoe::cuda {
+namespace {
+Status no_cuda() {
+  return {StatusCode::unsupported, "device cuda: this build of omnimoe has no CUDA backend (no CUDA toolkit was found)"};
+}
+}  // namespace
+bool built() { return false; }
+Status forward_workspace_size(const Config&, std::int64_t, DType, std::size_t*) { return no_cuda(); }
+Status backward_workspace_size(const Config&, std::int64_t, DType, std::size_t*) { return no_cuda(); }
+Status forward(const Config&, Mode, const TensorView&, const Params&, const ForwardOutputs&, Workspace, void*) {
+  return no_cuda();
+}
+Status backward(const Config&, Mode, const TensorView&, const Params&, const TensorView&, const TensorView&,
+                const Gradients&, Workspace, void*) {
+  return no_cuda();
+}
+}  // namespace omnimoe::cuda

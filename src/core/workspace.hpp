@@ -1,0 +1,36 @@
+// Workspace planning. Each backend writes ONE function that carves its buffers out of an
+// Arena; the size query runs it on a counting arena (no base pointer) and the real call on
+// the caller's memory, so the query and the use cannot disagree.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+namespace omnimoe {
+
+class Arena {
+ public:
+  static constexpr std::size_t kAlign = 256;  // cudaMalloc alignment; also good for AVX and TMA
+
+  Arena() = default;  // counting arena
+  Arena(void* base, std::size_t capacity) : base_(static_cast<char*>(base)), capacity_(capacity) {}
+
+  // `count` elements of T, kAlign-aligned. Counting arena: returns nullptr.
+  template <class T>
+  T* take(std::size_t count) {
+    std::size_t offset = (used_ + kAlign - 1) / kAlign * kAlign;
+    used_ = offset + count * sizeof(T);
+    if (base_ == nullptr) return nullptr;
+    return reinterpret_cast<T*>(base_ + offset);
+  }
+
+  std::size_t used() const { return used_; }
+  bool fits() const { return base_ == nullptr || used_ <= capacity_; }
+
+ private:
+  char* base_ = nullptr;
+  std::size_t capacity_ = 0;
+  std::size_t used_ = 0;
+};
+
+}  // namespace omnimoe

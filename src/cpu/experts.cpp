@@ -1,0 +1,1 @@
+// placeholder: src/cpu/experts.cpp

@@ -1,0 +1,1 @@
+set(OMNIMOE_CUDA_SOURCES "")
