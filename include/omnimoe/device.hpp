@@ -1,0 +1,38 @@
+// Small device utilities for tools, tests and benchmarks (the layer itself never allocates):
+// memory, copies, synchronisation and timing on either backend, with no CUDA header needed.
+#pragma once
+
+#include <cstddef>
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "omnimoe/status.hpp"
+#include "omnimoe/tensor.hpp"
+
+namespace omnimoe {
+
+// True when this build has the CUDA backend AND a CUDA device is present.
+bool cuda_available();
+// "cpu: 2 threads" / "cuda: NVIDIA H100 80GB HBM3 (132 SMs)".
+std::string device_description(Device d);
+
+Status device_alloc(Device d, std::size_t bytes, void** ptr);  // CPU: 256-byte aligned host memory
+void device_free(Device d, void* ptr);
+// Synchronous copy between any two devices (host <-> cuda, cuda <-> cuda, host <-> host).
+Status copy_bytes(void* dst, Device dst_dev, const void* src, Device src_dev, std::size_t bytes);
+// Fill with a byte pattern (tests poison outputs with 0xFF = NaN for every float dtype).
+Status fill_bytes(void* dst, Device d, int byte, std::size_t bytes);
+Status synchronize(Device d);
+
+// Milliseconds of each of `reps` calls of fn after `warmup` calls. CUDA: events on the
+// default stream around each call; CPU: steady clock.
+Status time_calls(Device d, const std::function<Status()>& fn, int warmup, int reps, std::vector<double>* ms);
+
+// Peak device memory tracking for benchmarks: reset, then read the high-water mark of
+// memory in use on the device since the reset (CUDA: sampled through cudaMemGetInfo after
+// each timed call; CPU: not tracked, returns 0).
+void reset_peak_memory(Device d);
+std::size_t peak_memory_bytes(Device d);
+
+}  // namespace omnimoe
