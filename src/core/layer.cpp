@@ -35,9 +35,18 @@ Status backward_workspace_size(const Config& cfg, std::int64_t tokens, DType dty
   return cuda::backward_workspace_size(cfg, tokens, dtype, bytes);
 }
 
+// Training-mode batchnorm needs two tokens: the running variance update divides by T - 1.
+Status check_mode(const Config& cfg, Mode mode, const TensorView& x) {
+  if (mode == Mode::training && cfg.router_norm == RouterNorm::batchnorm && x.shape[0] < 2)
+    return invalid_argument("x: training-mode batchnorm needs at least 2 tokens, got T = " +
+                            std::to_string(x.shape[0]));
+  return Status::Ok();
+}
+
 Status forward(const Config& cfg, Mode mode, const TensorView& x, const Params& p, const ForwardOutputs& out,
                Workspace ws, void* stream) {
   OMNIMOE_RETURN_IF_ERROR(validate_forward_args(cfg, x, p, out, ws));
+  OMNIMOE_RETURN_IF_ERROR(check_mode(cfg, mode, x));
   if (x.device == Device::cpu) return cpu::forward(cfg, mode, x, p, out, ws);
   return cuda::forward(cfg, mode, x, p, out, ws, stream);
 }
@@ -45,6 +54,7 @@ Status forward(const Config& cfg, Mode mode, const TensorView& x, const Params& 
 Status backward(const Config& cfg, Mode mode, const TensorView& x, const Params& p, const TensorView& expert_ids,
                 const TensorView& grad_y, const Gradients& g, Workspace ws, void* stream) {
   OMNIMOE_RETURN_IF_ERROR(validate_backward_args(cfg, x, p, expert_ids, grad_y, g, ws));
+  OMNIMOE_RETURN_IF_ERROR(check_mode(cfg, mode, x));
   if (x.device == Device::cpu) return cpu::backward(cfg, mode, x, p, expert_ids, grad_y, g, ws);
   return cuda::backward(cfg, mode, x, p, expert_ids, grad_y, g, ws, stream);
 }
