@@ -35,7 +35,7 @@ void route_logits(const Config& cfg, i64 T, const C* x, const C* w_row, const C*
 // running statistics) or nothing. Writes the mean and 1/sqrt(var + eps) used to mean/rstd.
 template <class C>
 void route_normalize(const Config& cfg, Mode mode, i64 T, i64 n, C* l, C* mean, C* rstd, C* running_mean,
-                     C* running_var);
+                     C* running_var, double* acc);  // acc: [2n] double scratch
 // logp[t, :] = log_softmax(l[t, :]) over n.
 template <class C>
 void route_log_softmax(i64 T, i64 n, const C* l, C* logp);
@@ -59,7 +59,8 @@ template <class C>
 void route_log_softmax_backward(i64 T, i64 n, const C* logp, C* d);
 // In place through the norm: training batchnorm uses lhat (normalised logits) and rstd.
 template <class C>
-void route_normalize_backward(const Config& cfg, Mode mode, i64 T, i64 n, const C* lhat, const C* rstd, C* d);
+void route_normalize_backward(const Config& cfg, Mode mode, i64 T, i64 n, const C* lhat, const C* rstd, C* d,
+                              double* acc);
 // dW_row = dlrᵀ x, dW_col = dlcᵀ x, dx += dlr W_row + dlc W_col.
 template <class C>
 void route_weights_backward(const Config& cfg, i64 T, const C* x, const C* w_row, const C* w_col, const C* dlr,

@@ -2,6 +2,7 @@
 // backward, in compute type C (double for f64 layers, float otherwise) over storage S.
 #include <omp.h>
 
+#include <algorithm>
 #include <string>
 #include <type_traits>
 
@@ -56,6 +57,7 @@ struct RouteBuffers {
   C *pr, *pc;          // log-probabilities
   C *mean_r, *rstd_r;  // statistics used by the norm, per row / column
   C *mean_c, *rstd_c;
+  double* acc;         // [2 * max(Nr, Nc)] statistics scratch
   i32* ids;            // [T, K]
   C *scores, *gates;   // [T, K]
 };
@@ -73,6 +75,7 @@ RouteBuffers<C> carve_route(Arena& a, const Config& cfg, i64 T) {
   r.rstd_r = a.take<C>(Nr);
   r.mean_c = a.take<C>(Nc);
   r.rstd_c = a.take<C>(Nc);
+  r.acc = a.take<double>(2 * std::max(Nr, Nc));
   r.ids = a.take<i32>(tk);
   r.scores = a.take<C>(tk);
   r.gates = a.take<C>(tk);
@@ -88,9 +91,9 @@ void route_probabilities(const Config& cfg, Mode mode, i64 T, const C* x, const 
   // Inference reads the running statistics; training updates them only when asked.
   auto running = [&](const TensorView& v) { return (!train || update_running) ? v.as<C>() : nullptr; };
   route_normalize(cfg, mode, T, cfg.grid_rows, r.lr, r.mean_r, r.rstd_r, running(p.running_mean_row),
-                  running(p.running_var_row));
+                  running(p.running_var_row), r.acc);
   route_normalize(cfg, mode, T, cfg.grid_cols, r.lc, r.mean_c, r.rstd_c, running(p.running_mean_col),
-                  running(p.running_var_col));
+                  running(p.running_var_col), r.acc);
   route_log_softmax(T, cfg.grid_rows, r.lr, r.pr);
   route_log_softmax(T, cfg.grid_cols, r.lc, r.pc);
 }
@@ -270,8 +273,8 @@ Status backward_impl(const Config& cfg, Mode mode, const TensorView& xv, const P
   route_scores_backward(cfg, T, r.ids, b.dg, b.dpr, b.dpc);
   route_log_softmax_backward(T, cfg.grid_rows, r.pr, b.dpr);
   route_log_softmax_backward(T, cfg.grid_cols, r.pc, b.dpc);
-  route_normalize_backward(cfg, mode, T, cfg.grid_rows, r.lr, r.rstd_r, b.dpr);
-  route_normalize_backward(cfg, mode, T, cfg.grid_cols, r.lc, r.rstd_c, b.dpc);
+  route_normalize_backward(cfg, mode, T, cfg.grid_rows, r.lr, r.rstd_r, b.dpr, r.acc);
+  route_normalize_backward(cfg, mode, T, cfg.grid_cols, r.lc, r.rstd_c, b.dpc, r.acc);
   route_weights_backward(cfg, T, x, w_row, w_col, b.dpr, b.dpc, dw_row, dw_col, dx);
 
   store_from_compute<C, S>(dx, g.x);

@@ -20,37 +20,40 @@ void route_logits(const Config& cfg, i64 T, const C* x, const C* w_row, const C*
 
 template <class C>
 void route_normalize(const Config& cfg, Mode mode, i64 T, i64 n, C* l, C* mean, C* rstd, C* running_mean,
-                     C* running_var) {
+                     C* running_var, double* acc) {
   if (cfg.router_norm == RouterNorm::none) return;
-  const bool train = mode == Mode::training;
-#pragma omp parallel for schedule(static)
-  for (i64 c = 0; c < n; ++c) {
-    double m, var;
-    if (train) {
-      // Statistics accumulated in double whatever C is: two passes, biased variance.
-      double s = 0;
-      for (i64 t = 0; t < T; ++t) s += l[t * n + c];
-      m = s / static_cast<double>(T);
-      double q = 0;
-      for (i64 t = 0; t < T; ++t) {
-        double d = l[t * n + c] - m;
-        q += d * d;
+  if (mode == Mode::training) {
+    // Batch statistics in double whatever C is: two row-major passes (contiguous reads),
+    // biased variance.
+    double* sq = acc + n;
+    std::fill(acc, acc + 2 * n, 0.0);
+    for (i64 t = 0; t < T; ++t)
+      for (i64 c = 0; c < n; ++c) acc[c] += l[t * n + c];
+    for (i64 c = 0; c < n; ++c) acc[c] /= static_cast<double>(T);
+    for (i64 t = 0; t < T; ++t)
+      for (i64 c = 0; c < n; ++c) {
+        const double d = l[t * n + c] - acc[c];
+        sq[c] += d * d;
       }
-      var = q / static_cast<double>(T);
+    for (i64 c = 0; c < n; ++c) {
+      const double var = sq[c] / static_cast<double>(T);
+      mean[c] = static_cast<C>(acc[c]);
+      rstd[c] = static_cast<C>(1.0 / std::sqrt(var + kBatchnormEps));
       if (running_mean != nullptr) {  // the backward recomputes the statistics without updating
         const double unbiased = var * static_cast<double>(T) / static_cast<double>(T - 1);
-        running_mean[c] = static_cast<C>((1 - kBatchnormMomentum) * running_mean[c] + kBatchnormMomentum * m);
+        running_mean[c] = static_cast<C>((1 - kBatchnormMomentum) * running_mean[c] + kBatchnormMomentum * acc[c]);
         running_var[c] = static_cast<C>((1 - kBatchnormMomentum) * running_var[c] + kBatchnormMomentum * unbiased);
       }
-    } else {
-      m = running_mean[c];
-      var = running_var[c];
     }
-    const C mc = static_cast<C>(m), r = static_cast<C>(1.0 / std::sqrt(var + kBatchnormEps));
-    mean[c] = mc;
-    rstd[c] = r;
-    for (i64 t = 0; t < T; ++t) l[t * n + c] = (l[t * n + c] - mc) * r;
+  } else {
+    for (i64 c = 0; c < n; ++c) {
+      mean[c] = running_mean[c];
+      rstd[c] = static_cast<C>(1.0 / std::sqrt(static_cast<double>(running_var[c]) + kBatchnormEps));
+    }
   }
+#pragma omp parallel for schedule(static)
+  for (i64 t = 0; t < T; ++t)
+    for (i64 c = 0; c < n; ++c) l[t * n + c] = (l[t * n + c] - mean[c]) * rstd[c];
 }
 
 template <class C>
@@ -202,24 +205,29 @@ void route_log_softmax_backward(i64 T, i64 n, const C* logp, C* d) {
 }
 
 template <class C>
-void route_normalize_backward(const Config& cfg, Mode mode, i64 T, i64 n, const C* lhat, const C* rstd, C* d) {
+void route_normalize_backward(const Config& cfg, Mode mode, i64 T, i64 n, const C* lhat, const C* rstd, C* d,
+                              double* acc) {
   if (cfg.router_norm == RouterNorm::none) return;
-  const bool train = mode == Mode::training;
+  if (mode == Mode::inference) {  // running statistics are constants
 #pragma omp parallel for schedule(static)
-  for (i64 c = 0; c < n; ++c) {
-    if (!train) {  // running statistics are constants
-      for (i64 t = 0; t < T; ++t) d[t * n + c] *= rstd[c];
-      continue;
-    }
-    // Through the batch statistics: dl = rstd * (d - mean(d) - lhat * mean(d * lhat)).
-    double s = 0, sx = 0;
-    for (i64 t = 0; t < T; ++t) {
-      s += d[t * n + c];
-      sx += static_cast<double>(d[t * n + c]) * lhat[t * n + c];
-    }
-    const C md = static_cast<C>(s / T), mdx = static_cast<C>(sx / T);
-    for (i64 t = 0; t < T; ++t) d[t * n + c] = rstd[c] * (d[t * n + c] - md - lhat[t * n + c] * mdx);
+    for (i64 t = 0; t < T; ++t)
+      for (i64 c = 0; c < n; ++c) d[t * n + c] *= rstd[c];
+    return;
   }
+  // Through the batch statistics: dl = rstd * (d - mean(d) - lhat * mean(d * lhat)).
+  double *s = acc, *sx = acc + n;
+  std::fill(acc, acc + 2 * n, 0.0);
+  for (i64 t = 0; t < T; ++t)
+    for (i64 c = 0; c < n; ++c) {
+      s[c] += d[t * n + c];
+      sx[c] += static_cast<double>(d[t * n + c]) * lhat[t * n + c];
+    }
+#pragma omp parallel for schedule(static)
+  for (i64 t = 0; t < T; ++t)
+    for (i64 c = 0; c < n; ++c) {
+      const C md = static_cast<C>(s[c] / T), mdx = static_cast<C>(sx[c] / T);
+      d[t * n + c] = rstd[c] * (d[t * n + c] - md - lhat[t * n + c] * mdx);
+    }
 }
 
 template <class C>
@@ -234,7 +242,7 @@ void route_weights_backward(const Config& cfg, i64 T, const C* x, const C* w_row
 
 #define OMNIMOE_ROUTE_INSTANTIATE(C)                                                                              \
   template void route_logits<C>(const Config&, i64, const C*, const C*, const C*, C*, C*);                       \
-  template void route_normalize<C>(const Config&, Mode, i64, i64, C*, C*, C*, C*, C*);                           \
+  template void route_normalize<C>(const Config&, Mode, i64, i64, C*, C*, C*, C*, C*, double*);                         \
   template void route_log_softmax<C>(i64, i64, const C*, C*);                                                     \
   template void route_topk<C>(const Config&, i64, const C*, const C*, TopkScratch<C>, i32*, C*);                 \
   template void route_gates<C>(const Config&, i64, const C*, C*);                                                 \
@@ -242,7 +250,7 @@ void route_weights_backward(const Config& cfg, i64 T, const C* x, const C* w_row
   template void route_gates_backward<C>(const Config&, i64, const C*, C*);                                        \
   template void route_scores_backward<C>(const Config&, i64, const i32*, const C*, C*, C*);                      \
   template void route_log_softmax_backward<C>(i64, i64, const C*, C*);                                            \
-  template void route_normalize_backward<C>(const Config&, Mode, i64, i64, const C*, const C*, C*);              \
+  template void route_normalize_backward<C>(const Config&, Mode, i64, i64, const C*, const C*, C*, double*);           \
   template void route_weights_backward<C>(const Config&, i64, const C*, const C*, const C*, const C*, const C*, \
                                           C*, C*, C*);
 OMNIMOE_ROUTE_INSTANTIATE(float)
