@@ -25,7 +25,7 @@ template <class C>
 struct TopkScratch {
   int threads = 1;            // number of per-thread slices
   i32* index = nullptr;       // [threads][Nr + Nc] candidate sort space
-  TopkEntry<C>* heap = nullptr;  // [threads][K + 1] frontier heap
+  TopkEntry<C>* heap = nullptr;  // [threads][3K + 1]: frontier heap, selection, ties
 };
 
 // lr = x router_rowᵀ [T, Nr], lc = x router_colᵀ [T, Nc].

@@ -123,7 +123,7 @@ ForwardBuffers<C, S> carve_forward(Arena& a, const Config& cfg, i64 T, int threa
   b.route = carve_route<C>(a, cfg, T);
   b.topk.threads = threads;
   b.topk.index = a.take<i32>(static_cast<std::size_t>(threads * (cfg.grid_rows + cfg.grid_cols)));
-  b.topk.heap = a.take<TopkEntry<C>>(static_cast<std::size_t>(threads * (cfg.top_k + 1)));
+  b.topk.heap = a.take<TopkEntry<C>>(static_cast<std::size_t>(threads * (3 * cfg.top_k + 1)));
   b.u = a.take<C>(static_cast<std::size_t>(T * I));
   b.v = a.take<C>(static_cast<std::size_t>(T * I));
   return b;

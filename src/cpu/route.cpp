@@ -88,43 +88,82 @@ void best_indices(const C* v, i64 n, i64 keep, i32* idx) {
 template <class C>
 void route_topk(const Config& cfg, i64 T, const C* pr, const C* pc, TopkScratch<C> scratch, i32* ids, C* scores) {
   const i64 Nr = cfg.grid_rows, Nc = cfg.grid_cols, K = cfg.top_k;
-  // Any top-K pair uses one of the best min(K, Nr) rows and one of the best min(K, Nc) columns.
+  // The K-th largest value lies in the block of the best min(K, Nr) rows x min(K, Nc) columns.
   const i64 rk = std::min(K, Nr), ck = std::min(K, Nc);
+  auto by_score = [](const TopkEntry<C>& a, const TopkEntry<C>& b) { return a.score < b.score; };
+  auto by_e = [](const TopkEntry<C>& a, const TopkEntry<C>& b) { return a.e < b.e; };
+  auto in_order = [](const TopkEntry<C>& a, const TopkEntry<C>& b) { return better(a.score, a.e, b.score, b.e); };
 #pragma omp parallel num_threads(scratch.threads)
   {
     const int tid = omp_get_thread_num();
     i32* rows = scratch.index + static_cast<i64>(tid) * (Nr + Nc);
     i32* cols = rows + Nr;
-    TopkEntry<C>* heap = scratch.heap + static_cast<i64>(tid) * (K + 1);
-    auto worse = [](const TopkEntry<C>& a, const TopkEntry<C>& b) { return better(b.score, b.e, a.score, a.e); };
+    TopkEntry<C>* heap = scratch.heap + static_cast<i64>(tid) * (3 * K + 1);  // [K + 1]
+    TopkEntry<C>* sel = heap + K + 1;                                         // [K]
+    TopkEntry<C>* ties = sel + K;                                             // [K]
 #pragma omp for schedule(static)
     for (i64 t = 0; t < T; ++t) {
       const C* r = pr + t * Nr;
       const C* c = pc + t * Nc;
       best_indices(r, Nr, rk, rows);
       best_indices(c, Nc, ck, cols);
-      // Best-first walk of the sorted rk x ck grid: cell (p, q) has the single parent
-      // (p, q-1), or (p-1, 0) when q = 0, which is never worse, so popping the heap yields
-      // cells in exact selection order and the heap never holds more than K + 1 cells.
+      // 1. tau = the K-th largest value of S. Best-first walk of the sorted block: cell (p, q)
+      //    has the single parent (p, q-1), or (p-1, 0) when q = 0, whose value is never
+      //    smaller (fp addition is monotone), so the K-th pop has the K-th largest value.
       auto cell = [&](i32 p, i32 q) {
         const i32 i = rows[p], j = cols[q];
         return TopkEntry<C>{r[i] + c[j], static_cast<i32>(i * Nc + j), p, q};
       };
       i64 size = 0;
       heap[size++] = cell(0, 0);
+      C tau = 0;
       for (i64 k = 0; k < K; ++k) {
-        std::pop_heap(heap, heap + size, worse);
+        std::pop_heap(heap, heap + size, by_score);
         const TopkEntry<C> top = heap[--size];
-        ids[t * K + k] = top.e;
-        scores[t * K + k] = top.score;
+        tau = top.score;
         if (top.q + 1 < ck) {
           heap[size++] = cell(top.p, top.q + 1);
-          std::push_heap(heap, heap + size, worse);
+          std::push_heap(heap, heap + size, by_score);
         }
         if (top.q == 0 && top.p + 1 < rk) {
           heap[size++] = cell(top.p + 1, 0);
-          std::push_heap(heap, heap + size, worse);
+          std::push_heap(heap, heap + size, by_score);
         }
+      }
+      // 2. Every cell with S > tau (fewer than K), and of the cells with S == tau the
+      //    smallest ids. Ties of rounded sums can sit outside the block, so candidates are
+      //    all rows / columns whose best possible sum reaches tau.
+      const C rmax = r[rows[0]], cmax = c[cols[0]];
+      i64 ncols = 0;
+      for (i64 j = 0; j < Nc; ++j)
+        if (rmax + c[j] >= tau) cols[ncols++] = static_cast<i32>(j);
+      std::sort(cols, cols + ncols, [c](i32 a, i32 b) { return better(c[a], a, c[b], b); });
+      i64 nsel = 0, nties = 0;
+      for (i64 i = 0; i < Nr; ++i) {
+        if (r[i] + cmax < tau) continue;
+        for (i64 q = 0; q < ncols; ++q) {
+          const i32 j = cols[q];
+          const TopkEntry<C> e{r[i] + c[j], static_cast<i32>(i * Nc + j), 0, 0};
+          if (e.score < tau) break;  // columns are sorted: the rest of the row is smaller
+          if (e.score > tau) {
+            sel[nsel++] = e;
+          } else if (nties < K) {  // keep the K smallest ids among the ties (max-heap by id)
+            ties[nties++] = e;
+            std::push_heap(ties, ties + nties, by_e);
+          } else if (e.e < ties[0].e) {
+            std::pop_heap(ties, ties + nties, by_e);
+            ties[nties - 1] = e;
+            std::push_heap(ties, ties + nties, by_e);
+          }
+        }
+      }
+      std::sort_heap(ties, ties + nties, by_e);
+      for (i64 k = 0; nsel < K; ++k) sel[nsel++] = ties[k];
+      // 3. Output order: descending score, ties by ascending id.
+      std::sort(sel, sel + K, in_order);
+      for (i64 k = 0; k < K; ++k) {
+        ids[t * K + k] = sel[k].e;
+        scores[t * K + k] = sel[k].score;
       }
     }
   }
