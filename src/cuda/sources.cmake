@@ -1,1 +1,9 @@
-set(OMNIMOE_CUDA_SOURCES "")
+# CUDA backend sources (added to omnimoe_lib when a CUDA toolkit is found).
+set(OMNIMOE_CUDA_SOURCES
+  cuda/device.cu
+  cuda/experts.cu
+  cuda/gemm.cu
+  cuda/layer.cu
+  cuda/route.cu
+  cuda/shared_mlp.cu
+)

@@ -1,0 +1,77 @@
+// Shared pieces of the CUDA backend: error checks that turn into Status, storage types,
+// and vectorised loads.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <string>
+
+#include "omnimoe/status.hpp"
+#include "omnimoe/tensor.hpp"
+
+namespace omnimoe::cuda {
+
+using i64 = std::int64_t;
+using i32 = std::int32_t;
+
+inline Status cuda_status(cudaError_t e, const char* what) {
+  if (e == cudaSuccess) return Status::Ok();
+  return {StatusCode::cuda_error, std::string(what) + ": " + cudaGetErrorName(e) + " (" + cudaGetErrorString(e) + ")"};
+}
+
+}  // namespace omnimoe::cuda
+
+// Check a CUDA runtime call; return a Status naming the call on failure.
+#define OMNIMOE_CUDA_TRY(call) OMNIMOE_RETURN_IF_ERROR(::omnimoe::cuda::cuda_status((call), #call))
+// Check the launch just made (configuration errors surface here; faults surface later).
+#define OMNIMOE_CUDA_LAUNCH_CHECK(name) OMNIMOE_RETURN_IF_ERROR(::omnimoe::cuda::cuda_status(cudaGetLastError(), name))
+
+namespace omnimoe::cuda {
+
+// Storage element types by DType.
+template <DType D> struct Storage;
+template <> struct Storage<DType::f32> { using type = float; };
+template <> struct Storage<DType::bf16> { using type = __nv_bfloat16; };
+template <> struct Storage<DType::f16> { using type = __half; };
+
+__device__ __forceinline__ float to_f32(float v) { return v; }
+__device__ __forceinline__ float to_f32(__nv_bfloat16 v) { return __bfloat162float(v); }
+__device__ __forceinline__ float to_f32(__half v) { return __half2float(v); }
+
+template <class S> __device__ __forceinline__ S from_f32(float v);
+template <> __device__ __forceinline__ float from_f32<float>(float v) { return v; }
+template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+template <> __device__ __forceinline__ __half from_f32<__half>(float v) { return __float2half_rn(v); }
+
+// 16 bytes of S as float: 4 floats or 8 halves.
+template <class S> struct Vec { static constexpr int kN = 16 / sizeof(S); };
+
+template <class S>
+__device__ __forceinline__ void load16(const S* p, float (&out)[Vec<S>::kN]) {
+  const uint4 raw = *reinterpret_cast<const uint4*>(p);
+  const S* v = reinterpret_cast<const S*>(&raw);
+#pragma unroll
+  for (int i = 0; i < Vec<S>::kN; ++i) out[i] = to_f32(v[i]);
+}
+
+template <class S>
+__device__ __forceinline__ void store16(S* p, const float (&in)[Vec<S>::kN]) {
+  uint4 raw;
+  S* v = reinterpret_cast<S*>(&raw);
+#pragma unroll
+  for (int i = 0; i < Vec<S>::kN; ++i) v[i] = from_f32<S>(in[i]);
+  *reinterpret_cast<uint4*>(p) = raw;
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+inline unsigned ceil_div(i64 a, i64 b) { return static_cast<unsigned>((a + b - 1) / b); }
+
+}  // namespace omnimoe::cuda

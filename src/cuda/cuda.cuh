@@ -1,0 +1,76 @@
+// CUDA backend stage launchers (route, experts, shared_mlp), mirroring src/cpu/cpu.hpp.
+// Every launcher takes an explicit stream, writes only caller-provided memory and returns a
+// Status; none synchronises with the host or allocates.
+#pragma once
+
+#include "cuda/common.cuh"
+#include "cuda/gemm.cuh"
+#include "omnimoe/config.hpp"
+
+namespace omnimoe::cuda {
+
+// ---- route ------------------------------------------------------------------------------
+// Router statistics of one token chunk for training batchnorm: per column of logits
+// [rows, n], the chunk mean and sum of squared deviations (double), written to
+// partial[chunk * 2n ...]: [n means][n M2].
+Status route_chunk_moments(const float* logits, i64 rows, i64 n, double* partial, cudaStream_t stream);
+// Per column mean and 1/sqrt(var + eps) used by the norm: from the chunk moments (training;
+// also updates the running statistics), from the running statistics (inference), or 0 / 1
+// (no norm). Columns [0, Nr) are the row axis, [Nr, Nr + Nc) the column axis.
+struct RouteStatsArgs {
+  const Config* cfg;
+  Mode mode;
+  i64 T;                  // tokens in the whole batch
+  i64 chunk_rows;         // tokens per chunk (the last chunk may be shorter)
+  const double* partial;  // [chunks][2n] chunk moments (training batchnorm)
+  float *running_mean_row, *running_var_row, *running_mean_col, *running_var_col;
+  float* mean;  // [n] out
+  float* rstd;  // [n] out
+};
+Status route_stats(const RouteStatsArgs& a, cudaStream_t stream);
+
+// Largest Nr, Nc and K the CUDA router serves (one thread block per token holds them).
+inline constexpr i64 kRouteMaxExtent = 4096;
+
+// Norm, both log_softmax, exact bounded top-K and gates for `rows` tokens whose logits are
+// [rows, Nr + Nc]. Outputs for those tokens (pointers already offset to the chunk):
+// ids32/gates32 (internal, [rows, K]), and the caller's expert_ids (i32 or i64), scores and
+// gates when not null.
+struct RouteTopkArgs {
+  const Config* cfg;
+  i64 rows;
+  const float* logits;
+  const float* mean;
+  const float* rstd;
+  i32* ids32;
+  float* gates32;
+  void* ids_out;
+  bool ids_out_i64;
+  float* scores_out;  // may be null
+  float* gates_out;   // may be null
+};
+Status route_topk(const RouteTopkArgs& a, cudaStream_t stream);
+
+// ---- experts ----------------------------------------------------------------------------
+// y[t] = sum_k g * act(x[t] . w_in[e]) * w_out[e]: one warp per token, 16-byte loads; the
+// shared branch is added afterwards by its last product (beta = 1).
+struct ExpertsArgs {
+  const Config* cfg;
+  i64 T;
+  DType dtype;
+  const void* x;
+  const void* w_in;
+  const void* w_out;
+  const i32* ids;
+  const float* gates;
+  void* y;
+};
+Status experts_gather(const ExpertsArgs& a, cudaStream_t stream);
+// Whether the gather kernel serves this hidden size and dtype (16-byte rows, H <= limit).
+Status experts_supported(const Config& cfg, DType dtype);
+
+// ---- shared_mlp -------------------------------------------------------------------------
+// m = silu(u) * v in place of u, [n] elements of dtype.
+Status shared_mlp_swiglu(DType dtype, void* u, const void* v, i64 n, cudaStream_t stream);
+
+}  // namespace omnimoe::cuda

@@ -1,0 +1,115 @@
+// CUDA experts stage, sparse regime: fused gather. One warp per token keeps x[t] and its
+// output row in registers and streams the K chosen expert rows with 16-byte loads; with
+// about one token per expert every row is read once, which is the floor of this regime.
+#include "core/math.hpp"
+#include "cuda/cuda.cuh"
+
+namespace omnimoe::cuda {
+namespace {
+
+constexpr int kWarpsPerBlock = 8;
+
+// VPL: 16-byte vectors per lane (H = 32 * VPL * V at most, V elements per vector).
+template <class S, int VPL>
+__global__ void __launch_bounds__(kWarpsPerBlock * 32)
+    gather_kernel(i64 T, int H, int K, Activation act, const S* __restrict__ x, const S* __restrict__ w_in,
+                  const S* __restrict__ w_out, const i32* __restrict__ ids, const float* __restrict__ gates,
+                  S* __restrict__ y) {
+  constexpr int V = Vec<S>::kN;
+  const int lane = threadIdx.x & 31;
+  const i64 t = static_cast<i64>(blockIdx.x) * kWarpsPerBlock + (threadIdx.x >> 5);
+  if (t >= T) return;
+  const int nvec = H / V;
+  float xr[VPL][V], acc[VPL][V];
+#pragma unroll
+  for (int j = 0; j < VPL; ++j) {
+    const int v = j * 32 + lane;
+#pragma unroll
+    for (int i = 0; i < V; ++i) acc[j][i] = 0.f;
+    if (v < nvec) load16(x + t * H + v * V, xr[j]);
+    else
+#pragma unroll
+      for (int i = 0; i < V; ++i) xr[j][i] = 0.f;
+  }
+  const i32* tid = ids + t * K;
+  const float* tg = gates + t * K;
+  for (int k = 0; k < K; ++k) {
+    const i64 e = tid[k];
+    const S* wi = w_in + e * H;
+    const S* wo = w_out + e * H;
+    // Issue the output row's loads before the reduction so both rows are in flight.
+    float wor[VPL][V];
+    float h = 0.f;
+#pragma unroll
+    for (int j = 0; j < VPL; ++j) {
+      const int v = j * 32 + lane;
+      if (v < nvec) {
+        float wir[V];
+        load16(wi + v * V, wir);
+        load16(wo + v * V, wor[j]);
+#pragma unroll
+        for (int i = 0; i < V; ++i) h = fmaf(xr[j][i], wir[i], h);
+      }
+    }
+    h = warp_sum(h);
+    const float a = tg[k] * activate(act, h);
+#pragma unroll
+    for (int j = 0; j < VPL; ++j)
+      if (j * 32 + lane < nvec)
+#pragma unroll
+        for (int i = 0; i < V; ++i) acc[j][i] = fmaf(a, wor[j][i], acc[j][i]);
+  }
+#pragma unroll
+  for (int j = 0; j < VPL; ++j) {
+    const int v = j * 32 + lane;
+    if (v < nvec) store16(y + t * H + v * V, acc[j]);
+  }
+}
+
+template <class S>
+int vec_elems() {
+  return 16 / static_cast<int>(sizeof(S));
+}
+
+template <class S>
+Status launch_gather(const ExpertsArgs& a, cudaStream_t stream) {
+  const Config& c = *a.cfg;
+  const int H = static_cast<int>(c.hidden);
+  const int vpl = static_cast<int>((H / vec_elems<S>() + 31) / 32);
+  const unsigned blocks = ceil_div(a.T, kWarpsPerBlock);
+  const auto args = [&](auto kernel) {
+    kernel<<<blocks, kWarpsPerBlock * 32, 0, stream>>>(a.T, H, static_cast<int>(c.top_k), c.activation,
+                                                       static_cast<const S*>(a.x), static_cast<const S*>(a.w_in),
+                                                       static_cast<const S*>(a.w_out), a.ids, a.gates,
+                                                       static_cast<S*>(a.y));
+  };
+  if (vpl <= 1) args(gather_kernel<S, 1>);
+  else if (vpl <= 2) args(gather_kernel<S, 2>);
+  else if (vpl <= 4) args(gather_kernel<S, 4>);
+  else if (vpl <= 8) args(gather_kernel<S, 8>);
+  else args(gather_kernel<S, 16>);
+  OMNIMOE_CUDA_LAUNCH_CHECK("experts gather_kernel");
+  return Status::Ok();
+}
+
+}  // namespace
+
+Status experts_supported(const Config& cfg, DType dtype) {
+  const i64 v = 16 / static_cast<i64>(dtype_size(dtype));
+  if (cfg.hidden % v != 0 || cfg.hidden > 32 * 16 * v)
+    return {StatusCode::unsupported, "CUDA experts: hidden = " + std::to_string(cfg.hidden) + " must be a multiple of " +
+                                         std::to_string(v) + " and at most " + std::to_string(32 * 16 * v) +
+                                         " for " + dtype_name(dtype) + " (16-byte rows)"};
+  return Status::Ok();
+}
+
+Status experts_gather(const ExpertsArgs& a, cudaStream_t stream) {
+  switch (a.dtype) {
+    case DType::bf16: return launch_gather<__nv_bfloat16>(a, stream);
+    case DType::f16: return launch_gather<__half>(a, stream);
+    case DType::f32: return launch_gather<float>(a, stream);
+    default: return {StatusCode::unsupported, "CUDA experts: dtype must be f32, bf16 or f16"};
+  }
+}
+
+}  // namespace omnimoe::cuda

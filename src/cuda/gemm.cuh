@@ -1,0 +1,34 @@
+// Row-major GEMM through cuBLASLt: C = alpha * op(A) op(B) + beta * C, fp32 accumulation.
+// A and B share a storage dtype (f32, bf16, f16); C is f32 or that dtype. f32 inputs use true
+// fp32 arithmetic (no TF32), so the f32 layer stays within ~1e-5 of the float64 reference.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include "cuda/common.cuh"
+
+namespace omnimoe::cuda {
+
+struct GemmWorkspace {
+  void* data = nullptr;  // cuBLASLt scratch, part of the caller's workspace
+  std::size_t bytes = 0;
+};
+inline constexpr std::size_t kGemmWorkspaceBytes = std::size_t{32} << 20;
+
+struct GemmArgs {
+  bool ta = false, tb = false;  // op(A) = Aᵀ / op(B) = Bᵀ
+  i64 M = 0, N = 0, K = 0;      // op(A) is [M, K], op(B) is [K, N], C is [M, N]
+  const void* A = nullptr;
+  i64 lda = 0;
+  const void* B = nullptr;
+  i64 ldb = 0;
+  void* C = nullptr;
+  i64 ldc = 0;
+  DType ab = DType::bf16;  // dtype of A and B
+  DType c = DType::f32;    // dtype of C
+  float alpha = 1.f, beta = 0.f;
+};
+
+Status gemm(const GemmArgs& g, GemmWorkspace ws, cudaStream_t stream);
+
+}  // namespace omnimoe::cuda

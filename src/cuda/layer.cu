@@ -1,0 +1,226 @@
+// CUDA backend entry points: workspace planning and the stage sequence of the forward.
+// Nothing here synchronises with the host or allocates: every buffer is carved from the
+// caller's workspace, so the forward can be captured in a CUDA graph.
+#include <algorithm>
+
+#include "core/backend.hpp"
+#include "core/workspace.hpp"
+#include "cuda/cuda.cuh"
+
+namespace omnimoe::cuda {
+namespace {
+
+// Token chunks bound the workspace: router logits and shared-MLP activations are produced
+// and consumed chunk by chunk (peak memory is independent of T beyond 8 bytes per pair).
+constexpr std::size_t kLogitBytes = std::size_t{16} << 20;
+constexpr std::size_t kMlpBytes = std::size_t{32} << 20;
+constexpr std::size_t kGemmBytes = std::size_t{8} << 20;
+
+struct Plan {
+  i64 route_rows;  // tokens per router chunk
+  i64 mlp_rows;    // tokens per shared-MLP chunk
+  i64 chunks;      // router chunks
+};
+
+Plan plan_of(const Config& cfg, i64 T, DType dtype) {
+  const i64 n = cfg.grid_rows + cfg.grid_cols;
+  Plan p;
+  p.route_rows = std::clamp<i64>(static_cast<i64>(kLogitBytes / (n * sizeof(float))), 1, T);
+  p.mlp_rows = cfg.intermediate > 0
+                   ? std::clamp<i64>(static_cast<i64>(kMlpBytes / (2 * cfg.intermediate * dtype_size(dtype))), 1, T)
+                   : T;
+  p.chunks = (T + p.route_rows - 1) / p.route_rows;
+  return p;
+}
+
+struct ForwardBuffers {
+  GemmWorkspace gemm;
+  void* wcat;          // [Nr + Nc, H] router weights side by side: one product for both axes
+  float* logits;       // [route_rows, Nr + Nc]
+  double* partial;     // [chunks, 2 (Nr + Nc)] chunk moments (training batchnorm)
+  float *mean, *rstd;  // [Nr + Nc]
+  i32* ids32;          // [T, K]
+  float* gates32;      // [T, K]
+  void *u, *v;         // [mlp_rows, I]
+};
+
+ForwardBuffers carve_forward(Arena& a, const Config& cfg, i64 T, DType dtype) {
+  const Plan p = plan_of(cfg, T, dtype);
+  const auto n = static_cast<std::size_t>(cfg.grid_rows + cfg.grid_cols);
+  const std::size_t es = dtype_size(dtype), tk = static_cast<std::size_t>(T * cfg.top_k);
+  ForwardBuffers b;
+  b.gemm.bytes = kGemmBytes;
+  b.gemm.data = a.take<char>(kGemmBytes);
+  b.wcat = a.take<char>(n * static_cast<std::size_t>(cfg.hidden) * es);
+  b.logits = a.take<float>(static_cast<std::size_t>(p.route_rows) * n);
+  b.partial = a.take<double>(static_cast<std::size_t>(p.chunks) * 2 * n);
+  b.mean = a.take<float>(n);
+  b.rstd = a.take<float>(n);
+  b.ids32 = a.take<i32>(tk);
+  b.gates32 = a.take<float>(tk);
+  const auto mlp = static_cast<std::size_t>(p.mlp_rows * cfg.intermediate) * es;
+  b.u = a.take<char>(mlp);
+  b.v = a.take<char>(mlp);
+  return b;
+}
+
+Status check_supported(const Config& cfg, DType dtype) {
+  if (dtype != DType::f32 && dtype != DType::bf16 && dtype != DType::f16)
+    return {StatusCode::unsupported, std::string("device cuda: dtype ") + dtype_name(dtype) +
+                                         " is not supported (f32, bf16, f16); f64 runs on the CPU"};
+  if (std::max({cfg.grid_rows, cfg.grid_cols, cfg.top_k}) > kRouteMaxExtent)
+    return {StatusCode::unsupported, "device cuda: grid_rows, grid_cols and top_k must be at most " +
+                                         std::to_string(kRouteMaxExtent) + " for the CUDA router"};
+  return experts_supported(cfg, dtype);
+}
+
+const char* at(const void* base, i64 elems, DType dt) {
+  return static_cast<const char*>(base) + elems * static_cast<i64>(dtype_size(dt));
+}
+
+// Router logits of tokens [t0, t0 + rows): [rows, Nr + Nc] = x wcatᵀ.
+Status router_product(const Config& cfg, DType dt, const TensorView& x, const ForwardBuffers& b, i64 t0, i64 rows,
+                      cudaStream_t s) {
+  GemmArgs g;
+  g.tb = true;
+  g.M = rows;
+  g.N = cfg.grid_rows + cfg.grid_cols;
+  g.K = cfg.hidden;
+  g.A = at(x.data, t0 * cfg.hidden, dt);
+  g.lda = cfg.hidden;
+  g.B = b.wcat;
+  g.ldb = cfg.hidden;
+  g.C = b.logits;
+  g.ldc = g.N;
+  g.ab = dt;
+  g.c = DType::f32;
+  return gemm(g, b.gemm, s);
+}
+
+Status route(const Config& cfg, Mode mode, const TensorView& x, const Params& p, const ForwardOutputs& out,
+             const ForwardBuffers& b, cudaStream_t s) {
+  const DType dt = x.dtype;
+  const i64 T = x.shape[0], H = cfg.hidden, Nr = cfg.grid_rows, n = cfg.grid_rows + cfg.grid_cols;
+  const Plan plan = plan_of(cfg, T, dt);
+  const std::size_t es = dtype_size(dt);
+  OMNIMOE_CUDA_TRY(cudaMemcpyAsync(b.wcat, p.router_row.data, Nr * H * es, cudaMemcpyDeviceToDevice, s));
+  OMNIMOE_CUDA_TRY(cudaMemcpyAsync(static_cast<char*>(b.wcat) + Nr * H * es, p.router_col.data,
+                                   cfg.grid_cols * H * es, cudaMemcpyDeviceToDevice, s));
+
+  const bool batch_stats = mode == Mode::training && cfg.router_norm == RouterNorm::batchnorm;
+  if (batch_stats)  // first pass over the chunks: their moments
+    for (i64 k = 0; k < plan.chunks; ++k) {
+      const i64 t0 = k * plan.route_rows, rows = std::min(plan.route_rows, T - t0);
+      OMNIMOE_RETURN_IF_ERROR(router_product(cfg, dt, x, b, t0, rows, s));
+      OMNIMOE_RETURN_IF_ERROR(route_chunk_moments(b.logits, rows, n, b.partial + k * 2 * n, s));
+    }
+  RouteStatsArgs st{&cfg, mode, T, plan.route_rows, b.partial, p.running_mean_row.as<float>(),
+                    p.running_var_row.as<float>(), p.running_mean_col.as<float>(), p.running_var_col.as<float>(),
+                    b.mean, b.rstd};
+  OMNIMOE_RETURN_IF_ERROR(route_stats(st, s));
+
+  const i64 K = cfg.top_k;
+  const bool ids64 = out.expert_ids.dtype == DType::i64;
+  for (i64 k = 0; k < plan.chunks; ++k) {
+    const i64 t0 = k * plan.route_rows, rows = std::min(plan.route_rows, T - t0);
+    if (!(batch_stats && plan.chunks == 1))  // one chunk: the logits of the first pass are still there
+      OMNIMOE_RETURN_IF_ERROR(router_product(cfg, dt, x, b, t0, rows, s));
+    RouteTopkArgs ta;
+    ta.cfg = &cfg;
+    ta.rows = rows;
+    ta.logits = b.logits;
+    ta.mean = b.mean;
+    ta.rstd = b.rstd;
+    ta.ids32 = b.ids32 + t0 * K;
+    ta.gates32 = b.gates32 + t0 * K;
+    ta.ids_out = const_cast<char*>(at(out.expert_ids.data, t0 * K, out.expert_ids.dtype));
+    ta.ids_out_i64 = ids64;
+    ta.scores_out = out.scores.defined() ? out.scores.as<float>() + t0 * K : nullptr;
+    ta.gates_out = out.gates.defined() ? out.gates.as<float>() + t0 * K : nullptr;
+    OMNIMOE_RETURN_IF_ERROR(route_topk(ta, s));
+  }
+  return Status::Ok();
+}
+
+// y += (silu(x gateᵀ) * (x upᵀ)) downᵀ, chunk by chunk of tokens.
+Status shared_mlp(const Config& cfg, const TensorView& x, const Params& p, const TensorView& y,
+                  const ForwardBuffers& b, cudaStream_t s) {
+  const DType dt = x.dtype;
+  const i64 T = x.shape[0], H = cfg.hidden, I = cfg.intermediate;
+  const Plan plan = plan_of(cfg, T, dt);
+  for (i64 t0 = 0; t0 < T; t0 += plan.mlp_rows) {
+    const i64 rows = std::min(plan.mlp_rows, T - t0);
+    GemmArgs g;
+    g.tb = true;
+    g.M = rows;
+    g.N = I;
+    g.K = H;
+    g.A = at(x.data, t0 * H, dt);
+    g.lda = H;
+    g.ldb = H;
+    g.ldc = I;
+    g.ab = g.c = dt;
+    g.B = p.gate.data;
+    g.C = b.u;
+    OMNIMOE_RETURN_IF_ERROR(gemm(g, b.gemm, s));
+    g.B = p.up.data;
+    g.C = b.v;
+    OMNIMOE_RETURN_IF_ERROR(gemm(g, b.gemm, s));
+    OMNIMOE_RETURN_IF_ERROR(shared_mlp_swiglu(dt, b.u, b.v, rows * I, s));
+    GemmArgs d;
+    d.tb = true;
+    d.M = rows;
+    d.N = H;
+    d.K = I;
+    d.A = b.u;
+    d.lda = I;
+    d.B = p.down.data;
+    d.ldb = I;
+    d.C = const_cast<char*>(at(y.data, t0 * H, dt));
+    d.ldc = H;
+    d.ab = d.c = dt;
+    d.beta = 1.f;  // the routed branch is already in y
+    OMNIMOE_RETURN_IF_ERROR(gemm(d, b.gemm, s));
+  }
+  return Status::Ok();
+}
+
+}  // namespace
+
+bool built() { return true; }
+
+Status forward_workspace_size(const Config& cfg, i64 tokens, DType dtype, std::size_t* bytes) {
+  OMNIMOE_RETURN_IF_ERROR(check_supported(cfg, dtype));
+  Arena a;
+  carve_forward(a, cfg, tokens, dtype);
+  *bytes = a.used();
+  return Status::Ok();
+}
+
+Status backward_workspace_size(const Config& cfg, i64, DType dtype, std::size_t*) {
+  OMNIMOE_RETURN_IF_ERROR(check_supported(cfg, dtype));
+  return {StatusCode::unsupported, "device cuda: the backward is not implemented yet; run it on the CPU"};
+}
+
+Status forward(const Config& cfg, Mode mode, const TensorView& x, const Params& p, const ForwardOutputs& out,
+               Workspace ws, void* stream) {
+  OMNIMOE_RETURN_IF_ERROR(check_supported(cfg, x.dtype));
+  const auto s = static_cast<cudaStream_t>(stream);
+  const i64 T = x.shape[0];
+  Arena arena(ws.data, ws.bytes);
+  const ForwardBuffers b = carve_forward(arena, cfg, T, x.dtype);
+  if (!arena.fits()) return {StatusCode::internal, "cuda forward: workspace plan exceeds the queried size"};
+
+  OMNIMOE_RETURN_IF_ERROR(route(cfg, mode, x, p, out, b, s));
+  ExpertsArgs e{&cfg, T, x.dtype, x.data, p.expert_in.data, p.expert_out.data, b.ids32, b.gates32, out.y.data};
+  OMNIMOE_RETURN_IF_ERROR(experts_gather(e, s));
+  if (cfg.has_shared_mlp()) OMNIMOE_RETURN_IF_ERROR(shared_mlp(cfg, x, p, out.y, b, s));
+  return Status::Ok();
+}
+
+Status backward(const Config&, Mode, const TensorView&, const Params&, const TensorView&, const TensorView&,
+                const Gradients&, Workspace, void*) {
+  return {StatusCode::unsupported, "device cuda: the backward is not implemented yet; run it on the CPU"};
+}
+
+}  // namespace omnimoe::cuda

@@ -1,0 +1,360 @@
+// CUDA route stage: router statistics and the fused per-token kernel (norm, log_softmax,
+// exact bounded top-K, gates). The router product itself is a cuBLASLt call (layer.cu).
+#include <algorithm>
+
+#include <cub/block/block_radix_sort.cuh>
+#include <cub/block/block_reduce.cuh>
+#include <cub/block/block_scan.cuh>
+
+#include "cuda/cuda.cuh"
+
+namespace omnimoe::cuda {
+namespace {
+
+// ---- statistics -------------------------------------------------------------------------
+
+constexpr int kStatCols = 32, kStatRows = 8;
+
+// One block per 32 columns; every thread walks a fixed set of rows, partial sums are combined
+// in a fixed order: deterministic. Two passes (mean, then squared deviations), in double.
+__global__ void chunk_moments_kernel(const float* __restrict__ l, i64 rows, i64 n, double* __restrict__ out) {
+  __shared__ double part[kStatRows][kStatCols];
+  __shared__ double mean_s[kStatCols];
+  const int tx = threadIdx.x, ty = threadIdx.y;
+  const i64 c = static_cast<i64>(blockIdx.x) * kStatCols + tx;
+  double s = 0;
+  if (c < n)
+    for (i64 r = ty; r < rows; r += kStatRows) s += l[r * n + c];
+  part[ty][tx] = s;
+  __syncthreads();
+  if (ty == 0) {
+    double tot = 0;
+    for (int i = 0; i < kStatRows; ++i) tot += part[i][tx];
+    mean_s[tx] = tot / static_cast<double>(rows);
+  }
+  __syncthreads();
+  const double m = mean_s[tx];
+  double q = 0;
+  if (c < n)
+    for (i64 r = ty; r < rows; r += kStatRows) {
+      const double d = l[r * n + c] - m;
+      q += d * d;
+    }
+  __syncthreads();
+  part[ty][tx] = q;
+  __syncthreads();
+  if (ty == 0 && c < n) {
+    double tot = 0;
+    for (int i = 0; i < kStatRows; ++i) tot += part[i][tx];
+    out[c] = m;
+    out[n + c] = tot;
+  }
+}
+
+// Combines chunk moments in chunk order (Chan et al.), then writes mean / rstd and updates
+// the running statistics; or reads the running statistics; or writes the identity.
+__global__ void stats_kernel(RouteStatsArgs a, i64 Nr, i64 n, int norm, int train) {
+  const i64 c = static_cast<i64>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (c >= n) return;
+  const bool is_row = c < Nr;
+  const i64 j = is_row ? c : c - Nr;
+  if (!norm) {
+    a.mean[c] = 0.f;
+    a.rstd[c] = 1.f;
+    return;
+  }
+  float* rm = is_row ? a.running_mean_row : a.running_mean_col;
+  float* rv = is_row ? a.running_var_row : a.running_var_col;
+  double mean, var;
+  if (train) {
+    double cnt = 0, m = 0, m2 = 0;
+    for (i64 start = 0, k = 0; start < a.T; start += a.chunk_rows, ++k) {
+      const double nb = static_cast<double>(min(a.chunk_rows, a.T - start));
+      const double mb = a.partial[k * 2 * n + c], m2b = a.partial[k * 2 * n + n + c];
+      const double tot = cnt + nb, d = mb - m;
+      m += d * nb / tot;
+      m2 += m2b + d * d * cnt * nb / tot;
+      cnt = tot;
+    }
+    mean = m;
+    var = m2 / static_cast<double>(a.T);
+    const double unbiased = var * static_cast<double>(a.T) / static_cast<double>(a.T - 1);
+    rm[j] = static_cast<float>((1 - kBatchnormMomentum) * rm[j] + kBatchnormMomentum * mean);
+    rv[j] = static_cast<float>((1 - kBatchnormMomentum) * rv[j] + kBatchnormMomentum * unbiased);
+  } else {
+    mean = rm[j];
+    var = rv[j];
+  }
+  a.mean[c] = static_cast<float>(mean);
+  a.rstd[c] = static_cast<float>(1.0 / sqrt(var + kBatchnormEps));
+}
+
+// ---- top-K ------------------------------------------------------------------------------
+
+// Order-preserving map of a float to an unsigned integer (after folding -0 into +0), so that
+// every comparison of the selection is an exact integer comparison.
+__device__ __forceinline__ unsigned ord(float v) {
+  const unsigned b = __float_as_uint(v + 0.0f);
+  return (b & 0x80000000u) ? ~b : (b | 0x80000000u);
+}
+__device__ __forceinline__ float unord(unsigned u) {
+  return __uint_as_float((u & 0x80000000u) ? (u ^ 0x80000000u) : ~u);
+}
+// Ascending sort of these keys = descending value, then ascending id.
+__device__ __forceinline__ unsigned long long key_of(float v, unsigned id) {
+  return (static_cast<unsigned long long>(~ord(v)) << 32) | id;
+}
+__device__ __forceinline__ float key_value(unsigned long long k) { return unord(~static_cast<unsigned>(k >> 32)); }
+__device__ __forceinline__ unsigned key_id(unsigned long long k) { return static_cast<unsigned>(k); }
+
+template <int THREADS, int ITEMS>
+struct TopkSmem {
+  static constexpr int kCap = THREADS * ITEMS;
+  using Sort = cub::BlockRadixSort<unsigned long long, THREADS, ITEMS>;
+  using ReduceF = cub::BlockReduce<float, THREADS>;
+  using ReduceI = cub::BlockReduce<int, THREADS>;
+  using Scan = cub::BlockScan<int, THREADS>;
+  union {
+    typename Sort::TempStorage sort;
+    typename ReduceF::TempStorage reduce_f;
+    typename ReduceI::TempStorage reduce_i;
+    typename Scan::TempStorage scan;
+  } tmp;
+  unsigned long long rows[kCap];  // sorted row keys (log-prob, row id)
+  unsigned long long cols[kCap];  // sorted column keys
+  unsigned long long sel[kCap];   // selected cells (score, expert id)
+  float bcast_f;
+  int bcast_i;
+  unsigned bcast_u;
+};
+
+// log_softmax of one axis of the token's normalised logits, sorted into keys (blocked:
+// thread i holds ranks i*ITEMS ..), stored to `out`.
+template <int THREADS, int ITEMS>
+__device__ void axis_sorted(TopkSmem<THREADS, ITEMS>& sm, const float* l, const float* mean, const float* rstd, i64 n,
+                            unsigned long long* out) {
+  using S = TopkSmem<THREADS, ITEMS>;
+  float v[ITEMS];
+  float mx = -INFINITY;
+#pragma unroll
+  for (int j = 0; j < ITEMS; ++j) {
+    const i64 i = static_cast<i64>(threadIdx.x) * ITEMS + j;
+    v[j] = i < n ? (l[i] - mean[i]) * rstd[i] : -INFINITY;
+    mx = fmaxf(mx, v[j]);
+  }
+  mx = typename S::ReduceF(sm.tmp.reduce_f).Reduce(mx, [](float x, float y) { return fmaxf(x, y); });
+  if (threadIdx.x == 0) sm.bcast_f = mx;
+  __syncthreads();
+  mx = sm.bcast_f;
+  float s = 0;
+#pragma unroll
+  for (int j = 0; j < ITEMS; ++j)
+    if (static_cast<i64>(threadIdx.x) * ITEMS + j < n) s += expf(v[j] - mx);
+  s = typename S::ReduceF(sm.tmp.reduce_f).Sum(s);
+  if (threadIdx.x == 0) sm.bcast_f = mx + logf(s);
+  __syncthreads();
+  const float lse = sm.bcast_f;
+  unsigned long long k[ITEMS];
+#pragma unroll
+  for (int j = 0; j < ITEMS; ++j) {
+    const i64 i = static_cast<i64>(threadIdx.x) * ITEMS + j;
+    k[j] = i < n ? key_of(v[j] - lse, static_cast<unsigned>(i)) : ~0ull;
+  }
+  __syncthreads();
+  typename S::Sort(sm.tmp.sort).Sort(k);
+#pragma unroll
+  for (int j = 0; j < ITEMS; ++j) out[threadIdx.x * ITEMS + j] = k[j];
+  __syncthreads();
+}
+
+// Number of q in [0, qn) with ord(a + b[q]) >= u (strict: > u); b sorted descending, so the
+// predicate holds on a prefix.
+__device__ __forceinline__ int prefix_count(float a, const unsigned long long* cols, int qn, unsigned u, bool strict) {
+  int lo = 0, hi = qn;
+  while (lo < hi) {
+    const int mid = (lo + hi) >> 1;
+    const unsigned o = ord(a + key_value(cols[mid]));
+    if (strict ? o > u : o >= u) lo = mid + 1;
+    else hi = mid;
+  }
+  return lo;
+}
+
+template <int THREADS, int ITEMS>
+__global__ void __launch_bounds__(THREADS) topk_kernel(RouteTopkArgs a, i64 Nr, i64 Nc, i64 K, int gate_softmax) {
+  using S = TopkSmem<THREADS, ITEMS>;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  S& sm = *reinterpret_cast<S*>(smem_raw);
+  const i64 t = blockIdx.x;
+  const float* l = a.logits + t * (Nr + Nc);
+  axis_sorted<THREADS, ITEMS>(sm, l, a.mean, a.rstd, Nr, sm.rows);
+  axis_sorted<THREADS, ITEMS>(sm, l + Nr, a.mean + Nr, a.rstd + Nr, Nc, sm.cols);
+
+  // 1. tau = ord of the K-th largest value of S, searched over the block of the best
+  //    min(K, Nr) rows x min(K, Nc) columns (it holds the K-th largest value).
+  const int rk = static_cast<int>(min(K, Nr)), ck = static_cast<int>(min(K, Nc));
+  unsigned lo = ord(key_value(sm.rows[rk - 1]) + key_value(sm.cols[ck - 1]));
+  unsigned hi = ord(key_value(sm.rows[0]) + key_value(sm.cols[0]));
+  while (lo < hi) {
+    const unsigned mid = lo + (hi - lo + 1) / 2;
+    int cnt = 0;
+    for (int p = threadIdx.x; p < rk; p += THREADS) cnt += prefix_count(key_value(sm.rows[p]), sm.cols, ck, mid, false);
+    cnt = typename S::ReduceI(sm.tmp.reduce_i).Sum(cnt);
+    if (threadIdx.x == 0) sm.bcast_i = cnt;
+    __syncthreads();
+    if (sm.bcast_i >= K) lo = mid;
+    else hi = mid - 1;
+    __syncthreads();
+  }
+  const unsigned tau = lo;
+
+  // 2. Rows / columns that can reach tau (a prefix of each sorted axis: rounding ties of the
+  //    sums may lie outside the block), then per row the cells above and at tau.
+  const float amax = key_value(sm.rows[0]), bmax = key_value(sm.cols[0]);
+  const int pn = prefix_count(bmax, sm.rows, static_cast<int>(Nr), tau, false);  // a + bmax >= tau
+  const int qn = prefix_count(amax, sm.cols, static_cast<int>(Nc), tau, false);
+  int gt[ITEMS], ge[ITEMS];
+#pragma unroll
+  for (int j = 0; j < ITEMS; ++j) {
+    const int p = threadIdx.x * ITEMS + j;
+    gt[j] = ge[j] = 0;
+    if (p < pn) {
+      const float av = key_value(sm.rows[p]);
+      gt[j] = prefix_count(av, sm.cols, qn, tau, true);
+      ge[j] = prefix_count(av, sm.cols, qn, tau, false);
+    }
+  }
+  for (int i = threadIdx.x; i < S::kCap; i += THREADS) sm.sel[i] = ~0ull;
+  int gt_off[ITEMS], n_gt;
+  __syncthreads();
+  typename S::Scan(sm.tmp.scan).ExclusiveSum(gt, gt_off, n_gt);
+  __syncthreads();
+  auto cell_key = [&](int p, int q) {
+    const unsigned e = key_id(sm.rows[p]) * static_cast<unsigned>(Nc) + key_id(sm.cols[q]);
+    return key_of(key_value(sm.rows[p]) + key_value(sm.cols[q]), e);
+  };
+#pragma unroll
+  for (int j = 0; j < ITEMS; ++j)
+    for (int q = 0; q < gt[j]; ++q)
+      if (gt_off[j] + q < K) sm.sel[gt_off[j] + q] = cell_key(threadIdx.x * ITEMS + j, q);
+
+  // 3. Ties at tau: all of them when they fit, else the smallest ids (threshold on the id).
+  const int need = static_cast<int>(K) - n_gt;
+  int eq[ITEMS], eq_off[ITEMS], n_eq;
+#pragma unroll
+  for (int j = 0; j < ITEMS; ++j) eq[j] = ge[j] - gt[j];
+  typename S::Scan(sm.tmp.scan).ExclusiveSum(eq, eq_off, n_eq);
+  __syncthreads();
+  unsigned id_cap = 0xffffffffu;  // ties with id <= id_cap are taken
+  if (n_eq > need) {
+    unsigned elo = 0, ehi = static_cast<unsigned>(Nr * Nc - 1);
+    while (elo < ehi) {  // smallest E with #{ties with id <= E} >= need
+      const unsigned mid = elo + (ehi - elo) / 2;
+      int cnt = 0;
+#pragma unroll
+      for (int j = 0; j < ITEMS; ++j)
+        for (int q = gt[j]; q < ge[j]; ++q) cnt += key_id(cell_key(threadIdx.x * ITEMS + j, q)) <= mid;
+      cnt = typename S::ReduceI(sm.tmp.reduce_i).Sum(cnt);
+      if (threadIdx.x == 0) sm.bcast_i = cnt;
+      __syncthreads();
+      if (sm.bcast_i >= need) ehi = mid;
+      else elo = mid + 1;
+      __syncthreads();
+    }
+    id_cap = elo;
+#pragma unroll
+    for (int j = 0; j < ITEMS; ++j) {
+      eq[j] = 0;
+      for (int q = gt[j]; q < ge[j]; ++q) eq[j] += key_id(cell_key(threadIdx.x * ITEMS + j, q)) <= id_cap;
+    }
+    typename S::Scan(sm.tmp.scan).ExclusiveSum(eq, eq_off, n_eq);
+    __syncthreads();
+  }
+#pragma unroll
+  for (int j = 0; j < ITEMS; ++j) {
+    int pos = n_gt + eq_off[j];
+    for (int q = gt[j]; q < ge[j]; ++q) {
+      const unsigned long long c = cell_key(threadIdx.x * ITEMS + j, q);
+      if (key_id(c) <= id_cap && pos < K) sm.sel[pos++] = c;
+    }
+  }
+  __syncthreads();
+
+  // 4. Output order (descending score, ascending id), then gates.
+  unsigned long long k[ITEMS];
+#pragma unroll
+  for (int j = 0; j < ITEMS; ++j) k[j] = sm.sel[threadIdx.x * ITEMS + j];
+  typename S::Sort(sm.tmp.sort).Sort(k);
+  __syncthreads();
+  if (threadIdx.x == 0) sm.bcast_f = key_value(k[0]);  // thread 0 holds the best cell
+  __syncthreads();
+  const float smax = sm.bcast_f;
+  float denom = 1.f;
+  if (gate_softmax) {
+    float s = 0;
+#pragma unroll
+    for (int j = 0; j < ITEMS; ++j)
+      if (threadIdx.x * ITEMS + j < K) s += expf(key_value(k[j]) - smax);
+    s = typename S::ReduceF(sm.tmp.reduce_f).Sum(s);
+    if (threadIdx.x == 0) sm.bcast_f = s;
+    __syncthreads();
+    denom = sm.bcast_f;
+  }
+  const i64 N = Nr * Nc;
+#pragma unroll
+  for (int j = 0; j < ITEMS; ++j) {
+    const i64 pos = static_cast<i64>(threadIdx.x) * ITEMS + j;
+    if (pos >= K) continue;
+    const float sc = key_value(k[j]);
+    const i32 e = static_cast<i32>(min(static_cast<i64>(key_id(k[j])), N - 1));  // in range even for NaN input
+    const float g = gate_softmax ? expf(sc - smax) / denom : expf(sc);
+    const i64 o = t * K + pos;
+    a.ids32[o] = e;
+    a.gates32[o] = g;
+    if (a.ids_out_i64) static_cast<i64*>(a.ids_out)[o] = e;
+    else static_cast<i32*>(a.ids_out)[o] = e;
+    if (a.scores_out) a.scores_out[o] = sc;
+    if (a.gates_out) a.gates_out[o] = g;
+  }
+}
+
+template <int THREADS, int ITEMS>
+Status launch_topk(const RouteTopkArgs& a, cudaStream_t stream) {
+  const Config& c = *a.cfg;
+  const auto kernel = topk_kernel<THREADS, ITEMS>;
+  const int bytes = static_cast<int>(sizeof(TopkSmem<THREADS, ITEMS>));
+  OMNIMOE_CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
+  kernel<<<static_cast<unsigned>(a.rows), THREADS, bytes, stream>>>(a, c.grid_rows, c.grid_cols, c.top_k,
+                                                                     c.gate == GateKind::softmax);
+  OMNIMOE_CUDA_LAUNCH_CHECK("route topk_kernel");
+  return Status::Ok();
+}
+
+}  // namespace
+
+Status route_chunk_moments(const float* logits, i64 rows, i64 n, double* partial, cudaStream_t stream) {
+  chunk_moments_kernel<<<ceil_div(n, kStatCols), dim3(kStatCols, kStatRows), 0, stream>>>(logits, rows, n, partial);
+  OMNIMOE_CUDA_LAUNCH_CHECK("route chunk_moments_kernel");
+  return Status::Ok();
+}
+
+Status route_stats(const RouteStatsArgs& a, cudaStream_t stream) {
+  const Config& c = *a.cfg;
+  const i64 n = c.grid_rows + c.grid_cols;
+  stats_kernel<<<ceil_div(n, 256), 256, 0, stream>>>(a, c.grid_rows, n, c.router_norm == RouterNorm::batchnorm,
+                                                     a.mode == Mode::training);
+  OMNIMOE_CUDA_LAUNCH_CHECK("route stats_kernel");
+  return Status::Ok();
+}
+
+Status route_topk(const RouteTopkArgs& a, cudaStream_t stream) {
+  const Config& c = *a.cfg;
+  const i64 need = std::max({c.grid_rows, c.grid_cols, c.top_k});
+  if (need <= 256) return launch_topk<128, 2>(a, stream);
+  if (need <= 1024) return launch_topk<256, 4>(a, stream);
+  if (need <= kRouteMaxExtent) return launch_topk<512, 8>(a, stream);
+  return {StatusCode::unsupported, "CUDA router: grid_rows, grid_cols and top_k must be at most 4096 (got " +
+                                       std::to_string(need) + "); use the CPU backend"};
+}
+
+}  // namespace omnimoe::cuda

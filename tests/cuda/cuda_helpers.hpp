@@ -1,0 +1,109 @@
+// Device copies of the host test tensors (tests/cpu/test_helpers.hpp), through the public
+// device utilities, so CUDA tests build their problems exactly as the CPU tests do.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include "cpu/test_helpers.hpp"
+#include "omnimoe/device.hpp"
+
+namespace omt {
+
+// Owns device memory mirroring a HostTensor's dtype and shape.
+class DeviceTensor {
+ public:
+  DeviceTensor() = default;
+  explicit DeviceTensor(const HostTensor& h) : host_shape_(h) {
+    if (!h.defined()) return;
+    EXPECT_TRUE(device_alloc(Device::cuda, h.bytes() + 1, &ptr_).ok());
+    EXPECT_TRUE(copy_bytes(ptr_, Device::cuda, h.data(), Device::cpu, h.bytes()).ok());
+  }
+  ~DeviceTensor() { device_free(Device::cuda, ptr_); }
+  DeviceTensor(const DeviceTensor&) = delete;
+  DeviceTensor& operator=(const DeviceTensor&) = delete;
+
+  TensorView view() const {
+    TensorView v = host_shape_.view();
+    if (!v.defined()) return v;
+    v.data = ptr_;
+    v.device = Device::cuda;
+    return v;
+  }
+  void upload(const HostTensor& h) { ASSERT_TRUE(copy_bytes(ptr_, Device::cuda, h.data(), Device::cpu, h.bytes()).ok()); }
+  void download(HostTensor& h) const { ASSERT_TRUE(copy_bytes(h.data(), Device::cpu, ptr_, Device::cuda, h.bytes()).ok()); }
+  void poison() {
+    if (ptr_) ASSERT_TRUE(fill_bytes(ptr_, Device::cuda, 0xFF, host_shape_.bytes()).ok());
+  }
+
+ private:
+  HostTensor host_shape_;  // dtype and shape (and the initial contents)
+  void* ptr_ = nullptr;
+};
+
+struct DeviceProblem {
+  DeviceTensor x, router_row, router_col, expert_in, expert_out, gate, up, down;
+  DeviceTensor running_mean_row, running_var_row, running_mean_col, running_var_col;
+  explicit DeviceProblem(const Problem& p)
+      : x(p.x), router_row(p.router_row), router_col(p.router_col), expert_in(p.expert_in), expert_out(p.expert_out),
+        gate(p.gate), up(p.up), down(p.down), running_mean_row(p.running_mean_row), running_var_row(p.running_var_row),
+        running_mean_col(p.running_mean_col), running_var_col(p.running_var_col) {}
+  Params params() const {
+    Params q;
+    q.router_row = router_row.view();
+    q.router_col = router_col.view();
+    q.expert_in = expert_in.view();
+    q.expert_out = expert_out.view();
+    q.gate = gate.view();
+    q.up = up.view();
+    q.down = down.view();
+    q.running_mean_row = running_mean_row.view();
+    q.running_var_row = running_var_row.view();
+    q.running_mean_col = running_mean_col.view();
+    q.running_var_col = running_var_col.view();
+    return q;
+  }
+};
+
+struct DeviceOutputs {
+  DeviceTensor y, ids, scores, gates;
+  explicit DeviceOutputs(const Outputs& o) : y(o.y), ids(o.ids), scores(o.scores), gates(o.gates) {}
+  ForwardOutputs view() const {
+    ForwardOutputs o;
+    o.y = y.view();
+    o.expert_ids = ids.view();
+    o.scores = scores.view();
+    o.gates = gates.view();
+    return o;
+  }
+  void poison() {
+    y.poison();
+    ids.poison();
+    scores.poison();
+    gates.poison();
+  }
+  void download(Outputs& o) const {
+    y.download(o.y);
+    ids.download(o.ids);
+    if (o.scores.defined()) scores.download(o.scores);
+    if (o.gates.defined()) gates.download(o.gates);
+  }
+};
+
+// Device workspace poisoned with 0xFF (the layer must not rely on its contents).
+class DeviceWorkspace {
+ public:
+  explicit DeviceWorkspace(std::size_t bytes) : bytes_(bytes) {
+    EXPECT_TRUE(device_alloc(Device::cuda, std::max<std::size_t>(bytes, 1), &ptr_).ok());
+    EXPECT_TRUE(fill_bytes(ptr_, Device::cuda, 0xFF, bytes).ok());
+  }
+  ~DeviceWorkspace() { device_free(Device::cuda, ptr_); }
+  Workspace ws() const { return Workspace{ptr_, bytes_}; }
+
+ private:
+  void* ptr_ = nullptr;
+  std::size_t bytes_ = 0;
+};
+
+inline bool have_gpu() { return cuda_available(); }
+
+}  // namespace omt

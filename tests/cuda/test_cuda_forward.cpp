@@ -1,0 +1,257 @@
+// CUDA forward against the CPU float64 reference: fresh random inputs, poisoned outputs and
+// workspace, the reference run on the very values the GPU sees (rounded to its storage
+// dtype). Routing is compared where the score gap to the next candidate exceeds rounding;
+// y is compared on those tokens. Also: determinism, CUDA graph capture, errors.
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <set>
+
+#include "cuda/cuda_helpers.hpp"
+
+namespace omt {
+namespace {
+
+struct Case {
+  const char* name;
+  std::int64_t H, I, Nr, Nc, K, T;
+  RouterNorm norm;
+  Mode mode;
+  GateKind gate;
+  Activation act;
+  DType dtype;
+};
+
+Config config_of(const Case& c) {
+  Config cfg;
+  cfg.hidden = c.H;
+  cfg.intermediate = c.I;
+  cfg.grid_rows = c.Nr;
+  cfg.grid_cols = c.Nc;
+  cfg.top_k = c.K;
+  cfg.router_norm = c.norm;
+  cfg.gate = c.gate;
+  cfg.activation = c.act;
+  return cfg;
+}
+
+constexpr double kScoreTol = 1e-4;  // log-prob rounding of the fp32 router, with margin
+
+double rel_err(const std::vector<double>& a, const std::vector<double>& b) {
+  double num = 0, den = 0;
+  for (std::size_t i = 0; i < a.size(); ++i) {
+    if (!std::isfinite(a[i])) return INFINITY;
+    num += (a[i] - b[i]) * (a[i] - b[i]);
+    den += b[i] * b[i];
+  }
+  return std::sqrt(num / std::max(den, 1e-300));
+}
+
+// Invariants of one routing output on its own scores: ids in range and unique per token,
+// ordered by descending score then ascending id, gates as defined.
+void check_routing_invariants(const Config& cfg, const Outputs& o) {
+  const std::int64_t T = o.ids.shape()[0], K = cfg.top_k, N = cfg.num_experts();
+  const auto ids = o.ids.to_i64();
+  const auto sc = o.scores.to_f64();
+  const auto g = o.gates.to_f64();
+  for (std::int64_t t = 0; t < T; ++t) {
+    std::set<std::int64_t> seen;
+    double gsum = 0;
+    for (std::int64_t k = 0; k < K; ++k) {
+      const std::int64_t e = ids[t * K + k];
+      ASSERT_TRUE(e >= 0 && e < N) << "token " << t << " id " << e;
+      ASSERT_TRUE(seen.insert(e).second) << "token " << t << " repeats expert " << e;
+      ASSERT_TRUE(std::isfinite(sc[t * K + k]));
+      if (k > 0) {
+        const double a = sc[t * K + k - 1], b = sc[t * K + k];
+        ASSERT_TRUE(a > b || (a == b && ids[t * K + k - 1] < e)) << "token " << t << " position " << k;
+      }
+      if (cfg.gate == GateKind::exp) ASSERT_NEAR(g[t * K + k], std::exp(sc[t * K + k]), 1e-6 + 1e-5 * g[t * K + k]);
+      gsum += g[t * K + k];
+    }
+    if (cfg.gate == GateKind::softmax) ASSERT_NEAR(gsum, 1.0, 1e-5);
+  }
+}
+
+class CudaForward : public ::testing::TestWithParam<Case> {};
+
+TEST_P(CudaForward, MatchesFloat64Reference) {
+  if (!have_gpu()) GTEST_SKIP() << "no CUDA device";
+  const Case c = GetParam();
+  const Config cfg = config_of(c);
+  const std::int64_t T = c.T, K = c.K, N = cfg.num_experts(), H = c.H;
+  const Problem stored = convert_problem(make_problem(cfg, T, DType::f64, test_seed()), c.dtype);
+  const Problem ref = convert_problem(stored, DType::f64);  // the GPU's values, in float64
+
+  // Reference with K and with K + 1 (the extra score gives each token's boundary gap).
+  Problem ref_k = ref;
+  Outputs want = make_outputs(cfg, T, DType::f64);
+  ASSERT_TRUE(run_forward(ref_k, c.mode, want).ok());
+  Config cfg1 = cfg;
+  cfg1.top_k = std::min(K + 1, N);
+  Problem ref_k1 = ref;
+  ref_k1.cfg = cfg1;
+  Outputs want1 = make_outputs(cfg1, T, DType::f64);
+  ASSERT_TRUE(run_forward(ref_k1, c.mode, want1).ok());
+
+  DeviceProblem dev(stored);
+  Outputs got = make_outputs(cfg, T, c.dtype, DType::i32);
+  DeviceOutputs dout(got);
+  dout.poison();
+  std::size_t bytes = 0;
+  ASSERT_TRUE(forward_workspace_size(cfg, T, c.dtype, Device::cuda, &bytes).ok());
+  DeviceWorkspace ws(bytes);
+  const Status st = forward(cfg, c.mode, dev.x.view(), dev.params(), dout.view(), ws.ws());
+  ASSERT_TRUE(st.ok()) << st.message();
+  ASSERT_TRUE(synchronize(Device::cuda).ok());
+  dout.download(got);
+  ASSERT_EQ(got.y.count_nonfinite(), 0) << "y not fully written";
+  check_routing_invariants(cfg, got);
+
+  // Routing and values per token, where the reference's boundary gap exceeds rounding.
+  const auto gid = got.ids.to_i64(), wid = want.ids.to_i64();
+  const auto gsc = got.scores.to_f64(), wsc = want.scores.to_f64(), w1 = want1.scores.to_f64();
+  const auto gg = got.gates.to_f64(), wg = want.gates.to_f64();
+  const auto gy = got.y.to_f64(), wy = want.y.to_f64();
+  std::vector<double> cy, ry;
+  std::int64_t clear = 0;
+  for (std::int64_t t = 0; t < T; ++t) {
+    if (K < N && w1[t * (K + 1) + K - 1] - w1[t * (K + 1) + K] <= kScoreTol) continue;
+    ++clear;
+    std::vector<std::int64_t> a(gid.begin() + t * K, gid.begin() + (t + 1) * K), b(wid.begin() + t * K, wid.begin() + (t + 1) * K);
+    std::sort(a.begin(), a.end());
+    std::sort(b.begin(), b.end());
+    ASSERT_EQ(a, b) << "token " << t << ": selected experts differ";
+    for (std::int64_t k = 0; k < K; ++k) {
+      const auto j = std::find(wid.begin() + t * K, wid.begin() + (t + 1) * K, gid[t * K + k]) - wid.begin();
+      EXPECT_NEAR(gsc[t * K + k], wsc[j], kScoreTol) << "token " << t;
+      EXPECT_NEAR(gg[t * K + k], wg[j], 1e-4 * std::max(1.0, std::abs(wg[j]))) << "token " << t;
+    }
+    cy.insert(cy.end(), gy.begin() + t * H, gy.begin() + (t + 1) * H);
+    ry.insert(ry.end(), wy.begin() + t * H, wy.begin() + (t + 1) * H);
+  }
+  EXPECT_GE(clear, T * 9 / 10) << "too few tokens with a clear routing boundary to compare";
+  const double tol = c.dtype == DType::f32 ? 1e-5 : 1e-2;
+  EXPECT_LE(rel_err(cy, ry), tol) << "y relative error";
+
+  if (c.mode == Mode::training && c.norm == RouterNorm::batchnorm) {
+    for (auto [d, h] : {std::pair{&dev.running_mean_row, &ref_k.running_mean_row},
+                        std::pair{&dev.running_var_row, &ref_k.running_var_row},
+                        std::pair{&dev.running_mean_col, &ref_k.running_mean_col},
+                        std::pair{&dev.running_var_col, &ref_k.running_var_col}}) {
+      HostTensor back(accumulation_dtype(c.dtype), h->shape());
+      d->download(back);
+      EXPECT_LE(rel_err(back.to_f64(), h->to_f64()), 1e-5) << "running statistics";
+    }
+  }
+
+  // Bitwise identical on a second run (running statistics restored first).
+  if (c.mode == Mode::inference) {
+    Outputs again = make_outputs(cfg, T, c.dtype, DType::i32);
+    dout.poison();
+    ASSERT_TRUE(forward(cfg, c.mode, dev.x.view(), dev.params(), dout.view(), ws.ws()).ok());
+    ASSERT_TRUE(synchronize(Device::cuda).ok());
+    dout.download(again);
+    EXPECT_TRUE(again.y.bitwise_equal(got.y)) << "forward is not deterministic";
+    EXPECT_TRUE(again.ids.bitwise_equal(got.ids));
+  }
+}
+
+using RN = RouterNorm;
+using GK = GateKind;
+using AC = Activation;
+const Case kCases[] = {
+    {"small_f32_bn_train", 64, 96, 16, 24, 8, 37, RN::batchnorm, Mode::training, GK::exp, AC::silu, DType::f32},
+    {"small_bf16_bn_infer", 64, 96, 16, 24, 8, 37, RN::batchnorm, Mode::inference, GK::exp, AC::silu, DType::bf16},
+    {"f16_none_softmax_gelu", 64, 64, 12, 10, 6, 33, RN::none, Mode::inference, GK::softmax, AC::gelu, DType::f16},
+    {"k_equals_n_no_mlp", 32, 0, 5, 7, 35, 20, RN::batchnorm, Mode::training, GK::softmax, AC::relu, DType::f32},
+    {"one_row_k1", 64, 32, 1, 40, 1, 50, RN::batchnorm, Mode::inference, GK::exp, AC::silu, DType::bf16},
+    {"rect_40x3", 128, 64, 40, 3, 20, 45, RN::batchnorm, Mode::training, GK::exp, AC::gelu, DType::f32},
+    {"large_k_600", 32, 32, 48, 48, 600, 40, RN::none, Mode::inference, GK::softmax, AC::silu, DType::bf16},
+    {"large_k_2000", 32, 32, 64, 64, 2000, 12, RN::batchnorm, Mode::training, GK::exp, AC::relu, DType::f32},
+    {"chunked_router_and_mlp", 64, 4096, 4096, 1, 8, 2100, RN::batchnorm, Mode::training, GK::exp, AC::silu, DType::f32},
+    {"h1024_bf16", 1024, 256, 64, 64, 16, 64, RN::batchnorm, Mode::inference, GK::exp, AC::silu, DType::bf16},
+    {"h2048_f32", 2048, 128, 32, 32, 4, 24, RN::none, Mode::inference, GK::exp, AC::gelu, DType::f32},
+};
+INSTANTIATE_TEST_SUITE_P(Cases, CudaForward, ::testing::ValuesIn(kCases),
+                         [](const auto& info) { return std::string(info.param.name); });
+
+// Captured once, replayed on new inputs written into the same buffers: same result as an
+// eager run on those inputs (no host synchronisation, allocation or host-side decision in
+// the forward).
+TEST(CudaForwardGraph, ReplaysOnNewInputs) {
+  if (!have_gpu()) GTEST_SKIP() << "no CUDA device";
+  Config cfg;
+  cfg.hidden = 256;
+  cfg.intermediate = 128;
+  cfg.grid_rows = 32;
+  cfg.grid_cols = 32;
+  cfg.top_k = 16;
+  const std::int64_t T = 96;
+  const Problem p1 = make_problem(cfg, T, DType::bf16, test_seed(1));
+  const Problem p2 = make_problem(cfg, T, DType::bf16, test_seed(2));
+  DeviceProblem dev(p1);
+  Outputs o = make_outputs(cfg, T, DType::bf16, DType::i64);
+  DeviceOutputs dout(o);
+  std::size_t bytes = 0;
+  ASSERT_TRUE(forward_workspace_size(cfg, T, DType::bf16, Device::cuda, &bytes).ok());
+  DeviceWorkspace ws(bytes);
+  cudaStream_t s;
+  ASSERT_EQ(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking), cudaSuccess);
+  ASSERT_TRUE(forward(cfg, Mode::inference, dev.x.view(), dev.params(), dout.view(), ws.ws(), s).ok());  // warm-up
+  ASSERT_EQ(cudaStreamSynchronize(s), cudaSuccess);
+  Outputs first = make_outputs(cfg, T, DType::bf16, DType::i64);
+  dout.download(first);
+
+  cudaGraph_t graph;
+  ASSERT_EQ(cudaStreamBeginCapture(s, cudaStreamCaptureModeThreadLocal), cudaSuccess);
+  const Status st = forward(cfg, Mode::inference, dev.x.view(), dev.params(), dout.view(), ws.ws(), s);
+  ASSERT_EQ(cudaStreamEndCapture(s, &graph), cudaSuccess);
+  ASSERT_TRUE(st.ok()) << st.message();
+  cudaGraphExec_t exec;
+  ASSERT_EQ(cudaGraphInstantiate(&exec, graph, 0), cudaSuccess);
+
+  dev.x.upload(p2.x);
+  dout.poison();
+  ASSERT_EQ(cudaGraphLaunch(exec, s), cudaSuccess);
+  ASSERT_EQ(cudaStreamSynchronize(s), cudaSuccess);
+  Outputs replay = make_outputs(cfg, T, DType::bf16, DType::i64);
+  dout.download(replay);
+
+  dout.poison();
+  ASSERT_TRUE(forward(cfg, Mode::inference, dev.x.view(), dev.params(), dout.view(), ws.ws(), s).ok());
+  ASSERT_EQ(cudaStreamSynchronize(s), cudaSuccess);
+  Outputs eager = make_outputs(cfg, T, DType::bf16, DType::i64);
+  dout.download(eager);
+
+  EXPECT_TRUE(replay.y.bitwise_equal(eager.y));
+  EXPECT_TRUE(replay.ids.bitwise_equal(eager.ids));
+  EXPECT_FALSE(replay.y.bitwise_equal(first.y)) << "the replay did not see the new input";
+  cudaGraphExecDestroy(exec);
+  cudaGraphDestroy(graph);
+  cudaStreamDestroy(s);
+}
+
+TEST(CudaForwardErrors, RefusesWhatItCannotServe) {
+  Config cfg;
+  cfg.hidden = 64;
+  cfg.grid_rows = 8;
+  cfg.grid_cols = 8;
+  cfg.top_k = 4;
+  std::size_t bytes = 0;
+  Status s = forward_workspace_size(cfg, 16, DType::f64, Device::cuda, &bytes);
+  EXPECT_FALSE(s.ok());
+  EXPECT_NE(s.message().find("f64"), std::string::npos) << s.message();
+  cfg.hidden = 60;  // not a multiple of 8 bf16 elements
+  s = forward_workspace_size(cfg, 16, DType::bf16, Device::cuda, &bytes);
+  EXPECT_FALSE(s.ok());
+  EXPECT_NE(s.message().find("hidden"), std::string::npos) << s.message();
+  cfg.hidden = 64;
+  cfg.grid_rows = 5000;
+  s = forward_workspace_size(cfg, 16, DType::bf16, Device::cuda, &bytes);
+  EXPECT_FALSE(s.ok());
+  EXPECT_NE(s.message().find("grid_rows"), std::string::npos) << s.message();
+}
+
+}  // namespace
+}  // namespace omt
