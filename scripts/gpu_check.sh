@@ -20,7 +20,7 @@ if want tests; then
 fi
 if want sanitize; then
   for tool in memcheck racecheck; do
-    compute-sanitizer --tool $tool --error-exitcode 3 build-gpu/tests/test_cuda \
+    compute-sanitizer --tool $tool --error-exitcode 3 build-gpu/tests/cuda/test_cuda \
       --gtest_filter='*small*:*large_k_600*:*Graph*' >"$OUT/sanitize_$tool.log" 2>&1
     rc=$?
     echo "compute-sanitizer $tool: rc=$rc"; tail -3 "$OUT/sanitize_$tool.log"
