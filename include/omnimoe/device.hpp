@@ -36,3 +36,11 @@ void reset_peak_memory(Device d);
 std::size_t peak_memory_bytes(Device d);
 
 }  // namespace omnimoe
+
+namespace omnimoe {
+// Measured ceilings for benchmark floors, taken on this device now: a dense matrix-product
+// rate (CUDA: bf16 tensor cores through cuBLASLt, 8192^3, random data) and a copy bandwidth
+// (bytes read + written by a 2 GiB device-to-device copy). CUDA only; the CPU returns
+// unsupported (the benchmark measures its own sgemm and memcpy).
+Status measure_ceilings(Device d, double* flops_per_s, double* bytes_per_s);
+}  // namespace omnimoe

@@ -73,6 +73,16 @@ Status backward_workspace_size(const Config& cfg, std::int64_t tokens, DType dty
 Status forward(const Config& cfg, Mode mode, const TensorView& x, const Params& params,
                const ForwardOutputs& out, Workspace ws, void* stream = nullptr);
 
+// The experts and shared branches for a routing given by the caller: y = sum_k gates *
+// act(x . expert_in[e]) * expert_out[e] + shared_mlp(x). expert_ids [T, K] i32/i64, gates
+// [T, K] accumulation dtype. For benchmarks that time the layer without its router, and for
+// tests that feed every backend the same routing. Uses the forward's workspace size. Ids
+// outside [0, N): the CPU returns invalid_argument; the GPU cannot report without a host
+// synchronisation, so it writes NaN to the rows of the tokens concerned (never reads or
+// writes out of bounds).
+Status forward_routed(const Config& cfg, const TensorView& x, const Params& params, const TensorView& expert_ids,
+                      const TensorView& gates, const TensorView& y, Workspace ws, void* stream = nullptr);
+
 // Gradients of <grad_y, y> w.r.t. x and every parameter, for the routing `expert_ids`
 // returned by forward (selected indices are constants). `mode` must be the forward's mode:
 // training differentiates through the batch statistics, inference uses the running ones.

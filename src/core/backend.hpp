@@ -11,6 +11,8 @@ Status forward(const Config& cfg, Mode mode, const TensorView& x, const Params& 
                Workspace ws);
 Status backward(const Config& cfg, Mode mode, const TensorView& x, const Params& p, const TensorView& expert_ids,
                 const TensorView& grad_y, const Gradients& g, Workspace ws);
+Status forward_routed(const Config& cfg, const TensorView& x, const Params& p, const TensorView& expert_ids,
+                      const TensorView& gates, const TensorView& y, Workspace ws);
 }  // namespace omnimoe::cpu
 
 namespace omnimoe::cuda {
@@ -22,4 +24,6 @@ Status forward(const Config& cfg, Mode mode, const TensorView& x, const Params& 
                Workspace ws, void* stream);
 Status backward(const Config& cfg, Mode mode, const TensorView& x, const Params& p, const TensorView& expert_ids,
                 const TensorView& grad_y, const Gradients& g, Workspace ws, void* stream);
+Status forward_routed(const Config& cfg, const TensorView& x, const Params& p, const TensorView& expert_ids,
+                      const TensorView& gates, const TensorView& y, Workspace ws, void* stream);
 }  // namespace omnimoe::cuda

@@ -17,4 +17,15 @@ Status backward(const Config&, Mode, const TensorView&, const Params&, const Ten
                 const Gradients&, Workspace, void*) {
   return no_cuda();
 }
+Status forward_routed(const Config&, const TensorView&, const Params&, const TensorView&, const TensorView&,
+                      const TensorView&, Workspace, void*) {
+  return no_cuda();
+}
 }  // namespace omnimoe::cuda
+
+#include "omnimoe/device.hpp"
+namespace omnimoe {
+Status measure_ceilings(Device, double*, double*) {
+  return {StatusCode::unsupported, "measure_ceilings: this build of omnimoe has no CUDA backend"};
+}
+}  // namespace omnimoe

@@ -51,6 +51,13 @@ Status forward(const Config& cfg, Mode mode, const TensorView& x, const Params& 
   return cuda::forward(cfg, mode, x, p, out, ws, stream);
 }
 
+Status forward_routed(const Config& cfg, const TensorView& x, const Params& p, const TensorView& expert_ids,
+                      const TensorView& gates, const TensorView& y, Workspace ws, void* stream) {
+  OMNIMOE_RETURN_IF_ERROR(validate_routed_args(cfg, x, p, expert_ids, gates, y, ws));
+  if (x.device == Device::cpu) return cpu::forward_routed(cfg, x, p, expert_ids, gates, y, ws);
+  return cuda::forward_routed(cfg, x, p, expert_ids, gates, y, ws, stream);
+}
+
 Status backward(const Config& cfg, Mode mode, const TensorView& x, const Params& p, const TensorView& expert_ids,
                 const TensorView& grad_y, const Gradients& g, Workspace ws, void* stream) {
   OMNIMOE_RETURN_IF_ERROR(validate_backward_args(cfg, x, p, expert_ids, grad_y, g, ws));

@@ -107,6 +107,22 @@ Status validate_forward_args(const Config& cfg, const TensorView& x, const Param
   return validate_workspace(ws, need);
 }
 
+Status validate_routed_args(const Config& cfg, const TensorView& x, const Params& p, const TensorView& expert_ids,
+                            const TensorView& gates, const TensorView& y, const Workspace& ws) {
+  OMNIMOE_RETURN_IF_ERROR(validate(cfg));
+  OMNIMOE_RETURN_IF_ERROR(expect_activations("x", x, cfg.hidden));
+  const std::int64_t T = x.shape[0], K = cfg.top_k;
+  const DType dt = x.dtype;
+  const Device dev = x.device;
+  OMNIMOE_RETURN_IF_ERROR(validate_params(cfg, dt, dev, p));
+  OMNIMOE_RETURN_IF_ERROR(expect_index("expert_ids", expert_ids, T, K, dev));
+  OMNIMOE_RETURN_IF_ERROR(expect("gates", gates, {T, K}, accumulation_dtype(dt), dev));
+  OMNIMOE_RETURN_IF_ERROR(expect("y", y, {T, cfg.hidden}, dt, dev));
+  std::size_t need = 0;
+  OMNIMOE_RETURN_IF_ERROR(forward_workspace_size(cfg, T, dt, dev, &need));
+  return validate_workspace(ws, need);
+}
+
 Status validate_backward_args(const Config& cfg, const TensorView& x, const Params& p, const TensorView& expert_ids,
                               const TensorView& grad_y, const Gradients& g, const Workspace& ws) {
   OMNIMOE_RETURN_IF_ERROR(validate(cfg));

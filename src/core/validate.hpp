@@ -15,6 +15,8 @@ Status validate_forward_args(const Config& cfg, const TensorView& x, const Param
 Status validate_backward_args(const Config& cfg, const TensorView& x, const Params& p,
                               const TensorView& expert_ids, const TensorView& grad_y, const Gradients& g,
                               const Workspace& ws);
+Status validate_routed_args(const Config& cfg, const TensorView& x, const Params& p, const TensorView& expert_ids,
+                            const TensorView& gates, const TensorView& y, const Workspace& ws);
 // Workspace: non-null when bytes > 0, at least `required` bytes.
 Status validate_workspace(const Workspace& ws, std::size_t required);
 

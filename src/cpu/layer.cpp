@@ -129,6 +129,19 @@ ForwardBuffers<C, S> carve_forward(Arena& a, const Config& cfg, i64 T, int threa
   return b;
 }
 
+// The two branches for a routing: shared_mlp writes y, then the experts add to it.
+template <class C, class S>
+void branches(const Config& cfg, i64 T, const C* x, const Params& p, const i32* ids, const C* gates,
+              const ForwardBuffers<C, S>& b, const TensorView& yv) {
+  const bool shared = cfg.has_shared_mlp();
+  C* y = std::is_same_v<C, S> ? yv.as<C>() : b.y;
+  shared_mlp_forward(cfg, T, x, shared ? as_compute<C, S>(p.gate, b.gate) : nullptr,
+                     shared ? as_compute<C, S>(p.up, b.up) : nullptr,
+                     shared ? as_compute<C, S>(p.down, b.down) : nullptr, b.u, b.v, y);
+  experts_forward(cfg, T, x, p.expert_in.as<const S>(), p.expert_out.as<const S>(), ids, gates, y);
+  store_from_compute<C, S>(y, yv);
+}
+
 template <class C, class S>
 Status forward_impl(const Config& cfg, Mode mode, const TensorView& xv, const Params& p, const ForwardOutputs& out,
                     Workspace ws) {
@@ -137,11 +150,9 @@ Status forward_impl(const Config& cfg, Mode mode, const TensorView& xv, const Pa
   auto b = carve_forward<C, S>(arena, cfg, T, planned_threads());
   if (!arena.fits()) return {StatusCode::internal, "cpu forward: workspace plan exceeds the queried size"};
 
-  const bool shared = cfg.has_shared_mlp();
   const C* x = as_compute<C, S>(xv, b.x);
   const C* w_row = as_compute<C, S>(p.router_row, b.w_row);
   const C* w_col = as_compute<C, S>(p.router_col, b.w_col);
-  C* y = std::is_same_v<C, S> ? out.y.as<C>() : b.y;
 
   // route
   auto& r = b.route;
@@ -149,12 +160,7 @@ Status forward_impl(const Config& cfg, Mode mode, const TensorView& xv, const Pa
   route_topk(cfg, T, r.pr, r.pc, b.topk, r.ids, r.scores);
   route_gates(cfg, T, r.scores, r.gates);
 
-  // shared_mlp writes y, then the experts add to it
-  shared_mlp_forward(cfg, T, x, shared ? as_compute<C, S>(p.gate, b.gate) : nullptr,
-                     shared ? as_compute<C, S>(p.up, b.up) : nullptr,
-                     shared ? as_compute<C, S>(p.down, b.down) : nullptr, b.u, b.v, y);
-  experts_forward(cfg, T, x, p.expert_in.as<const S>(), p.expert_out.as<const S>(), r.ids, r.gates, y);
-  store_from_compute<C, S>(y, out.y);
+  branches<C, S>(cfg, T, x, p, r.ids, r.gates, b, out.y);
 
   const i64 TK = T * K;
   for (i64 i = 0; i < TK; ++i) {
@@ -224,6 +230,18 @@ Status load_ids(const Config& cfg, const TensorView& ids, i32* dst) {
                               "] = " + std::to_string(e) + " is outside [0, N = " + std::to_string(N) + ")");
     dst[i] = static_cast<i32>(e);
   }
+  return Status::Ok();
+}
+
+template <class C, class S>
+Status forward_routed_impl(const Config& cfg, const TensorView& xv, const Params& p, const TensorView& idv,
+                           const TensorView& gv, const TensorView& yv, Workspace ws) {
+  const i64 T = xv.shape[0];
+  Arena arena(ws.data, ws.bytes);
+  auto b = carve_forward<C, S>(arena, cfg, T, planned_threads());
+  if (!arena.fits()) return {StatusCode::internal, "cpu forward_routed: workspace plan exceeds the queried size"};
+  OMNIMOE_RETURN_IF_ERROR(load_ids(cfg, idv, b.route.ids));
+  branches<C, S>(cfg, T, as_compute<C, S>(xv, b.x), p, b.route.ids, gv.as<const C>(), b, yv);
   return Status::Ok();
 }
 
@@ -320,6 +338,13 @@ std::size_t backward_workspace_size(const Config& cfg, i64 tokens, DType dtype) 
 Status forward(const Config& cfg, Mode mode, const TensorView& x, const Params& p, const ForwardOutputs& out,
                Workspace ws) {
   return dispatch(x.dtype, [&]<class C, class S>() { return forward_impl<C, S>(cfg, mode, x, p, out, ws); });
+}
+
+Status forward_routed(const Config& cfg, const TensorView& x, const Params& p, const TensorView& expert_ids,
+                      const TensorView& gates, const TensorView& y, Workspace ws) {
+  return dispatch(x.dtype, [&]<class C, class S>() {
+    return forward_routed_impl<C, S>(cfg, x, p, expert_ids, gates, y, ws);
+  });
 }
 
 Status backward(const Config& cfg, Mode mode, const TensorView& x, const Params& p, const TensorView& expert_ids,

@@ -66,6 +66,9 @@ struct ExpertsArgs {
   void* y;
 };
 Status experts_gather(const ExpertsArgs& a, cudaStream_t stream);
+// Caller routing (i32 or i64) to internal i32 ids; ids outside [0, N) become -1, which the
+// gather kernel turns into a NaN output row (no out-of-bounds access, nothing silent).
+Status experts_import_ids(const TensorView& ids, i64 num_experts, i32* out, cudaStream_t stream);
 // Whether the gather kernel serves this hidden size and dtype (16-byte rows, H <= limit).
 Status experts_supported(const Config& cfg, DType dtype);
 

@@ -33,8 +33,13 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32)
   }
   const i32* tid = ids + t * K;
   const float* tg = gates + t * K;
+  bool bad = false;  // an id outside [0, N) (caller routing): the token's row becomes NaN
   for (int k = 0; k < K; ++k) {
     const i64 e = tid[k];
+    if (e < 0) {
+      bad = true;
+      continue;
+    }
     const S* wi = w_in + e * H;
     const S* wo = w_out + e * H;
     // Issue the output row's loads before the reduction so both rows are in flight.
@@ -62,7 +67,20 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32)
 #pragma unroll
   for (int j = 0; j < VPL; ++j) {
     const int v = j * 32 + lane;
+    if (bad)
+#pragma unroll
+      for (int i = 0; i < V; ++i) acc[j][i] = __int_as_float(0x7fffffff);
     if (v < nvec) store16(y + t * H + v * V, acc[j]);
+  }
+}
+
+// Caller routing to the internal i32 ids; ids outside [0, N) become -1 (see gather_kernel).
+template <class I>
+__global__ void import_ids_kernel(const I* __restrict__ in, i64 n, i64 N, i32* __restrict__ out) {
+  const i64 i = static_cast<i64>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i < n) {
+    const i64 e = in[i];
+    out[i] = (e >= 0 && e < N) ? static_cast<i32>(e) : -1;
   }
 }
 
@@ -100,6 +118,16 @@ Status experts_supported(const Config& cfg, DType dtype) {
     return {StatusCode::unsupported, "CUDA experts: hidden = " + std::to_string(cfg.hidden) + " must be a multiple of " +
                                          std::to_string(v) + " and at most " + std::to_string(32 * 16 * v) +
                                          " for " + dtype_name(dtype) + " (16-byte rows)"};
+  return Status::Ok();
+}
+
+Status experts_import_ids(const TensorView& ids, i64 num_experts, i32* out, cudaStream_t stream) {
+  const i64 n = ids.numel();
+  if (ids.dtype == DType::i64)
+    import_ids_kernel<<<ceil_div(n, 256), 256, 0, stream>>>(ids.as<const i64>(), n, num_experts, out);
+  else
+    import_ids_kernel<<<ceil_div(n, 256), 256, 0, stream>>>(ids.as<const i32>(), n, num_experts, out);
+  OMNIMOE_CUDA_LAUNCH_CHECK("experts import_ids_kernel");
   return Status::Ok();
 }
 

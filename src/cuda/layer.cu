@@ -218,6 +218,21 @@ Status forward(const Config& cfg, Mode mode, const TensorView& x, const Params& 
   return Status::Ok();
 }
 
+Status forward_routed(const Config& cfg, const TensorView& x, const Params& p, const TensorView& expert_ids,
+                      const TensorView& gates, const TensorView& y, Workspace ws, void* stream) {
+  OMNIMOE_RETURN_IF_ERROR(check_supported(cfg, x.dtype));
+  const auto s = static_cast<cudaStream_t>(stream);
+  const i64 T = x.shape[0];
+  Arena arena(ws.data, ws.bytes);
+  const ForwardBuffers b = carve_forward(arena, cfg, T, x.dtype);
+  if (!arena.fits()) return {StatusCode::internal, "cuda forward_routed: workspace plan exceeds the queried size"};
+  OMNIMOE_RETURN_IF_ERROR(experts_import_ids(expert_ids, cfg.num_experts(), b.ids32, s));
+  ExpertsArgs e{&cfg, T, x.dtype, x.data, p.expert_in.data, p.expert_out.data, b.ids32, gates.as<const float>(), y.data};
+  OMNIMOE_RETURN_IF_ERROR(experts_gather(e, s));
+  if (cfg.has_shared_mlp()) OMNIMOE_RETURN_IF_ERROR(shared_mlp(cfg, x, p, y, b, s));
+  return Status::Ok();
+}
+
 Status backward(const Config&, Mode, const TensorView&, const Params&, const TensorView&, const TensorView&,
                 const Gradients&, Workspace, void*) {
   return {StatusCode::unsupported, "device cuda: the backward is not implemented yet; run it on the CPU"};

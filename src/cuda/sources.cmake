@@ -1,5 +1,6 @@
 # CUDA backend sources (added to omnimoe_lib when a CUDA toolkit is found).
 set(OMNIMOE_CUDA_SOURCES
+  cuda/ceilings.cu
   cuda/device.cu
   cuda/experts.cu
   cuda/gemm.cu
