@@ -24,13 +24,22 @@ class Arena {
     return reinterpret_cast<T*>(base_ + offset);
   }
 
-  std::size_t used() const { return used_; }
-  bool fits() const { return base_ == nullptr || used_ <= capacity_; }
+  // Buffers of phases that never overlap in time can share memory: take a mark, carve one
+  // phase, rewind to the mark, carve the next. used() is the high-water mark.
+  std::size_t mark() const { return used_; }
+  void rewind(std::size_t mark) {
+    peak_ = used_ > peak_ ? used_ : peak_;
+    used_ = mark;
+  }
+
+  std::size_t used() const { return used_ > peak_ ? used_ : peak_; }
+  bool fits() const { return base_ == nullptr || used() <= capacity_; }
 
  private:
   char* base_ = nullptr;
   std::size_t capacity_ = 0;
   std::size_t used_ = 0;
+  std::size_t peak_ = 0;
 };
 
 }  // namespace omnimoe

@@ -51,6 +51,22 @@ struct RouteTopkArgs {
 };
 Status route_topk(const RouteTopkArgs& a, cudaStream_t stream);
 
+// ---- schedule ---------------------------------------------------------------------------
+// Tasks grouped by (token chunk, expert chunk): group g = (t / token_chunk) * n_ec +
+// e / expert_chunk; inside a group tasks keep ascending token order.
+struct GroupSchedule {
+  i64 token_chunk = 0, expert_chunk = 0;  // chunk extents
+  i64 n_tc = 0, n_ec = 0;                 // chunk counts
+  unsigned* keys[2] = {nullptr, nullptr};  // [T * K] each: CUB double buffer of group keys
+  i32* vals[2] = {nullptr, nullptr};       // [T * K] each: task indices t * K + k
+  i32* offsets = nullptr;                  // [groups + 1]: group g is tasks[offsets[g] .. offsets[g + 1])
+  void* temp = nullptr;                    // CUB scratch
+  std::size_t temp_bytes = 0;
+  i32* tasks = nullptr;                    // out: the sorted task indices (one of vals)
+};
+std::size_t schedule_temp_bytes(i64 tasks, i64 groups);
+Status schedule_groups(const i32* ids, i64 T, i64 K, GroupSchedule& s, cudaStream_t stream);
+
 // ---- experts ----------------------------------------------------------------------------
 // y[t] = sum_k g * act(x[t] . w_in[e]) * w_out[e]: one warp per token, 16-byte loads; the
 // shared branch is added afterwards by its last product (beta = 1).
@@ -66,6 +82,18 @@ struct ExpertsArgs {
   void* y;
 };
 Status experts_gather(const ExpertsArgs& a, cudaStream_t stream);
+// Dense regime: per (token chunk, expert chunk), S = x w_inᵀ (cuBLASLt), P = g * act(S) at
+// the chosen (t, e) and 0 elsewhere, y += P w_out (cuBLASLt): tensor-core products over
+// expert chunks, no T x N buffer, deterministic (no atomics). Buffers from DenseBuffers.
+struct DenseBuffers {
+  GroupSchedule schedule;
+  float* s = nullptr;      // [token_chunk, expert_chunk] scores
+  void* p = nullptr;       // [token_chunk, expert_chunk] storage dtype, kept zero between groups
+  float* yacc = nullptr;   // [token_chunk, H]
+  GemmWorkspace gemm;
+};
+Status experts_dense(const ExpertsArgs& a, const DenseBuffers& b, cudaStream_t stream);
+
 // Caller routing (i32 or i64) to internal i32 ids; ids outside [0, N) become -1, which the
 // gather kernel turns into a NaN output row (no out-of-bounds access, nothing silent).
 Status experts_import_ids(const TensorView& ids, i64 num_experts, i32* out, cudaStream_t stream);

@@ -2,6 +2,8 @@
 // Nothing here synchronises with the host or allocates: every buffer is carved from the
 // caller's workspace, so the forward can be captured in a CUDA graph.
 #include <algorithm>
+#include <cstdlib>
+#include <string>
 
 #include "core/backend.hpp"
 #include "core/workspace.hpp"
@@ -33,35 +35,89 @@ Plan plan_of(const Config& cfg, i64 T, DType dtype) {
   return p;
 }
 
+// Experts execution path, chosen from sizes known on the host (never from device values):
+// the gather streams 2 T K H elements of expert rows, the dense path does 4 T N H flops on
+// tensor cores. The rates are round figures for an H100 (bf16 / f16; fp32 products run on
+// CUDA cores). OMNIMOE_EXPERTS_PATH=gather|dense overrides (tests, benchmarks).
+enum class ExpertsPath { gather, dense };
+
+ExpertsPath choose_path(const Config& cfg, i64 T, DType dtype) {
+  if (const char* env = std::getenv("OMNIMOE_EXPERTS_PATH")) {
+    if (std::string(env) == "dense") return ExpertsPath::dense;
+    if (std::string(env) == "gather") return ExpertsPath::gather;
+  }
+  const double gather_s = 2.0 * T * cfg.top_k * cfg.hidden * dtype_size(dtype) / 2.5e12;
+  const double dense_s = 4.0 * T * cfg.num_experts() * cfg.hidden / (dtype == DType::f32 ? 40e12 : 550e12);
+  return dense_s < gather_s ? ExpertsPath::dense : ExpertsPath::gather;
+}
+
+constexpr i64 kDenseTokens = 2048, kDenseExperts = 4096;  // chunk extents of the dense path
+
 struct ForwardBuffers {
   GemmWorkspace gemm;
   void* wcat;          // [Nr + Nc, H] router weights side by side: one product for both axes
-  float* logits;       // [route_rows, Nr + Nc]
   double* partial;     // [chunks, 2 (Nr + Nc)] chunk moments (training batchnorm)
   float *mean, *rstd;  // [Nr + Nc]
   i32* ids32;          // [T, K]
   float* gates32;      // [T, K]
-  void *u, *v;         // [mlp_rows, I]
+  // The three phases run one after the other and share one region:
+  float* logits;       // route: [route_rows, Nr + Nc]
+  DenseBuffers dense;  // experts, dense path
+  void *u, *v;         // shared_mlp: [mlp_rows, I]
 };
 
 ForwardBuffers carve_forward(Arena& a, const Config& cfg, i64 T, DType dtype) {
   const Plan p = plan_of(cfg, T, dtype);
   const auto n = static_cast<std::size_t>(cfg.grid_rows + cfg.grid_cols);
   const std::size_t es = dtype_size(dtype), tk = static_cast<std::size_t>(T * cfg.top_k);
-  ForwardBuffers b;
+  ForwardBuffers b{};
   b.gemm.bytes = kGemmBytes;
   b.gemm.data = a.take<char>(kGemmBytes);
   b.wcat = a.take<char>(n * static_cast<std::size_t>(cfg.hidden) * es);
-  b.logits = a.take<float>(static_cast<std::size_t>(p.route_rows) * n);
   b.partial = a.take<double>(static_cast<std::size_t>(p.chunks) * 2 * n);
   b.mean = a.take<float>(n);
   b.rstd = a.take<float>(n);
   b.ids32 = a.take<i32>(tk);
   b.gates32 = a.take<float>(tk);
+  const std::size_t phase = a.mark();
+
+  b.logits = a.take<float>(static_cast<std::size_t>(p.route_rows) * n);
+  a.rewind(phase);
+
+  if (choose_path(cfg, T, dtype) == ExpertsPath::dense) {
+    GroupSchedule& s = b.dense.schedule;
+    s.token_chunk = std::min(T, kDenseTokens);
+    s.expert_chunk = std::min(cfg.num_experts(), kDenseExperts);
+    s.n_tc = (T + s.token_chunk - 1) / s.token_chunk;
+    s.n_ec = (cfg.num_experts() + s.expert_chunk - 1) / s.expert_chunk;
+    for (int i = 0; i < 2; ++i) {
+      s.keys[i] = a.take<unsigned>(tk);
+      s.vals[i] = a.take<i32>(tk);
+    }
+    s.offsets = a.take<i32>(static_cast<std::size_t>(s.n_tc * s.n_ec + 1));
+    s.temp_bytes = schedule_temp_bytes(T * cfg.top_k, s.n_tc * s.n_ec);
+    s.temp = a.take<char>(s.temp_bytes);
+    const auto chunk = static_cast<std::size_t>(s.token_chunk * s.expert_chunk);
+    b.dense.s = a.take<float>(chunk);
+    b.dense.p = a.take<char>(chunk * es);
+    b.dense.yacc = a.take<float>(static_cast<std::size_t>(s.token_chunk * cfg.hidden));
+    b.dense.gemm = b.gemm;
+  }
+  a.rewind(phase);
+
   const auto mlp = static_cast<std::size_t>(p.mlp_rows * cfg.intermediate) * es;
   b.u = a.take<char>(mlp);
   b.v = a.take<char>(mlp);
   return b;
+}
+
+// Runs the experts stage on the chosen path.
+Status experts(const Config& cfg, const TensorView& x, const Params& p, const float* gates, const TensorView& y,
+               const ForwardBuffers& b, cudaStream_t s) {
+  const i64 T = x.shape[0];
+  ExpertsArgs e{&cfg, T, x.dtype, x.data, p.expert_in.data, p.expert_out.data, b.ids32, gates, y.data};
+  if (choose_path(cfg, T, x.dtype) == ExpertsPath::dense) return experts_dense(e, b.dense, s);
+  return experts_gather(e, s);
 }
 
 Status check_supported(const Config& cfg, DType dtype) {
@@ -212,8 +268,7 @@ Status forward(const Config& cfg, Mode mode, const TensorView& x, const Params& 
   if (!arena.fits()) return {StatusCode::internal, "cuda forward: workspace plan exceeds the queried size"};
 
   OMNIMOE_RETURN_IF_ERROR(route(cfg, mode, x, p, out, b, s));
-  ExpertsArgs e{&cfg, T, x.dtype, x.data, p.expert_in.data, p.expert_out.data, b.ids32, b.gates32, out.y.data};
-  OMNIMOE_RETURN_IF_ERROR(experts_gather(e, s));
+  OMNIMOE_RETURN_IF_ERROR(experts(cfg, x, p, b.gates32, out.y, b, s));
   if (cfg.has_shared_mlp()) OMNIMOE_RETURN_IF_ERROR(shared_mlp(cfg, x, p, out.y, b, s));
   return Status::Ok();
 }
@@ -227,8 +282,7 @@ Status forward_routed(const Config& cfg, const TensorView& x, const Params& p, c
   const ForwardBuffers b = carve_forward(arena, cfg, T, x.dtype);
   if (!arena.fits()) return {StatusCode::internal, "cuda forward_routed: workspace plan exceeds the queried size"};
   OMNIMOE_RETURN_IF_ERROR(experts_import_ids(expert_ids, cfg.num_experts(), b.ids32, s));
-  ExpertsArgs e{&cfg, T, x.dtype, x.data, p.expert_in.data, p.expert_out.data, b.ids32, gates.as<const float>(), y.data};
-  OMNIMOE_RETURN_IF_ERROR(experts_gather(e, s));
+  OMNIMOE_RETURN_IF_ERROR(experts(cfg, x, p, gates.as<const float>(), y, b, s));
   if (cfg.has_shared_mlp()) OMNIMOE_RETURN_IF_ERROR(shared_mlp(cfg, x, p, y, b, s));
   return Status::Ok();
 }

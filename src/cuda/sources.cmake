@@ -3,8 +3,10 @@ set(OMNIMOE_CUDA_SOURCES
   cuda/ceilings.cu
   cuda/device.cu
   cuda/experts.cu
+  cuda/experts_dense.cu
   cuda/gemm.cu
   cuda/layer.cu
   cuda/route.cu
+  cuda/schedule.cu
   cuda/shared_mlp.cu
 )

@@ -5,6 +5,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <numeric>
 #include <set>
 
 #include "cuda/cuda_helpers.hpp"
@@ -230,6 +231,73 @@ TEST(CudaForwardGraph, ReplaysOnNewInputs) {
   cudaGraphExecDestroy(exec);
   cudaGraphDestroy(graph);
   cudaStreamDestroy(s);
+}
+
+// The branches for a caller-given routing (uniform random ids, as the benchmark uses):
+// the same routing on both backends, so values compare at every token. An id out of range
+// turns its token's row into NaN on the GPU and leaves the other rows intact.
+TEST(CudaRouted, MatchesCpuForSameRouting) {
+  if (!have_gpu()) GTEST_SKIP() << "no CUDA device";
+  for (DType dt : {DType::f32, DType::bf16}) {
+    Config cfg;
+    cfg.hidden = 128;
+    cfg.intermediate = 64;
+    cfg.grid_rows = 16;
+    cfg.grid_cols = 20;
+    cfg.top_k = 24;
+    const std::int64_t T = 70, K = cfg.top_k, N = cfg.num_experts();
+    const Problem stored = convert_problem(make_problem(cfg, T, DType::f64, test_seed(dt == DType::f32)), dt);
+    const Problem ref = convert_problem(stored, DType::f64);
+    std::mt19937_64 rng(test_seed(7));
+    HostTensor ids(DType::i64, {T, K}), gates32(DType::f32, {T, K});
+    for (std::int64_t t = 0; t < T; ++t) {
+      std::vector<std::int64_t> perm(N);
+      std::iota(perm.begin(), perm.end(), 0);
+      std::shuffle(perm.begin(), perm.end(), rng);
+      for (std::int64_t k = 0; k < K; ++k) {
+        ids.set(t * K + k, static_cast<double>(perm[k]));
+        gates32.set(t * K + k, std::uniform_real_distribution<double>(0.01, 1.0)(rng));
+      }
+    }
+    ids.set(5 * K + 3, static_cast<double>(N + 4));  // token 5: out of range
+    HostTensor gates64(DType::f64, {T, K});
+    gates64.from_f64(gates32.to_f64());
+
+    // CPU float64 reference, token 5 with a valid id (the CPU refuses bad ids).
+    HostTensor ids_ok = ids;
+    ids_ok.set(5 * K + 3, 0.0);
+    HostTensor want(DType::f64, {T, cfg.hidden});
+    HostWorkspace hws = forward_workspace(cfg, T, DType::f64);
+    ASSERT_TRUE(forward_routed(cfg, ref.x.view(), ref.params(), ids_ok.view(), gates64.view(), want.view(), hws.ws()).ok());
+    EXPECT_EQ(forward_routed(cfg, ref.x.view(), ref.params(), ids.view(), gates64.view(), want.view(), hws.ws()).code(),
+              StatusCode::invalid_argument);
+
+    DeviceProblem dev(stored);
+    DeviceTensor dids(ids), dg(gates32);
+    HostTensor got(dt, {T, cfg.hidden});
+    got.poison();
+    DeviceTensor dy(got);
+    std::size_t bytes = 0;
+    ASSERT_TRUE(forward_workspace_size(cfg, T, dt, Device::cuda, &bytes).ok());
+    DeviceWorkspace ws(bytes);
+    const Status st = forward_routed(cfg, dev.x.view(), dev.params(), dids.view(), dg.view(), dy.view(), ws.ws());
+    ASSERT_TRUE(st.ok()) << st.message();
+    ASSERT_TRUE(synchronize(Device::cuda).ok());
+    dy.download(got);
+    const auto g = got.to_f64(), w = want.to_f64();
+    std::vector<double> a, b;
+    for (std::int64_t t = 0; t < T; ++t)
+      for (std::int64_t h = 0; h < cfg.hidden; ++h) {
+        const double v = g[t * cfg.hidden + h];
+        if (t == 5) {
+          ASSERT_TRUE(std::isnan(v)) << "bad id must poison its token's row";
+          continue;
+        }
+        a.push_back(v);
+        b.push_back(w[t * cfg.hidden + h]);
+      }
+    EXPECT_LE(rel_err(a, b), dt == DType::f32 ? 1e-5 : 1e-2) << dtype_name(dt);
+  }
 }
 
 TEST(CudaForwardErrors, RefusesWhatItCannotServe) {

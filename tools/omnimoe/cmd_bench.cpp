@@ -1,1 +1,117 @@
-// placeholder
+// omnimoe bench: forward latency of the layer for the configurations of a named suite.
+#include <algorithm>
+#include <cstdio>
+
+#include "bench_device.hpp"
+#include "bench_model.hpp"
+#include "commands.hpp"
+#include "layer_tensors.hpp"
+#include "omnimoe/device.hpp"
+#include "table.hpp"
+
+namespace omnimoe::tool {
+namespace {
+
+constexpr const char* kBenchUsage =
+    "usage: omnimoe bench [--device cpu|cuda] [--suite NAME] [--dtype f32|bf16|f16|f64] [--reps N] [--csv FILE]\n"
+    "\n"
+    "Times the layer forward (inference, fresh random inputs) for each configuration of a\n"
+    "suite: a progress line per configuration on stderr, then a table on stdout.\n"
+    "  --device  cpu or cuda (default: cuda when a GPU is present)\n"
+    "  --suite   cpu (default on cpu), omnimoe (default on cuda), smoke\n"
+    "  --dtype   layer dtype (default: f32 on cpu, bf16 on cuda)\n"
+    "  --reps    timed calls per configuration (default: 5 on cpu, 20 on cuda)\n"
+    "  --csv     also write the table to FILE as CSV\n"
+    "Columns: ms is the median and min ms the fastest call; TFLOP/s and GB/s use the work\n"
+    "model of README.md; floor ms is that work at this device's measured peak rates and\n"
+    "ratio = ms / floor. On cpu with f32, mlp ms times the shared MLP's three matrix products\n"
+    "alone, and fwd/mlp is checked against the configuration's target (PASS / FAIL lines,\n"
+    "informational: a miss does not change the exit status).\n";
+
+double median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  return v[v.size() / 2];
+}
+
+}  // namespace
+
+int cmd_bench(Args& args) {
+  if (args.help()) {
+    std::fputs(kBenchUsage, stdout);
+    return 0;
+  }
+  const Device device = device_option(args.value("--device").value_or(device_name(best_device())));
+  const bool cpu = device == Device::cpu;
+  const std::string suite_name = args.value("--suite").value_or(cpu ? "cpu" : "omnimoe");
+  const DType dtype = float_dtype_option(args.value("--dtype").value_or(cpu ? "f32" : "bf16"));
+  const auto reps_text = args.value("--reps");
+  const int reps = reps_text ? static_cast<int>(std::min<std::int64_t>(positive_option("--reps", *reps_text), 100000))
+                             : (cpu ? 5 : 20);
+  const int warmup = cpu ? 1 : 5;
+  const auto csv = args.value("--csv");
+  args.finish();
+  const std::vector<BenchConfig>* suite = find_suite(suite_name);
+  if (suite == nullptr) throw UsageError("--suite '" + suite_name + "': expected one of " + suite_names());
+  require_device(device);
+
+  std::fprintf(stderr, "omnimoe bench: suite %s, %s, %s, %d reps\n", suite_name.c_str(),
+               device_description(device).c_str(), dtype_name(dtype), reps);
+  const Ceilings ceil = bench_ceilings(device, dtype);
+  if (ceil.known())
+    std::fprintf(stderr, "ceilings: %.2f TFLOP/s products, %.1f GB/s copy\n", ceil.flops_per_s * 1e-12,
+                 ceil.bytes_per_s * 1e-9);
+  const bool mlp_baseline = cpu && dtype == DType::f32;
+
+  Table table({"config", "device", "dtype", "T", "H", "I", "N", "K", "ms", "min ms", "workspace MB", "TFLOP/s", "GB/s",
+               "floor ms", "ratio", "mlp ms", "fwd/mlp"});
+  std::vector<std::string> verdicts;
+  for (std::size_t n = 0; n < suite->size(); ++n) {
+    const BenchConfig& b = (*suite)[n];
+    const std::int64_t set_bytes = b.T * b.H * static_cast<std::int64_t>(dtype_size(dtype));
+    LayerTensors l = random_layer(b.config(), b.T, dtype, device, n + 1, input_sets(device, set_bytes));
+    ForwardBuffers out = forward_buffers(l, DType::i32);
+    Buffer ws = workspace(l, /*backward=*/false);
+    std::size_t next = 0;  // rotates through the input sets
+    auto call = [&] {
+      const TensorView& x = l.x[next++ % l.x.size()].view();
+      return forward(l.cfg, Mode::inference, x, l.params(), out.outputs(), as_workspace(ws));
+    };
+    std::vector<double> ms;
+    throw_if_error(time_calls(device, call, warmup, reps, &ms));
+    const double med = median(ms), best = *std::min_element(ms.begin(), ms.end());
+
+    const double flops = b.flops(), bytes = b.bytes(dtype_size(dtype));
+    std::string floor_ms, ratio, mlp_ms, fwd_over_mlp;
+    if (ceil.known()) {
+      const double fl = 1e3 * std::max(flops / ceil.flops_per_s, bytes / ceil.bytes_per_s);
+      floor_ms = strfmt("%.3f", fl);
+      ratio = strfmt("%.2f", med / fl);
+    }
+    if (mlp_baseline && b.I > 0) {
+      const double m = shared_mlp_gemm_ms(l.x[0].view().as<float>(), l.gate.view().as<float>(),
+                                          l.up.view().as<float>(), l.down.view().as<float>(), b.T, b.H, b.I, warmup,
+                                          reps);
+      mlp_ms = strfmt("%.3f", m);
+      fwd_over_mlp = strfmt("%.2f", med / m);
+      if (b.max_forward_over_mlp > 0)
+        verdicts.push_back(strfmt("%s cpu speed %s: forward %.1f ms, shared-MLP products alone %.1f ms, ratio %.2f "
+                                  "(target <= %.2f)",
+                                  med / m <= b.max_forward_over_mlp ? "PASS" : "FAIL", b.name.c_str(), med, m,
+                                  med / m, b.max_forward_over_mlp));
+    }
+    table.add({b.name, device_name(device), dtype_name(dtype), std::to_string(b.T), std::to_string(b.H),
+               std::to_string(b.I), std::to_string(b.N()), std::to_string(b.K), strfmt("%.3f", med),
+               strfmt("%.3f", best), strfmt("%.1f", static_cast<double>(ws.bytes()) / (1 << 20)),
+               strfmt("%.3g", flops / (med * 1e-3) * 1e-12), strfmt("%.3g", bytes / (med * 1e-3) * 1e-9), floor_ms,
+               ratio, mlp_ms, fwd_over_mlp});
+    const std::string extra = mlp_ms.empty() ? "" : ", shared-MLP products " + mlp_ms + " ms";
+    std::fprintf(stderr, "[%zu/%zu] %s: %.3f ms (min %.3f)%s\n", n + 1, suite->size(), b.name.c_str(), med, best,
+                 extra.c_str());
+  }
+  table.print(stdout);
+  for (const std::string& v : verdicts) std::printf("%s\n", v.c_str());
+  if (csv) table.write_csv(*csv);
+  return 0;
+}
+
+}  // namespace omnimoe::tool
