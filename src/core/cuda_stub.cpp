@@ -28,4 +28,7 @@ namespace omnimoe {
 Status measure_ceilings(Device, double*, double*) {
   return {StatusCode::unsupported, "measure_ceilings: this build of omnimoe has no CUDA backend"};
 }
+Status time_dense_equivalent(const Config&, std::int64_t, DType, int, double*) {
+  return {StatusCode::unsupported, "time_dense_equivalent: this build of omnimoe has no CUDA backend"};
+}
 }  // namespace omnimoe

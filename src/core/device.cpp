@@ -78,6 +78,14 @@ Status time_calls(Device d, const std::function<Status()>& fn, int warmup, int r
   return Status::Ok();
 }
 
+Status time_graph_replays(Device d, const std::vector<std::function<Status(void*)>>& calls, int warmup, int reps,
+                          std::vector<double>* ms) {
+  if (calls.empty() || warmup < 0 || reps < 1) return invalid_argument("time_graph_replays: need calls, warmup >= 0, reps >= 1");
+  if (d == Device::cuda) return cuda_time_graph_replays(calls, warmup, reps, ms);
+  std::size_t next = 0;
+  return time_calls(d, [&] { return calls[next++ % calls.size()](nullptr); }, warmup, reps, ms);
+}
+
 void reset_peak_memory(Device d) {
   if (d == Device::cuda) cuda_reset_peak_memory();
 }

@@ -22,6 +22,8 @@ Status cuda_copy_bytes(void* dst, Device dst_dev, const void* src, Device src_de
 Status cuda_fill_bytes(void* dst, int byte, std::size_t bytes);
 Status cuda_synchronize();
 Status cuda_time_calls(const std::function<Status()>& fn, int warmup, int reps, std::vector<double>* ms);
+Status cuda_time_graph_replays(const std::vector<std::function<Status(void*)>>& calls, int warmup, int reps,
+                               std::vector<double>* ms);
 void cuda_reset_peak_memory();
 std::size_t cuda_peak_memory_bytes();
 

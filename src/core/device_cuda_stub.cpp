@@ -18,6 +18,9 @@ Status cuda_copy_bytes(void*, Device, const void*, Device, std::size_t) { return
 Status cuda_fill_bytes(void*, int, std::size_t) { return no_cuda(); }
 Status cuda_synchronize() { return no_cuda(); }
 Status cuda_time_calls(const std::function<Status()>&, int, int, std::vector<double>*) { return no_cuda(); }
+Status cuda_time_graph_replays(const std::vector<std::function<Status(void*)>>&, int, int, std::vector<double>*) {
+  return no_cuda();
+}
 void cuda_reset_peak_memory() {}
 std::size_t cuda_peak_memory_bytes() { return 0; }
 

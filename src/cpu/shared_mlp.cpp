@@ -1,11 +1,40 @@
 // CPU shared_mlp stage: the always-on SwiGLU, three BLAS products and one elementwise pass.
 #include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
 
 #include "core/math.hpp"
 #include "cpu/blas.hpp"
 #include "cpu/cpu.hpp"
 
 namespace omnimoe::cpu {
+namespace {
+
+// exp for the float SwiGLU pass, written so the compiler vectorises it (the libm call does
+// not vectorise without -ffast-math, and made this one pass cost 10% of the layer).
+// Cody-Waite reduction x = n ln2 + r, degree-6 polynomial on |r| <= ln2 / 2: about 2 ulp.
+inline float exp_vec(float x) {
+  x = std::clamp(x, -87.0f, 88.0f);
+  const float n = std::nearbyint(x * 1.44269504088896341f);
+  const float r = (x - n * 0.693145751953125f) - n * 1.42860682030941723212e-6f;
+  float p = 1.0f / 720;
+  p = p * r + 1.0f / 120;
+  p = p * r + 1.0f / 24;
+  p = p * r + 1.0f / 6;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  const std::int32_t bits = (static_cast<std::int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, 4);
+  return p * scale;
+}
+inline double exp_vec(double x) { return std::exp(x); }
+
+template <class C> inline C silu_mul(C u, C v) { return u / (C(1) + exp_vec(-u)) * v; }
+
+}  // namespace
 
 template <class C>
 void shared_mlp_forward(const Config& cfg, i64 T, const C* x, const C* gate, const C* up, const C* down, C* u, C* v,
@@ -18,7 +47,7 @@ void shared_mlp_forward(const Config& cfg, i64 T, const C* x, const C* gate, con
   gemm(false, true, T, I, H, C(1), x, H, gate, H, C(0), u, I);
   gemm(false, true, T, I, H, C(1), x, H, up, H, C(0), v, I);
 #pragma omp parallel for simd schedule(static)
-  for (i64 i = 0; i < T * I; ++i) u[i] = u[i] * sigmoid(u[i]) * v[i];  // m, in place of u
+  for (i64 i = 0; i < T * I; ++i) u[i] = silu_mul(u[i], v[i]);  // m, in place of u
   gemm(false, true, T, H, I, C(1), u, I, down, I, C(0), y, H);
 }
 

@@ -86,3 +86,63 @@ Status measure_ceilings(Device d, double* flops_per_s, double* bytes_per_s) {
 }
 
 }  // namespace omnimoe
+
+namespace omnimoe {
+
+Status time_dense_equivalent(const Config& cfg, std::int64_t T, DType dtype, int reps, double* ms) {
+  if (dtype != DType::bf16 && dtype != DType::f16) return {StatusCode::unsupported, "dense equivalent: bf16 or f16"};
+  const std::int64_t H = cfg.hidden, I = cfg.intermediate, N = cfg.num_experts(), R = cfg.grid_rows + cfg.grid_cols;
+  const std::size_t es = 2;
+  // x, router weights, logits (fp32), shared weights and activations, expert tables, T x N scores.
+  const std::vector<std::size_t> sizes = {
+      static_cast<std::size_t>(T * H) * es,  static_cast<std::size_t>(R * H) * es, static_cast<std::size_t>(T * R) * 4,
+      static_cast<std::size_t>(3 * I * H) * es, static_cast<std::size_t>(2 * T * I) * es,
+      static_cast<std::size_t>(2 * N * H) * es, static_cast<std::size_t>(T * N) * es,
+      static_cast<std::size_t>(T * H) * es, cuda::kGemmWorkspaceBytes};
+  std::size_t total = 0, free = 0, cap = 0;
+  for (auto b : sizes) total += b;
+  OMNIMOE_CUDA_TRY(cudaMemGetInfo(&free, &cap));
+  if (total + (std::size_t{1} << 30) > free) return {StatusCode::unsupported, "dense equivalent does not fit in device memory"};
+  std::vector<void*> p(sizes.size(), nullptr);
+  Status st;
+  for (std::size_t i = 0; i < sizes.size() && st.ok(); ++i) st = cuda::cuda_status(cudaMalloc(&p[i], sizes[i]), "cudaMalloc");
+  for (std::size_t i = 0; i + 1 < sizes.size() && st.ok(); ++i)
+    fill_random_bf16<<<static_cast<unsigned>((sizes[i] / 2 + 255) / 256), 256>>>(static_cast<__nv_bfloat16*>(p[i]),
+                                                                                  sizes[i] / 2, 11u + i);
+  char* x = static_cast<char*>(p[0]);
+  char* wr = static_cast<char*>(p[1]);
+  char* sh = static_cast<char*>(p[4]);
+  char* tab = static_cast<char*>(p[5]);
+  auto mm = [&](bool tb, std::int64_t M, std::int64_t Nn, std::int64_t K, const void* A, const void* B, void* C,
+                DType c) {
+    cuda::GemmArgs g;
+    g.tb = tb;
+    g.M = M;
+    g.N = Nn;
+    g.K = K;
+    g.A = A;
+    g.lda = K;
+    g.B = B;
+    g.ldb = tb ? K : Nn;
+    g.C = C;
+    g.ldc = Nn;
+    g.ab = dtype;
+    g.c = c;
+    return cuda::gemm(g, {p.back(), cuda::kGemmWorkspaceBytes}, nullptr);
+  };
+  auto run = [&]() -> Status {
+    OMNIMOE_RETURN_IF_ERROR(mm(true, T, R, H, x, wr, p[2], DType::f32));
+    if (I > 0) {
+      OMNIMOE_RETURN_IF_ERROR(mm(true, T, I, H, x, p[3], sh, dtype));
+      OMNIMOE_RETURN_IF_ERROR(mm(true, T, I, H, x, static_cast<char*>(p[3]) + I * H * es, sh + T * I * es, dtype));
+      OMNIMOE_RETURN_IF_ERROR(mm(true, T, H, I, sh, static_cast<char*>(p[3]) + 2 * I * H * es, p[7], dtype));
+    }
+    OMNIMOE_RETURN_IF_ERROR(mm(true, T, N, H, x, tab, p[6], dtype));
+    return mm(false, T, H, N, p[6], tab + N * H * es, p[7], dtype);
+  };
+  if (st.ok()) st = median_ms(run, reps, ms);
+  for (void* q : p) cudaFree(q);
+  return st;
+}
+
+}  // namespace omnimoe

@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cstdio>
 #include <cstring>
+#include <random>
 #include <vector>
 
 #include "omnimoe/device.hpp"
@@ -68,9 +69,34 @@ Ceilings bench_ceilings(Device device, DType dtype) {
 }
 
 int input_sets(Device device, std::int64_t bytes_per_set) {
-  (void)device;
-  (void)bytes_per_set;
-  return 1;  // HOOK: on CUDA, enough sets that their total exceeds L2
+  if (device == Device::cpu) return 1;
+  // Enough x sets that together they exceed twice the largest L2 of the GPUs we time
+  // (H200: 60 MB), so a timed call never finds its input left in cache by the previous.
+  constexpr std::int64_t kTwiceL2 = std::int64_t{120} << 20;
+  return static_cast<int>(std::clamp<std::int64_t>((kTwiceL2 + bytes_per_set - 1) / bytes_per_set, 2, 64));
+}
+
+RandomRouting random_routing(const Config& cfg, std::int64_t T, DType dtype, Device device, std::uint64_t seed) {
+  // Uniform random distinct experts per token and random positive gates, made on the host.
+  const std::int64_t K = cfg.top_k, N = cfg.num_experts();
+  Tensor ids(DType::i32, Device::cpu, {T, K}), gates(accumulation_dtype(dtype), Device::cpu, {T, K});
+  std::mt19937_64 rng(seed);
+  std::uniform_real_distribution<double> g(0.01, 1.0);
+  std::vector<std::int64_t> chosen;
+  for (std::int64_t t = 0; t < T; ++t) {
+    chosen.clear();
+    while (static_cast<std::int64_t>(chosen.size()) < K) {  // rejection: K << N in every suite
+      const auto e = static_cast<std::int64_t>(rng() % static_cast<std::uint64_t>(N));
+      if (std::find(chosen.begin(), chosen.end(), e) == chosen.end()) chosen.push_back(e);
+    }
+    for (std::int64_t k = 0; k < K; ++k) {
+      ids.view().as<std::int32_t>()[t * K + k] = static_cast<std::int32_t>(chosen[k]);
+      const double v = g(rng);
+      convert(&v, DType::f64, static_cast<char*>(gates.view().data) + (t * K + k) * dtype_size(gates.view().dtype),
+              gates.view().dtype, 1);
+    }
+  }
+  return {convert_tensor(ids.view(), DType::i32, device), convert_tensor(gates.view(), gates.view().dtype, device)};
 }
 
 double shared_mlp_gemm_ms(const float* x, const float* gate, const float* up, const float* down, std::int64_t T,

@@ -4,7 +4,9 @@
 
 #include <cstdint>
 
+#include "omnimoe/layer.hpp"
 #include "omnimoe/tensor.hpp"
+#include "tensors.hpp"
 
 namespace omnimoe::tool {
 
@@ -23,6 +25,14 @@ Ceilings bench_ceilings(Device device, DType dtype);
 // HOOK: how many distinct x sets a config rotates through so that timed calls do not
 // find their inputs in cache (CPU: 1; CUDA: to be sized against L2).
 int input_sets(Device device, std::int64_t bytes_per_set);
+
+// A uniform random routing (distinct ids per token, gates in (0.01, 1)) on `device`, for
+// timing the layer without its router as the paper's harness did.
+struct RandomRouting {
+  Tensor ids;    // [T, K] i32
+  Tensor gates;  // [T, K] accumulation dtype
+};
+RandomRouting random_routing(const Config& cfg, std::int64_t T, DType dtype, Device device, std::uint64_t seed);
 
 // Median milliseconds of the shared MLP's three float32 matrix products alone,
 // x gate^T [T, I], x up^T [T, I], m down^T [T, H], through the same BLAS as the library.
