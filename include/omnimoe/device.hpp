@@ -7,6 +7,7 @@
 #include <string>
 #include <vector>
 
+#include "omnimoe/config.hpp"
 #include "omnimoe/status.hpp"
 #include "omnimoe/tensor.hpp"
 
@@ -29,6 +30,13 @@ Status synchronize(Device d);
 // default stream around each call; CPU: steady clock.
 Status time_calls(Device d, const std::function<Status()>& fn, int warmup, int reps, std::vector<double>* ms);
 
+// Captures each of `calls` (launching on the stream it is given) into a CUDA graph once,
+// then times `reps` replays round-robin over them, with events around each replay. This
+// leaves out the host's launch cost, as an application replaying a captured layer would.
+// CPU: the calls run directly (stream nullptr), timed as time_calls does.
+Status time_graph_replays(Device d, const std::vector<std::function<Status(void* stream)>>& calls, int warmup,
+                          int reps, std::vector<double>* ms);
+
 // Peak device memory tracking for benchmarks: reset, then read the high-water mark of
 // memory in use on the device since the reset (CUDA: sampled through cudaMemGetInfo after
 // each timed call; CPU: not tracked, returns 0).
@@ -43,4 +51,10 @@ namespace omnimoe {
 // (bytes read + written by a 2 GiB device-to-device copy). CUDA only; the CPU returns
 // unsupported (the benchmark measures its own sgemm and memcpy).
 Status measure_ceilings(Device d, double* flops_per_s, double* bytes_per_s);
+
+// The "dense equivalent" of a layer, for benchmark context (CUDA, bf16 or f16): both router
+// products, the three shared-MLP products, and (T x H)(H x N), (T x N)(N x H) through
+// cuBLASLt on random data; median ms over `reps`. unsupported when its buffers do not fit
+// in device memory.
+Status time_dense_equivalent(const Config& cfg, std::int64_t tokens, DType dtype, int reps, double* ms);
 }  // namespace omnimoe

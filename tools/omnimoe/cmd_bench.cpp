@@ -20,7 +20,7 @@ constexpr const char* kBenchUsage =
     "  --device  cpu or cuda (default: cuda when a GPU is present)\n"
     "  --suite   cpu (default on cpu), omnimoe (default on cuda), smoke\n"
     "  --dtype   layer dtype (default: f32 on cpu, bf16 on cuda)\n"
-    "  --reps    timed calls per configuration (default: 5 on cpu, 20 on cuda)\n"
+    "  --reps    timed calls per configuration (default: 9 on cpu, 20 on cuda)\n"
     "  --csv     also write the table to FILE as CSV\n"
     "Columns: ms is the median and min ms the fastest call; TFLOP/s and GB/s use the work\n"
     "model of README.md; floor ms is that work at this device's measured peak rates and\n"
