@@ -74,6 +74,43 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32)
   }
 }
 
+// Any H (rows not a whole number of 16-byte vectors, or wider than the register tile):
+// one block per token; the K activations first (a warp per expert), then each thread sums
+// its output columns over the K rows.
+template <class S>
+__global__ void gather_generic_kernel(i64 T, int H, int K, Activation act, const S* __restrict__ x,
+                                      const S* __restrict__ w_in, const S* __restrict__ w_out,
+                                      const i32* __restrict__ ids, const float* __restrict__ gates,
+                                      S* __restrict__ y) {
+  extern __shared__ float a_s[];  // [K]
+  __shared__ int bad;
+  const i64 t = blockIdx.x;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+  if (threadIdx.x == 0) bad = 0;
+  __syncthreads();
+  for (int k = warp; k < K; k += warps) {
+    const i64 e = ids[t * K + k];
+    if (e < 0) {  // caller routing with an id out of range
+      if (lane == 0) bad = 1;
+      if (lane == 0) a_s[k] = 0.f;
+      continue;
+    }
+    float h = 0.f;
+    for (int i = lane; i < H; i += 32) h = fmaf(to_f32(x[t * H + i]), to_f32(w_in[e * H + i]), h);
+    h = warp_sum(h);
+    if (lane == 0) a_s[k] = gates[t * K + k] * activate(act, h);
+  }
+  __syncthreads();
+  for (int i = threadIdx.x; i < H; i += blockDim.x) {
+    float acc = 0.f;
+    for (int k = 0; k < K; ++k) {
+      const i64 e = ids[t * K + k];
+      if (e >= 0) acc = fmaf(a_s[k], to_f32(w_out[e * H + i]), acc);
+    }
+    y[t * H + i] = from_f32<S>(bad ? __int_as_float(0x7fffffff) : acc);
+  }
+}
+
 // Caller routing to the internal i32 ids; ids outside [0, N) become -1 (see gather_kernel).
 template <class I>
 __global__ void import_ids_kernel(const I* __restrict__ in, i64 n, i64 N, i32* __restrict__ out) {
@@ -89,10 +126,27 @@ int vec_elems() {
   return 16 / static_cast<int>(sizeof(S));
 }
 
+// Whether the register-tile kernel serves this width: whole 16-byte vectors, H <= 512 V.
+bool vector_rows(i64 H, DType dtype) {
+  const i64 v = 16 / static_cast<i64>(dtype_size(dtype));
+  return H % v == 0 && H <= 32 * 16 * v;
+}
+
 template <class S>
 Status launch_gather(const ExpertsArgs& a, cudaStream_t stream) {
   const Config& c = *a.cfg;
   const int H = static_cast<int>(c.hidden);
+  if (!vector_rows(c.hidden, a.dtype)) {
+    const std::size_t smem = static_cast<std::size_t>(c.top_k) * sizeof(float);
+    const auto kernel = gather_generic_kernel<S>;
+    OMNIMOE_CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+    kernel<<<static_cast<unsigned>(a.T), 256, smem, stream>>>(a.T, H, static_cast<int>(c.top_k), c.activation,
+                                                             static_cast<const S*>(a.x), static_cast<const S*>(a.w_in),
+                                                             static_cast<const S*>(a.w_out), a.ids, a.gates,
+                                                             static_cast<S*>(a.y));
+    OMNIMOE_CUDA_LAUNCH_CHECK("experts gather_generic_kernel");
+    return Status::Ok();
+  }
   const int vpl = static_cast<int>((H / vec_elems<S>() + 31) / 32);
   const unsigned blocks = ceil_div(a.T, kWarpsPerBlock);
   const auto args = [&](auto kernel) {
@@ -113,11 +167,10 @@ Status launch_gather(const ExpertsArgs& a, cudaStream_t stream) {
 }  // namespace
 
 Status experts_supported(const Config& cfg, DType dtype) {
-  const i64 v = 16 / static_cast<i64>(dtype_size(dtype));
-  if (cfg.hidden % v != 0 || cfg.hidden > 32 * 16 * v)
-    return {StatusCode::unsupported, "CUDA experts: hidden = " + std::to_string(cfg.hidden) + " must be a multiple of " +
-                                         std::to_string(v) + " and at most " + std::to_string(32 * 16 * v) +
-                                         " for " + dtype_name(dtype) + " (16-byte rows)"};
+  (void)dtype;
+  // The generic kernel keeps the K activations of a token in shared memory.
+  if (cfg.top_k > 8192)
+    return {StatusCode::unsupported, "CUDA experts: top_k = " + std::to_string(cfg.top_k) + " exceeds 8192"};
   return Status::Ok();
 }
 

@@ -33,6 +33,15 @@ __global__ void store_kernel(const float* __restrict__ yacc, i64 n, S* __restric
   if (i < n) y[i] = from_f32<S>(yacc[i]);
 }
 
+// Tokens of the caller's routing with an id out of range: their rows become NaN.
+template <class S>
+__global__ void poison_kernel(const i32* __restrict__ ids, i64 n, int K, int H, S* __restrict__ y) {
+  const i64 i = static_cast<i64>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= n || ids[i] >= 0) return;
+  const i64 t = i / K;
+  for (int h = 0; h < H; ++h) y[t * H + h] = from_f32<S>(__int_as_float(0x7fffffff));
+}
+
 const char* at(const void* base, i64 elems, DType dt) {
   return static_cast<const char*>(base) + elems * static_cast<i64>(dtype_size(dt));
 }
@@ -90,6 +99,9 @@ Status run(const ExpertsArgs& a, const DenseBuffers& b, cudaStream_t stream) {
                                                                    static_cast<S*>(a.y) + t0 * H);
     OMNIMOE_CUDA_LAUNCH_CHECK("experts_dense store_kernel");
   }
+  poison_kernel<S><<<ceil_div(T * K, 256), 256, 0, stream>>>(a.ids, T * K, static_cast<int>(K), static_cast<int>(H),
+                                                             static_cast<S*>(a.y));
+  OMNIMOE_CUDA_LAUNCH_CHECK("experts_dense poison_kernel");
   return Status::Ok();
 }
 

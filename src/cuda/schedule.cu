@@ -8,11 +8,14 @@ namespace omnimoe::cuda {
 namespace {
 
 __global__ void group_keys_kernel(const i32* __restrict__ ids, i64 n, int K, i64 token_chunk, i64 expert_chunk,
-                                  i64 n_ec, unsigned* __restrict__ keys, i32* __restrict__ vals) {
+                                  i64 n_ec, i64 groups, unsigned* __restrict__ keys, i32* __restrict__ vals) {
   const i64 i = static_cast<i64>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i >= n) return;
   const i64 t = i / K;
-  keys[i] = static_cast<unsigned>((t / token_chunk) * n_ec + ids[i] / expert_chunk);
+  // An id out of range (caller routing, marked -1) goes to a group past the last one, which
+  // no chunk processes; experts_dense poisons its token instead.
+  keys[i] = ids[i] < 0 ? static_cast<unsigned>(groups)
+                       : static_cast<unsigned>((t / token_chunk) * n_ec + ids[i] / expert_chunk);
   vals[i] = static_cast<i32>(i);
 }
 
@@ -41,21 +44,21 @@ std::size_t schedule_temp_bytes(i64 tasks, i64 groups) {
   std::size_t bytes = 0;
   cub::DoubleBuffer<unsigned> keys(nullptr, nullptr);
   cub::DoubleBuffer<i32> vals(nullptr, nullptr);
-  cub::DeviceRadixSort::SortPairs(nullptr, bytes, keys, vals, tasks, 0, key_bits(groups));
+  cub::DeviceRadixSort::SortPairs(nullptr, bytes, keys, vals, tasks, 0, key_bits(groups + 1));
   return bytes;
 }
 
 Status schedule_groups(const i32* ids, i64 T, i64 K, GroupSchedule& s, cudaStream_t stream) {
   const i64 n = T * K, groups = s.n_tc * s.n_ec;
   group_keys_kernel<<<ceil_div(n, 256), 256, 0, stream>>>(ids, n, static_cast<int>(K), s.token_chunk,
-                                                          s.expert_chunk, s.n_ec, s.keys[0], s.vals[0]);
+                                                          s.expert_chunk, s.n_ec, groups, s.keys[0], s.vals[0]);
   OMNIMOE_CUDA_LAUNCH_CHECK("schedule group_keys_kernel");
   // Double-buffer form: CUB needs no scratch copy of the keys and values; which buffer
   // holds the result is decided on the host from the sizes alone.
   cub::DoubleBuffer<unsigned> keys(s.keys[0], s.keys[1]);
   cub::DoubleBuffer<i32> vals(s.vals[0], s.vals[1]);
   std::size_t bytes = s.temp_bytes;
-  OMNIMOE_CUDA_TRY(cub::DeviceRadixSort::SortPairs(s.temp, bytes, keys, vals, n, 0, key_bits(groups), stream));
+  OMNIMOE_CUDA_TRY(cub::DeviceRadixSort::SortPairs(s.temp, bytes, keys, vals, n, 0, key_bits(groups + 1), stream));
   s.tasks = vals.Current();
   group_offsets_kernel<<<ceil_div(groups + 1, 256), 256, 0, stream>>>(keys.Current(), n, groups, s.offsets);
   OMNIMOE_CUDA_LAUNCH_CHECK("schedule group_offsets_kernel");

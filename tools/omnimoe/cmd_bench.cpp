@@ -21,6 +21,7 @@ constexpr const char* kBenchUsage =
     "  --suite   cpu (default on cpu), omnimoe (default on cuda), smoke\n"
     "  --dtype   layer dtype (default: f32 on cpu, bf16 on cuda)\n"
     "  --reps    timed calls per configuration (default: 9 on cpu, 20 on cuda)\n"
+    "  --only    run only the configurations whose name contains this text\n"
     "  --csv     also write the table to FILE as CSV\n"
     "Columns: ms is the median and min ms the fastest call; TFLOP/s and GB/s use the work\n"
     "model of README.md; floor ms is that work at this device's measured peak rates and\n"
@@ -49,6 +50,7 @@ int cmd_bench(Args& args) {
                              : (cpu ? 9 : 20);
   const int warmup = cpu ? 1 : 5;
   const auto csv = args.value("--csv");
+  const std::string only = args.value("--only").value_or("");
   args.finish();
   const std::vector<BenchConfig>* suite = find_suite(suite_name);
   if (suite == nullptr) throw UsageError("--suite '" + suite_name + "': expected one of " + suite_names());
@@ -69,6 +71,7 @@ int cmd_bench(Args& args) {
   std::vector<std::string> verdicts;
   for (std::size_t n = 0; n < suite->size(); ++n) {
     const BenchConfig& b = (*suite)[n];
+    if (!only.empty() && b.name.find(only) == std::string::npos) continue;
     const std::int64_t set_bytes = b.T * b.H * static_cast<std::int64_t>(dtype_size(dtype));
     LayerTensors l = random_layer(b.config(), b.T, dtype, device, n + 1, input_sets(device, set_bytes));
     ForwardBuffers out = forward_buffers(l, DType::i32);
