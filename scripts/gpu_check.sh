@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # One device call does everything: build (Release, sm_90a), CUDA tests, compute-sanitizer,
-# then the benchmarks; logs and CSVs go to $OUT (default ./out).
-# Usage: scripts/gpu_check.sh [tests|sanitize|bench|all]...   (default: all)
+# the benchmark and a per-kernel profile; logs and CSVs go to $OUT (default ./out).
+# Usage: scripts/gpu_check.sh [tests|sanitize|bench|profile|all]...   (default: all)
+#   BENCH_ONLY=text   limit the benchmark to configurations whose name contains text
+#   PROFILE_ONLY=text configuration(s) to profile (default: two representative ones)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/out}
@@ -11,24 +13,39 @@ want() { for s in "${steps[@]}"; do [[ $s == all || $s == "$1" ]] && return 0; d
 status=0
 
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,driver_version --format=csv | tee "$OUT/gpu.txt"
-cmake -S . -B build-gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DOMNIMOE_FUZZ=OFF >"$OUT/configure.log" 2>&1 || { tail -30 "$OUT/configure.log"; exit 1; }
-cmake --build build-gpu -j 16 ${BUILD_TARGETS:+--target $BUILD_TARGETS} >"$OUT/build.log" 2>&1 || { grep -E "error|FAILED" "$OUT/build.log" | head -40; exit 1; }
+date -u +"%Y-%m-%d %H:%M UTC" >>"$OUT/gpu.txt"
+cmake -S . -B build-gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DOMNIMOE_FUZZ=OFF >"$OUT/build.log" 2>&1 || { tail -30 "$OUT/build.log"; exit 1; }
+cmake --build build-gpu -j 16 ${BUILD_TARGETS:+--target $BUILD_TARGETS} >>"$OUT/build.log" 2>&1 || { grep -E "error|FAILED" "$OUT/build.log" | head -40; exit 1; }
 
 if want tests; then
-  (cd build-gpu && ctest -L cuda --output-on-failure -j 1 2>&1) | tee "$OUT/ctest_cuda.log" | tail -40 || status=1
-  grep -q "tests passed" "$OUT/ctest_cuda.log" && grep -q ", 0 tests failed" "$OUT/ctest_cuda.log" || status=1
+  (cd build-gpu && ctest -L cuda --output-on-failure -j 1 2>&1) >"$OUT/ctest_cuda.log"
+  grep -E "tests passed|FAILED|Failed" "$OUT/ctest_cuda.log" | head -20
+  grep -q ", 0 tests failed" "$OUT/ctest_cuda.log" || grep -q "100% tests passed" "$OUT/ctest_cuda.log" || status=1
 fi
 if want sanitize; then
+  : >"$OUT/sanitize.log"
   for tool in memcheck racecheck; do
     compute-sanitizer --tool $tool --error-exitcode 3 build-gpu/tests/cuda/test_cuda \
-      --gtest_filter='*small*:*large_k_600*:*Graph*' >"$OUT/sanitize_$tool.log" 2>&1
+      --gtest_filter='*small*:*large_k_600*:*odd_h36*:*Graph*:*Routed*' >>"$OUT/sanitize.log" 2>&1
     rc=$?
-    echo "compute-sanitizer $tool: rc=$rc"; tail -3 "$OUT/sanitize_$tool.log"
-    [[ $rc == 0 ]] || status=1
+    echo "compute-sanitizer $tool: rc=$rc" | tee -a "$OUT/sanitize.log"
+    [[ $rc == 0 ]] || { status=1; grep -E "Race|hazard|Invalid|at 0x|in .*kernel" "$OUT/sanitize.log" | sort | uniq -c | sort -rn | head -12; }
   done
 fi
 if want bench; then
-  build-gpu/omnimoe check --device cuda 2>&1 | tee "$OUT/check_cuda.log" | tail -20 || status=1
-  build-gpu/omnimoe bench --device cuda --suite omnimoe --csv "$OUT/bench_omnimoe.csv" 2>&1 | tee "$OUT/bench_omnimoe.log" | tail -40
+  build-gpu/omnimoe check --device cuda >"$OUT/check_cuda.log" 2>&1 || status=1
+  grep -E "FAIL|passed" "$OUT/check_cuda.log"
+  build-gpu/omnimoe bench --device cuda --suite omnimoe ${BENCH_ONLY:+--only $BENCH_ONLY} --csv "$OUT/bench_omnimoe.csv" \
+    >"$OUT/bench_omnimoe.log" 2>&1 || status=1
+  grep -E "ceilings|MISS|PASS" "$OUT/bench_omnimoe.log" | grep -v workspace
+fi
+if want profile; then
+  : >"$OUT/profile.log"
+  for cfg in ${PROFILE_ONLY:-lm-1024x1024-t4096 paper-k512-t4096}; do
+    echo "=== $cfg" >>"$OUT/profile.log"
+    ncu --metrics gpu__time_duration.sum --print-summary per-kernel \
+      build-gpu/omnimoe bench --device cuda --suite omnimoe --only "$cfg" --reps 2 >>"$OUT/profile.log" 2>&1
+  done
+  grep -E "^===|^  [a-zA-Z_].*\(|gpu__time_duration.sum" "$OUT/profile.log" | head -80
 fi
 exit $status
