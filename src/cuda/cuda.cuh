@@ -48,8 +48,10 @@ struct RouteTopkArgs {
   bool ids_out_i64;
   float* scores_out;  // may be null
   float* gates_out;   // may be null
+  int* fallback_flags;  // [rows] scratch for the small-K warp kernel (null: block kernel only)
+  const int* fallback;  // set by route_topk: tokens the block kernel must still serve
 };
-Status route_topk(const RouteTopkArgs& a, cudaStream_t stream);
+Status route_topk(RouteTopkArgs a, cudaStream_t stream);
 
 // ---- schedule ---------------------------------------------------------------------------
 // Tasks grouped by (token chunk, expert chunk): group g = (t / token_chunk) * n_ec +

@@ -62,6 +62,7 @@ struct ForwardBuffers {
   float* gates32;      // [T, K]
   // The three phases run one after the other and share one region:
   float* logits;       // route: [route_rows, Nr + Nc]
+  int* flags;          // route: [route_rows] tokens left to the block top-K kernel
   DenseBuffers dense;  // experts, dense path
   void *u, *v;         // shared_mlp: [mlp_rows, I]
 };
@@ -82,6 +83,7 @@ ForwardBuffers carve_forward(Arena& a, const Config& cfg, i64 T, DType dtype) {
   const std::size_t phase = a.mark();
 
   b.logits = a.take<float>(static_cast<std::size_t>(p.route_rows) * n);
+  b.flags = a.take<int>(static_cast<std::size_t>(p.route_rows));
   a.rewind(phase);
 
   if (choose_path(cfg, T, dtype) == ExpertsPath::dense) {
@@ -193,6 +195,7 @@ Status route(const Config& cfg, Mode mode, const TensorView& x, const Params& p,
     ta.ids_out_i64 = ids64;
     ta.scores_out = out.scores.defined() ? out.scores.as<float>() + t0 * K : nullptr;
     ta.gates_out = out.gates.defined() ? out.gates.as<float>() + t0 * K : nullptr;
+    ta.fallback_flags = b.flags;
     OMNIMOE_RETURN_IF_ERROR(route_topk(ta, s));
   }
   return Status::Ok();

@@ -186,6 +186,7 @@ __global__ void __launch_bounds__(THREADS) topk_kernel(RouteTopkArgs a, i64 Nr, 
   extern __shared__ __align__(16) unsigned char smem_raw[];
   S& sm = *reinterpret_cast<S*>(smem_raw);
   const i64 t = blockIdx.x;
+  if (a.fallback != nullptr && a.fallback[t] == 0) return;  // served by the warp kernel
   const float* l = a.logits + t * (Nr + Nc);
   axis_sorted<THREADS, ITEMS>(sm, l, a.mean, a.rstd, Nr, sm.rows);
   axis_sorted<THREADS, ITEMS>(sm, l + Nr, a.mean + Nr, a.rstd + Nr, Nc, sm.cols);
@@ -330,6 +331,173 @@ Status launch_topk(const RouteTopkArgs& a, cudaStream_t stream) {
   return Status::Ok();
 }
 
+
+// ---- top-K, small K: one warp per token -------------------------------------------------
+// For K <= 32 and axes of at most 32 * VPL entries. The same three steps as topk_kernel,
+// with the sorted axes reduced to their best min(K, n) entries (one per lane) and the
+// selection done with warp shuffles. Tokens where exact ties touch the threshold (several
+// cells equal to the K-th value, or rows / columns outside the candidate lists reaching it)
+// are flagged for topk_kernel, which resolves ties by id in full generality.
+constexpr int kWarpTopkWarps = 8;
+
+__device__ __forceinline__ unsigned long long warp_min_u64(unsigned long long v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) {
+    const unsigned long long w = __shfl_xor_sync(0xffffffffu, v, o);
+    v = w < v ? w : v;
+  }
+  return v;
+}
+
+// Normalised log-probabilities of one axis (lane holds entries lane + 32 j), and the keys of
+// its best `keep` entries: lane r returns the r-th best (~0 beyond keep).
+template <int VPL>
+__device__ unsigned long long warp_axis_best(const float* l, const float* mean, const float* rstd, int n, int keep,
+                                             float (&v)[VPL]) {
+  const int lane = threadIdx.x & 31;
+  float mx = -INFINITY;
+#pragma unroll
+  for (int j = 0; j < VPL; ++j) {
+    const int i = lane + 32 * j;
+    v[j] = i < n ? (l[i] - mean[i]) * rstd[i] : -INFINITY;
+    mx = fmaxf(mx, v[j]);
+  }
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+  float sum = 0.f;
+#pragma unroll
+  for (int j = 0; j < VPL; ++j)
+    if (lane + 32 * j < n) sum += expf(v[j] - mx);
+  sum = warp_sum(sum);
+  const float lse = mx + logf(sum);
+#pragma unroll
+  for (int j = 0; j < VPL; ++j) v[j] -= lse;
+  unsigned taken = 0;  // bit j: entry lane + 32 j already selected
+  unsigned long long mine = ~0ull;
+  for (int r = 0; r < keep; ++r) {
+    unsigned long long best = ~0ull;
+#pragma unroll
+    for (int j = 0; j < VPL; ++j) {
+      const int i = lane + 32 * j;
+      if (i < n && !((taken >> j) & 1u)) {
+        const unsigned long long k = key_of(v[j], static_cast<unsigned>(i));
+        best = k < best ? k : best;
+      }
+    }
+    best = warp_min_u64(best);
+    const unsigned id = key_id(best);
+    if (static_cast<int>(id % 32) == lane) taken |= 1u << (id / 32);
+    if (lane == r) mine = best;
+  }
+  // Entries not taken keep their value; mark the taken ones so the caller can test the rest.
+#pragma unroll
+  for (int j = 0; j < VPL; ++j)
+    if ((taken >> j) & 1u) v[j] = NAN;
+  return mine;
+}
+
+template <int VPL>
+__global__ void __launch_bounds__(kWarpTopkWarps * 32)
+    topk_warp_kernel(RouteTopkArgs a, int Nr, int Nc, int K, int gate_softmax) {
+  __shared__ unsigned long long cells[kWarpTopkWarps][32];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const i64 t = static_cast<i64>(blockIdx.x) * kWarpTopkWarps + warp;
+  if (t >= a.rows) return;
+  const float* l = a.logits + t * (Nr + Nc);
+  const int rk = min(K, Nr), ck = min(K, Nc);
+  float rv[VPL], cv[VPL];
+  const unsigned long long rkey = warp_axis_best<VPL>(l, a.mean, a.rstd, Nr, rk, rv);
+  const unsigned long long ckey = warp_axis_best<VPL>(l + Nr, a.mean + Nr, a.rstd + Nr, Nc, ck, cv);
+  const float av = lane < rk ? key_value(rkey) : 0.f, bv = lane < ck ? key_value(ckey) : 0.f;
+  const float amax = __shfl_sync(0xffffffffu, av, 0), bmax = __shfl_sync(0xffffffffu, bv, 0);
+
+  // 1. tau: K pops of the best remaining cell; lane p owns row p, whose cells are in
+  //    descending order of value along the sorted columns.
+  int head = 0;
+  unsigned tau = 0;
+  for (int r = 0; r < K; ++r) {
+    const float bh = __shfl_sync(0xffffffffu, bv, head & 31);
+    const unsigned cand = (lane < rk && head < ck) ? ord(av + bh) : 0u;
+    unsigned m = cand;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) m = max(m, __shfl_xor_sync(0xffffffffu, m, o));
+    const unsigned winner = __ffs(__ballot_sync(0xffffffffu, cand == m && lane < rk && head < ck)) - 1;
+    if (lane == static_cast<int>(winner)) ++head;
+    tau = m;
+  }
+
+  // 2. Cells at or above tau per row; the simple case has exactly K of them and nothing
+  //    outside the candidate lists that could reach tau.
+  int ge = 0;
+  for (int q = 0; q < ck; ++q) {
+    const float b = __shfl_sync(0xffffffffu, bv, q);
+    if (lane < rk && ord(av + b) >= tau) ++ge;
+  }
+  bool outside = false;
+#pragma unroll
+  for (int j = 0; j < VPL; ++j) {
+    outside |= !isnan(rv[j]) && lane + 32 * j < Nr && ord(rv[j] + bmax) >= tau;
+    outside |= !isnan(cv[j]) && lane + 32 * j < Nc && ord(amax + cv[j]) >= tau;
+  }
+  int total = ge;
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) total += __shfl_xor_sync(0xffffffffu, total, o);
+  const bool simple = total == K && !__any_sync(0xffffffffu, outside);
+  if (lane == 0) a.fallback_flags[t] = simple ? 0 : 1;
+  if (!simple) return;
+
+  // 3. Gather the K cells, sort them (descending score, ascending id), gates, outputs.
+  int off = ge;  // inclusive scan over lanes
+#pragma unroll
+  for (int o = 1; o < 32; o <<= 1) {
+    const int v = __shfl_up_sync(0xffffffffu, off, o);
+    if (lane >= o) off += v;
+  }
+  off -= ge;
+  const unsigned row_id = key_id(rkey);
+  for (int q = 0; q < ck; ++q) {
+    const float b = __shfl_sync(0xffffffffu, bv, q);
+    const unsigned col_id = key_id(__shfl_sync(0xffffffffu, ckey, q));
+    if (q < ge) cells[warp][off + q] = key_of(av + b, row_id * static_cast<unsigned>(Nc) + col_id);
+  }
+  __syncwarp();
+  unsigned long long k = lane < K ? cells[warp][lane] : ~0ull;
+  // Bitonic sort of 32 keys across the warp, ascending.
+#pragma unroll
+  for (int size = 2; size <= 32; size <<= 1)
+#pragma unroll
+    for (int stride = size >> 1; stride > 0; stride >>= 1) {
+      const unsigned long long other = __shfl_xor_sync(0xffffffffu, k, stride);
+      const bool up = (lane & size) == 0, lower = (lane & stride) == 0;
+      const bool take_min = up == lower;
+      k = take_min ? (other < k ? other : k) : (other > k ? other : k);
+    }
+  const float sc = key_value(k);
+  const float smax = __shfl_sync(0xffffffffu, sc, 0);
+  float g = lane < K ? expf(gate_softmax ? sc - smax : sc) : 0.f;
+  if (gate_softmax) g /= warp_sum(g);
+  if (lane < K) {
+    const i64 o = t * K + lane;
+    const i32 e = static_cast<i32>(key_id(k));
+    a.ids32[o] = e;
+    a.gates32[o] = g;
+    if (a.ids_out_i64) static_cast<i64*>(a.ids_out)[o] = e;
+    else static_cast<i32*>(a.ids_out)[o] = e;
+    if (a.scores_out) a.scores_out[o] = sc;
+    if (a.gates_out) a.gates_out[o] = g;
+  }
+}
+
+template <int VPL>
+Status launch_topk_warp(const RouteTopkArgs& a, cudaStream_t stream) {
+  const Config& c = *a.cfg;
+  topk_warp_kernel<VPL><<<ceil_div(a.rows, kWarpTopkWarps), kWarpTopkWarps * 32, 0, stream>>>(
+      a, static_cast<int>(c.grid_rows), static_cast<int>(c.grid_cols), static_cast<int>(c.top_k),
+      c.gate == GateKind::softmax);
+  OMNIMOE_CUDA_LAUNCH_CHECK("route topk_warp_kernel");
+  return Status::Ok();
+}
+
 }  // namespace
 
 Status route_chunk_moments(const float* logits, i64 rows, i64 n, double* partial, cudaStream_t stream) {
@@ -347,9 +515,17 @@ Status route_stats(const RouteStatsArgs& a, cudaStream_t stream) {
   return Status::Ok();
 }
 
-Status route_topk(const RouteTopkArgs& a, cudaStream_t stream) {
+Status route_topk(RouteTopkArgs a, cudaStream_t stream) {
   const Config& c = *a.cfg;
-  const i64 need = std::max({c.grid_rows, c.grid_cols, c.top_k});
+  const i64 axis = std::max(c.grid_rows, c.grid_cols), need = std::max(axis, c.top_k);
+  a.fallback = nullptr;
+  if (c.top_k <= 32 && axis <= 1024 && a.fallback_flags != nullptr) {
+    // Warp per token; the block kernel then serves only the tokens it flagged.
+    Status s = axis <= 64 ? launch_topk_warp<2>(a, stream)
+               : axis <= 256 ? launch_topk_warp<8>(a, stream) : launch_topk_warp<32>(a, stream);
+    OMNIMOE_RETURN_IF_ERROR(s);
+    a.fallback = a.fallback_flags;
+  }
   if (need <= 256) return launch_topk<128, 2>(a, stream);
   if (need <= 1024) return launch_topk<256, 4>(a, stream);
   if (need <= kRouteMaxExtent) return launch_topk<512, 8>(a, stream);

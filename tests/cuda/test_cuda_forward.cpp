@@ -304,6 +304,61 @@ TEST(CudaRouted, MatchesCpuForSameRouting) {
   }
 }
 
+// Duplicated router rows and columns make exact score ties across many cells; wherever the
+// K-th and (K+1)-th reference scores tie exactly, the GPU must break the tie by the smaller
+// id as the reference does (this also drives the small-K warp kernel to its fallback).
+TEST(CudaRouteTies, SmallerIdWins) {
+  if (!have_gpu()) GTEST_SKIP() << "no CUDA device";
+  for (std::int64_t K : {4, 9, 16, 40}) {
+    Config cfg;
+    cfg.hidden = 32;
+    cfg.intermediate = 0;
+    cfg.grid_rows = 12;
+    cfg.grid_cols = 10;
+    cfg.top_k = K;
+    cfg.router_norm = RouterNorm::none;
+    const std::int64_t T = 64, H = cfg.hidden, N = cfg.num_experts();
+    Problem p = make_problem(cfg, T, DType::f32, test_seed(K));
+    for (std::int64_t r = 0; r < 6; ++r)  // rows 2r and 2r+1 identical, columns 2c and 2c+1 too
+      for (std::int64_t h = 0; h < H; ++h) p.router_row.set((2 * r + 1) * H + h, p.router_row.get(2 * r * H + h));
+    for (std::int64_t c = 0; c < 5; ++c)
+      for (std::int64_t h = 0; h < H; ++h) p.router_col.set((2 * c + 1) * H + h, p.router_col.get(2 * c * H + h));
+    const Problem ref = convert_problem(p, DType::f64);
+    Config cfg1 = cfg;
+    cfg1.top_k = std::min(K + 1, N);
+    Problem ref1 = ref;
+    ref1.cfg = cfg1;
+    Outputs want1 = make_outputs(cfg1, T, DType::f64);
+    ASSERT_TRUE(run_forward(ref1, Mode::inference, want1).ok());
+
+    DeviceProblem dev(p);
+    Outputs got = make_outputs(cfg, T, DType::f32, DType::i64);
+    DeviceOutputs dout(got);
+    dout.poison();
+    std::size_t bytes = 0;
+    ASSERT_TRUE(forward_workspace_size(cfg, T, DType::f32, Device::cuda, &bytes).ok());
+    DeviceWorkspace ws(bytes);
+    ASSERT_TRUE(forward(cfg, Mode::inference, dev.x.view(), dev.params(), dout.view(), ws.ws()).ok());
+    ASSERT_TRUE(synchronize(Device::cuda).ok());
+    dout.download(got);
+    check_routing_invariants(cfg, got);
+    const auto gid = got.ids.to_i64(), wid = want1.ids.to_i64();
+    const auto w = want1.scores.to_f64();
+    int exact_ties = 0;
+    for (std::int64_t t = 0; t < T; ++t) {
+      const double gap = w[t * (K + 1) + K - 1] - w[t * (K + 1) + K];
+      if (gap != 0 && gap <= kScoreTol) continue;  // a near tie: rounding decides
+      exact_ties += gap == 0;
+      std::vector<std::int64_t> a(gid.begin() + t * K, gid.begin() + (t + 1) * K);
+      std::vector<std::int64_t> b(wid.begin() + t * (K + 1), wid.begin() + t * (K + 1) + K);
+      std::sort(a.begin(), a.end());
+      std::sort(b.begin(), b.end());
+      ASSERT_EQ(a, b) << "K " << K << " token " << t;
+    }
+    EXPECT_GT(exact_ties, 0) << "the duplicated rows should tie at the boundary for some token";
+  }
+}
+
 TEST(CudaForwardErrors, RefusesWhatItCannotServe) {
   Config cfg;
   cfg.hidden = 64;
