@@ -25,6 +25,8 @@ fi
 if want sanitize; then
   : >"$OUT/sanitize.log"
   for tool in memcheck racecheck; do
+    # cuBLASLt's Hopper kernels (nvjet_*) synchronise through mbarriers, which racecheck
+    # does not model: it reports false hazards there, so they are left out.
     compute-sanitizer --tool $tool --error-exitcode 3 --kernel-name-exclude kns=nvjet build-gpu/tests/cuda/test_cuda \
       --gtest_filter='*small*:*large_k_600*:*odd_h36*:*Graph*:*Routed*:*Ties*' >>"$OUT/sanitize.log" 2>&1
     rc=$?

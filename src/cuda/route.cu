@@ -110,7 +110,10 @@ __device__ __forceinline__ unsigned key_id(unsigned long long k) { return static
 template <int THREADS, int ITEMS>
 struct TopkSmem {
   static constexpr int kCap = THREADS * ITEMS;
-  using Sort = cub::BlockRadixSort<unsigned long long, THREADS, ITEMS>;
+  // 32-bit value keys with the id as payload: half the passes of sorting packed 64-bit keys.
+  // The radix sort is stable and items start in ascending id order, so equal values keep
+  // ascending ids.
+  using Sort = cub::BlockRadixSort<unsigned, THREADS, ITEMS, unsigned>;
   using ReduceF = cub::BlockReduce<float, THREADS>;
   using ReduceI = cub::BlockReduce<int, THREADS>;
   using Scan = cub::BlockScan<int, THREADS>;
@@ -154,16 +157,17 @@ __device__ void axis_sorted(TopkSmem<THREADS, ITEMS>& sm, const float* l, const 
   if (threadIdx.x == 0) sm.bcast_f = mx + logf(s);
   __syncthreads();
   const float lse = sm.bcast_f;
-  unsigned long long k[ITEMS];
+  unsigned k[ITEMS], id[ITEMS];
 #pragma unroll
   for (int j = 0; j < ITEMS; ++j) {
     const i64 i = static_cast<i64>(threadIdx.x) * ITEMS + j;
-    k[j] = i < n ? key_of(v[j] - lse, static_cast<unsigned>(i)) : ~0ull;
+    k[j] = i < n ? ~ord(v[j] - lse) : ~0u;
+    id[j] = i < n ? static_cast<unsigned>(i) : ~0u;
   }
   __syncthreads();
-  typename S::Sort(sm.tmp.sort).Sort(k);
+  typename S::Sort(sm.tmp.sort).Sort(k, id);
 #pragma unroll
-  for (int j = 0; j < ITEMS; ++j) out[threadIdx.x * ITEMS + j] = k[j];
+  for (int j = 0; j < ITEMS; ++j) out[threadIdx.x * ITEMS + j] = (static_cast<unsigned long long>(k[j]) << 32) | id[j];
   __syncthreads();
 }
 
@@ -281,11 +285,45 @@ __global__ void __launch_bounds__(THREADS) topk_kernel(RouteTopkArgs a, i64 Nr, 
   }
   __syncthreads();
 
-  // 4. Output order (descending score, ascending id), then gates.
+  // 4. Output order (descending score, ascending id): a stable sort on the score, then the
+  //    rare runs of equal scores put in id order.
   unsigned long long k[ITEMS];
+  {
+    unsigned sk[ITEMS], sid[ITEMS];
 #pragma unroll
-  for (int j = 0; j < ITEMS; ++j) k[j] = sm.sel[threadIdx.x * ITEMS + j];
-  typename S::Sort(sm.tmp.sort).Sort(k);
+    for (int j = 0; j < ITEMS; ++j) {
+      const unsigned long long c = sm.sel[threadIdx.x * ITEMS + j];
+      sk[j] = static_cast<unsigned>(c >> 32);
+      sid[j] = key_id(c);
+    }
+    typename S::Sort(sm.tmp.sort).Sort(sk, sid);
+    __syncthreads();
+#pragma unroll
+    for (int j = 0; j < ITEMS; ++j)
+      sm.sel[threadIdx.x * ITEMS + j] = (static_cast<unsigned long long>(sk[j]) << 32) | sid[j];
+    __syncthreads();
+    bool tie = false;
+#pragma unroll
+    for (int j = 0; j < ITEMS; ++j) {
+      const int i = threadIdx.x * ITEMS + j;
+      tie |= i > 0 && i < K && (sm.sel[i] >> 32) == (sm.sel[i - 1] >> 32);
+    }
+    if (__syncthreads_or(tie) && threadIdx.x == 0) {
+      // Insertion sort by the full key: moves only elements inside runs of equal scores.
+      for (int i = 1; i < K; ++i) {
+        const unsigned long long c = sm.sel[i];
+        int j = i - 1;
+        while (j >= 0 && sm.sel[j] > c) {
+          sm.sel[j + 1] = sm.sel[j];
+          --j;
+        }
+        sm.sel[j + 1] = c;
+      }
+    }
+    __syncthreads();
+#pragma unroll
+    for (int j = 0; j < ITEMS; ++j) k[j] = sm.sel[threadIdx.x * ITEMS + j];
+  }
   __syncthreads();
   if (threadIdx.x == 0) sm.bcast_f = key_value(k[0]);  // thread 0 holds the best cell
   __syncthreads();
