@@ -114,11 +114,14 @@ struct TopkSmem {
   // The radix sort is stable and items start in ascending id order, so equal values keep
   // ascending ids.
   using Sort = cub::BlockRadixSort<unsigned, THREADS, ITEMS, unsigned>;
+  // The selection is sorted on (score, id) packed into 32 + ceil(log2 N) bits.
+  using SortCells = cub::BlockRadixSort<unsigned long long, THREADS, ITEMS>;
   using ReduceF = cub::BlockReduce<float, THREADS>;
   using ReduceI = cub::BlockReduce<int, THREADS>;
   using Scan = cub::BlockScan<int, THREADS>;
   union {
     typename Sort::TempStorage sort;
+    typename SortCells::TempStorage sort_cells;
     typename ReduceF::TempStorage reduce_f;
     typename ReduceI::TempStorage reduce_i;
     typename Scan::TempStorage scan;
@@ -285,45 +288,19 @@ __global__ void __launch_bounds__(THREADS) topk_kernel(RouteTopkArgs a, i64 Nr, 
   }
   __syncthreads();
 
-  // 4. Output order (descending score, ascending id): a stable sort on the score, then the
-  //    rare runs of equal scores put in id order.
+  // 4. Output order (descending score, ascending id): one radix sort over the packed key.
+  int id_bits = 1;
+  while ((1ll << id_bits) < Nr * Nc) ++id_bits;
   unsigned long long k[ITEMS];
-  {
-    unsigned sk[ITEMS], sid[ITEMS];
 #pragma unroll
-    for (int j = 0; j < ITEMS; ++j) {
-      const unsigned long long c = sm.sel[threadIdx.x * ITEMS + j];
-      sk[j] = static_cast<unsigned>(c >> 32);
-      sid[j] = key_id(c);
-    }
-    typename S::Sort(sm.tmp.sort).Sort(sk, sid);
-    __syncthreads();
-#pragma unroll
-    for (int j = 0; j < ITEMS; ++j)
-      sm.sel[threadIdx.x * ITEMS + j] = (static_cast<unsigned long long>(sk[j]) << 32) | sid[j];
-    __syncthreads();
-    bool tie = false;
-#pragma unroll
-    for (int j = 0; j < ITEMS; ++j) {
-      const int i = threadIdx.x * ITEMS + j;
-      tie |= i > 0 && i < K && (sm.sel[i] >> 32) == (sm.sel[i - 1] >> 32);
-    }
-    if (__syncthreads_or(tie) && threadIdx.x == 0) {
-      // Insertion sort by the full key: moves only elements inside runs of equal scores.
-      for (int i = 1; i < K; ++i) {
-        const unsigned long long c = sm.sel[i];
-        int j = i - 1;
-        while (j >= 0 && sm.sel[j] > c) {
-          sm.sel[j + 1] = sm.sel[j];
-          --j;
-        }
-        sm.sel[j + 1] = c;
-      }
-    }
-    __syncthreads();
-#pragma unroll
-    for (int j = 0; j < ITEMS; ++j) k[j] = sm.sel[threadIdx.x * ITEMS + j];
+  for (int j = 0; j < ITEMS; ++j) {
+    const unsigned long long c = sm.sel[threadIdx.x * ITEMS + j];
+    k[j] = c == ~0ull ? ~0ull : ((c >> 32) << id_bits) | key_id(c);
   }
+  typename S::SortCells(sm.tmp.sort_cells).Sort(k, 0, 32 + id_bits);
+#pragma unroll
+  for (int j = 0; j < ITEMS; ++j)
+    if (k[j] != ~0ull) k[j] = ((k[j] >> id_bits) << 32) | (k[j] & ((1ull << id_bits) - 1));
   __syncthreads();
   if (threadIdx.x == 0) sm.bcast_f = key_value(k[0]);  // thread 0 holds the best cell
   __syncthreads();

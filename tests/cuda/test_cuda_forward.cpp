@@ -319,6 +319,16 @@ TEST(CudaRouteTies, SmallerIdWins) {
     cfg.router_norm = RouterNorm::none;
     const std::int64_t T = 64, H = cfg.hidden, N = cfg.num_experts();
     Problem p = make_problem(cfg, T, DType::f32, test_seed(K));
+    // Small dyadic values: every logit is exact in any summation order, on both backends,
+    // so duplicated rows give bit-identical scores (random reals would not: BLAS and cuBLAS
+    // sum different output columns in different orders).
+    std::mt19937_64 rng(test_seed(100 + K));
+    auto dyadic = [&](HostTensor& m, double scale) {
+      for (std::int64_t i = 0; i < m.numel(); ++i) m.set(i, scale * static_cast<double>(1 + rng() % 4) * (rng() % 2 ? 1 : -1));
+    };
+    dyadic(p.x, 0.5);
+    dyadic(p.router_row, 0.25);
+    dyadic(p.router_col, 0.25);
     for (std::int64_t r = 0; r < 6; ++r)  // rows 2r and 2r+1 identical, columns 2c and 2c+1 too
       for (std::int64_t h = 0; h < H; ++h) p.router_row.set((2 * r + 1) * H + h, p.router_row.get(2 * r * H + h));
     for (std::int64_t c = 0; c < 5; ++c)
