@@ -89,7 +89,7 @@ Status experts_gather(const ExpertsArgs& a, cudaStream_t stream);
 // expert chunks, no T x N buffer, deterministic (no atomics). Buffers from DenseBuffers.
 struct DenseBuffers {
   GroupSchedule schedule;
-  float* s = nullptr;      // [token_chunk, expert_chunk] scores
+  void* s = nullptr;       // [token_chunk, expert_chunk] scores, storage dtype
   void* p = nullptr;       // [token_chunk, expert_chunk] storage dtype, kept zero between groups
   float* yacc = nullptr;   // [token_chunk, H]
   GemmWorkspace gemm;

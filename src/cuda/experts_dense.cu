@@ -1,6 +1,6 @@
 // CUDA experts stage, dense regime (many tokens per expert): tensor-core products over
 // chunks of experts. Per (token chunk, expert chunk) group:
-//   S = x w_inᵀ                 cuBLASLt, fp32 [rows, Ec]
+//   S = x w_inᵀ                 cuBLASLt, storage dtype [rows, Ec]
 //   P = g * act(S) at the group's tasks (0 elsewhere; scheduled by the CUB sort)
 //   yacc (+)= P w_out           cuBLASLt, fp32 accumulation in a fixed chunk order
 // Only chunk-sized buffers exist (never T x N), and no atomics: deterministic.
@@ -15,7 +15,7 @@ constexpr int kScatterBlocks = 528, kScatterThreads = 256;  // grid-stride over 
 template <class S, bool kClear>
 __global__ void scatter_kernel(const i32* __restrict__ tasks, const i32* __restrict__ offsets, i64 group,
                                const i32* __restrict__ ids, const float* __restrict__ gates,
-                               const float* __restrict__ scores, S* __restrict__ p, i64 t0, i64 e0, i64 ec, int K,
+                               const S* __restrict__ scores, S* __restrict__ p, i64 t0, i64 e0, i64 ec, int K,
                                Activation act) {
   const i32 begin = offsets[group], end = offsets[group + 1];
   for (i64 i = begin + static_cast<i64>(blockIdx.x) * blockDim.x + threadIdx.x; i < end;
@@ -23,7 +23,7 @@ __global__ void scatter_kernel(const i32* __restrict__ tasks, const i32* __restr
     const i32 task = tasks[i];
     const i64 idx = (task / K - t0) * ec + (ids[task] - e0);
     if constexpr (kClear) p[idx] = from_f32<S>(0.f);
-    else p[idx] = from_f32<S>(gates[task] * activate(act, scores[idx]));
+    else p[idx] = from_f32<S>(gates[task] * activate(act, to_f32(scores[idx])));
   }
 }
 
@@ -70,11 +70,11 @@ Status run(const ExpertsArgs& a, const DenseBuffers& b, cudaStream_t stream) {
       s.C = b.s;
       s.ldc = Ec;
       s.ab = dt;
-      s.c = DType::f32;
+      s.c = dt;  // scores in the storage dtype, as a framework's bf16 product would give
       OMNIMOE_RETURN_IF_ERROR(gemm(s, b.gemm, stream));
       scatter_kernel<S, false><<<kScatterBlocks, kScatterThreads, 0, stream>>>(
-          sc.tasks, sc.offsets, group, a.ids, a.gates, b.s, static_cast<S*>(b.p), t0, e0, Ec, static_cast<int>(K),
-          c.activation);
+          sc.tasks, sc.offsets, group, a.ids, a.gates, static_cast<const S*>(b.s), static_cast<S*>(b.p), t0, e0, Ec,
+          static_cast<int>(K), c.activation);
       OMNIMOE_CUDA_LAUNCH_CHECK("experts_dense scatter_kernel");
       GemmArgs o;  // yacc (+)= P w_out
       o.M = rows;
@@ -91,8 +91,8 @@ Status run(const ExpertsArgs& a, const DenseBuffers& b, cudaStream_t stream) {
       o.beta = ec > 0 ? 1.f : 0.f;
       OMNIMOE_RETURN_IF_ERROR(gemm(o, b.gemm, stream));
       scatter_kernel<S, true><<<kScatterBlocks, kScatterThreads, 0, stream>>>(
-          sc.tasks, sc.offsets, group, a.ids, a.gates, b.s, static_cast<S*>(b.p), t0, e0, Ec, static_cast<int>(K),
-          c.activation);
+          sc.tasks, sc.offsets, group, a.ids, a.gates, static_cast<const S*>(b.s), static_cast<S*>(b.p), t0, e0, Ec,
+          static_cast<int>(K), c.activation);
       OMNIMOE_CUDA_LAUNCH_CHECK("experts_dense clear_kernel");
     }
     store_kernel<S><<<ceil_div(rows * H, 256), 256, 0, stream>>>(b.yacc, rows * H,

@@ -100,7 +100,7 @@ ForwardBuffers carve_forward(Arena& a, const Config& cfg, i64 T, DType dtype) {
     s.temp_bytes = schedule_temp_bytes(T * cfg.top_k, s.n_tc * s.n_ec);
     s.temp = a.take<char>(s.temp_bytes);
     const auto chunk = static_cast<std::size_t>(s.token_chunk * s.expert_chunk);
-    b.dense.s = a.take<float>(chunk);
+    b.dense.s = a.take<char>(chunk * es);
     b.dense.p = a.take<char>(chunk * es);
     b.dense.yacc = a.take<float>(static_cast<std::size_t>(s.token_chunk * cfg.hidden));
     b.dense.gemm = b.gemm;

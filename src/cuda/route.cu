@@ -129,6 +129,7 @@ struct TopkSmem {
   unsigned long long rows[kCap];  // sorted row keys (log-prob, row id)
   unsigned long long cols[kCap];  // sorted column keys
   unsigned long long sel[kCap];   // selected cells (score, expert id)
+  int row_off[kCap];              // first output slot of each candidate row's cells above tau
   float bcast_f;
   int bcast_i;
   unsigned bcast_u;
@@ -241,10 +242,20 @@ __global__ void __launch_bounds__(THREADS) topk_kernel(RouteTopkArgs a, i64 Nr, 
     const unsigned e = key_id(sm.rows[p]) * static_cast<unsigned>(Nc) + key_id(sm.cols[q]);
     return key_of(key_value(sm.rows[p]) + key_value(sm.cols[q]), e);
   };
+  // Each output slot finds its row by binary search over the row offsets, so the rows with
+  // many cells (the best ones) do not serialise on one thread.
 #pragma unroll
-  for (int j = 0; j < ITEMS; ++j)
-    for (int q = 0; q < gt[j]; ++q)
-      if (gt_off[j] + q < K) sm.sel[gt_off[j] + q] = cell_key(threadIdx.x * ITEMS + j, q);
+  for (int j = 0; j < ITEMS; ++j) sm.row_off[threadIdx.x * ITEMS + j] = gt_off[j];
+  __syncthreads();
+  for (int i = threadIdx.x; i < n_gt && i < K; i += THREADS) {
+    int lo = 0, hi = pn - 1;  // the last row whose offset is <= i
+    while (lo < hi) {
+      const int mid = (lo + hi + 1) >> 1;
+      if (sm.row_off[mid] <= i) lo = mid;
+      else hi = mid - 1;
+    }
+    sm.sel[i] = cell_key(lo, i - sm.row_off[lo]);
+  }
 
   // 3. Ties at tau: all of them when they fit, else the smallest ids (threshold on the id).
   const int need = static_cast<int>(K) - n_gt;
