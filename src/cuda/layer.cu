@@ -14,7 +14,7 @@ namespace {
 
 // Token chunks bound the workspace: router logits and shared-MLP activations are produced
 // and consumed chunk by chunk (peak memory is independent of T beyond 8 bytes per pair).
-constexpr std::size_t kLogitBytes = std::size_t{16} << 20;
+constexpr std::size_t kLogitBytes = std::size_t{32} << 20;
 constexpr std::size_t kMlpBytes = std::size_t{32} << 20;
 constexpr std::size_t kGemmBytes = std::size_t{8} << 20;
 

@@ -107,15 +107,18 @@ __device__ __forceinline__ unsigned long long key_of(float v, unsigned id) {
 __device__ __forceinline__ float key_value(unsigned long long k) { return unord(~static_cast<unsigned>(k >> 32)); }
 __device__ __forceinline__ unsigned key_id(unsigned long long k) { return static_cast<unsigned>(k); }
 
-template <int THREADS, int ITEMS>
+// AX: axis entries per thread (Nr, Nc <= THREADS * AX); SEL: selected cells per thread
+// (K <= THREADS * SEL). Separate, so a large K does not inflate the axis sorts.
+template <int THREADS, int AX, int SEL>
 struct TopkSmem {
-  static constexpr int kCap = THREADS * ITEMS;
+  static constexpr int kAxis = THREADS * AX;
+  static constexpr int kSel = THREADS * SEL;
   // 32-bit value keys with the id as payload: half the passes of sorting packed 64-bit keys.
   // The radix sort is stable and items start in ascending id order, so equal values keep
   // ascending ids.
-  using Sort = cub::BlockRadixSort<unsigned, THREADS, ITEMS, unsigned>;
+  using Sort = cub::BlockRadixSort<unsigned, THREADS, AX, unsigned>;
   // The selection is sorted on (score, id) packed into 32 + ceil(log2 N) bits.
-  using SortCells = cub::BlockRadixSort<unsigned long long, THREADS, ITEMS>;
+  using SortCells = cub::BlockRadixSort<unsigned long long, THREADS, SEL>;
   using ReduceF = cub::BlockReduce<float, THREADS>;
   using ReduceI = cub::BlockReduce<int, THREADS>;
   using Scan = cub::BlockScan<int, THREADS>;
@@ -126,10 +129,10 @@ struct TopkSmem {
     typename ReduceI::TempStorage reduce_i;
     typename Scan::TempStorage scan;
   } tmp;
-  unsigned long long rows[kCap];  // sorted row keys (log-prob, row id)
-  unsigned long long cols[kCap];  // sorted column keys
-  unsigned long long sel[kCap];   // selected cells (score, expert id)
-  int row_off[kCap];              // first output slot of each candidate row's cells above tau
+  unsigned long long rows[kAxis];  // sorted row keys (log-prob, row id)
+  unsigned long long cols[kAxis];  // sorted column keys
+  unsigned long long sel[kSel];    // selected cells (score, expert id)
+  int row_off[kAxis];              // first output slot of each candidate row's cells above tau
   float bcast_f;
   int bcast_i;
   unsigned bcast_u;
@@ -137,10 +140,9 @@ struct TopkSmem {
 
 // log_softmax of one axis of the token's normalised logits, sorted into keys (blocked:
 // thread i holds ranks i*ITEMS ..), stored to `out`.
-template <int THREADS, int ITEMS>
-__device__ void axis_sorted(TopkSmem<THREADS, ITEMS>& sm, const float* l, const float* mean, const float* rstd, i64 n,
+template <int THREADS, int ITEMS, class S>
+__device__ void axis_sorted(S& sm, const float* l, const float* mean, const float* rstd, i64 n,
                             unsigned long long* out) {
-  using S = TopkSmem<THREADS, ITEMS>;
   float v[ITEMS];
   float mx = -INFINITY;
 #pragma unroll
@@ -188,16 +190,16 @@ __device__ __forceinline__ int prefix_count(float a, const unsigned long long* c
   return lo;
 }
 
-template <int THREADS, int ITEMS>
+template <int THREADS, int AX, int SEL>
 __global__ void __launch_bounds__(THREADS) topk_kernel(RouteTopkArgs a, i64 Nr, i64 Nc, i64 K, int gate_softmax) {
-  using S = TopkSmem<THREADS, ITEMS>;
+  using S = TopkSmem<THREADS, AX, SEL>;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   S& sm = *reinterpret_cast<S*>(smem_raw);
   const i64 t = blockIdx.x;
   if (a.fallback != nullptr && a.fallback[t] == 0) return;  // served by the warp kernel
   const float* l = a.logits + t * (Nr + Nc);
-  axis_sorted<THREADS, ITEMS>(sm, l, a.mean, a.rstd, Nr, sm.rows);
-  axis_sorted<THREADS, ITEMS>(sm, l + Nr, a.mean + Nr, a.rstd + Nr, Nc, sm.cols);
+  axis_sorted<THREADS, AX>(sm, l, a.mean, a.rstd, Nr, sm.rows);
+  axis_sorted<THREADS, AX>(sm, l + Nr, a.mean + Nr, a.rstd + Nr, Nc, sm.cols);
 
   // 1. tau = ord of the K-th largest value of S, searched over the block of the best
   //    min(K, Nr) rows x min(K, Nc) columns (it holds the K-th largest value).
@@ -222,10 +224,10 @@ __global__ void __launch_bounds__(THREADS) topk_kernel(RouteTopkArgs a, i64 Nr, 
   const float amax = key_value(sm.rows[0]), bmax = key_value(sm.cols[0]);
   const int pn = prefix_count(bmax, sm.rows, static_cast<int>(Nr), tau, false);  // a + bmax >= tau
   const int qn = prefix_count(amax, sm.cols, static_cast<int>(Nc), tau, false);
-  int gt[ITEMS], ge[ITEMS];
+  int gt[AX], ge[AX];
 #pragma unroll
-  for (int j = 0; j < ITEMS; ++j) {
-    const int p = threadIdx.x * ITEMS + j;
+  for (int j = 0; j < AX; ++j) {
+    const int p = threadIdx.x * AX + j;
     gt[j] = ge[j] = 0;
     if (p < pn) {
       const float av = key_value(sm.rows[p]);
@@ -233,8 +235,8 @@ __global__ void __launch_bounds__(THREADS) topk_kernel(RouteTopkArgs a, i64 Nr, 
       ge[j] = prefix_count(av, sm.cols, qn, tau, false);
     }
   }
-  for (int i = threadIdx.x; i < S::kCap; i += THREADS) sm.sel[i] = ~0ull;
-  int gt_off[ITEMS], n_gt;
+  for (int i = threadIdx.x; i < S::kSel; i += THREADS) sm.sel[i] = ~0ull;
+  int gt_off[AX], n_gt;
   __syncthreads();
   typename S::Scan(sm.tmp.scan).ExclusiveSum(gt, gt_off, n_gt);
   __syncthreads();
@@ -245,7 +247,7 @@ __global__ void __launch_bounds__(THREADS) topk_kernel(RouteTopkArgs a, i64 Nr, 
   // Each output slot finds its row by binary search over the row offsets, so the rows with
   // many cells (the best ones) do not serialise on one thread.
 #pragma unroll
-  for (int j = 0; j < ITEMS; ++j) sm.row_off[threadIdx.x * ITEMS + j] = gt_off[j];
+  for (int j = 0; j < AX; ++j) sm.row_off[threadIdx.x * AX + j] = gt_off[j];
   __syncthreads();
   for (int i = threadIdx.x; i < n_gt && i < K; i += THREADS) {
     int lo = 0, hi = pn - 1;  // the last row whose offset is <= i
@@ -259,9 +261,9 @@ __global__ void __launch_bounds__(THREADS) topk_kernel(RouteTopkArgs a, i64 Nr, 
 
   // 3. Ties at tau: all of them when they fit, else the smallest ids (threshold on the id).
   const int need = static_cast<int>(K) - n_gt;
-  int eq[ITEMS], eq_off[ITEMS], n_eq;
+  int eq[AX], eq_off[AX], n_eq;
 #pragma unroll
-  for (int j = 0; j < ITEMS; ++j) eq[j] = ge[j] - gt[j];
+  for (int j = 0; j < AX; ++j) eq[j] = ge[j] - gt[j];
   typename S::Scan(sm.tmp.scan).ExclusiveSum(eq, eq_off, n_eq);
   __syncthreads();
   unsigned id_cap = 0xffffffffu;  // ties with id <= id_cap are taken
@@ -271,8 +273,8 @@ __global__ void __launch_bounds__(THREADS) topk_kernel(RouteTopkArgs a, i64 Nr, 
       const unsigned mid = elo + (ehi - elo) / 2;
       int cnt = 0;
 #pragma unroll
-      for (int j = 0; j < ITEMS; ++j)
-        for (int q = gt[j]; q < ge[j]; ++q) cnt += key_id(cell_key(threadIdx.x * ITEMS + j, q)) <= mid;
+      for (int j = 0; j < AX; ++j)
+        for (int q = gt[j]; q < ge[j]; ++q) cnt += key_id(cell_key(threadIdx.x * AX + j, q)) <= mid;
       cnt = typename S::ReduceI(sm.tmp.reduce_i).Sum(cnt);
       if (threadIdx.x == 0) sm.bcast_i = cnt;
       __syncthreads();
@@ -282,18 +284,18 @@ __global__ void __launch_bounds__(THREADS) topk_kernel(RouteTopkArgs a, i64 Nr, 
     }
     id_cap = elo;
 #pragma unroll
-    for (int j = 0; j < ITEMS; ++j) {
+    for (int j = 0; j < AX; ++j) {
       eq[j] = 0;
-      for (int q = gt[j]; q < ge[j]; ++q) eq[j] += key_id(cell_key(threadIdx.x * ITEMS + j, q)) <= id_cap;
+      for (int q = gt[j]; q < ge[j]; ++q) eq[j] += key_id(cell_key(threadIdx.x * AX + j, q)) <= id_cap;
     }
     typename S::Scan(sm.tmp.scan).ExclusiveSum(eq, eq_off, n_eq);
     __syncthreads();
   }
 #pragma unroll
-  for (int j = 0; j < ITEMS; ++j) {
+  for (int j = 0; j < AX; ++j) {
     int pos = n_gt + eq_off[j];
     for (int q = gt[j]; q < ge[j]; ++q) {
-      const unsigned long long c = cell_key(threadIdx.x * ITEMS + j, q);
+      const unsigned long long c = cell_key(threadIdx.x * AX + j, q);
       if (key_id(c) <= id_cap && pos < K) sm.sel[pos++] = c;
     }
   }
@@ -302,15 +304,15 @@ __global__ void __launch_bounds__(THREADS) topk_kernel(RouteTopkArgs a, i64 Nr, 
   // 4. Output order (descending score, ascending id): one radix sort over the packed key.
   int id_bits = 1;
   while ((1ll << id_bits) < Nr * Nc) ++id_bits;
-  unsigned long long k[ITEMS];
+  unsigned long long k[SEL];
 #pragma unroll
-  for (int j = 0; j < ITEMS; ++j) {
-    const unsigned long long c = sm.sel[threadIdx.x * ITEMS + j];
+  for (int j = 0; j < SEL; ++j) {
+    const unsigned long long c = sm.sel[threadIdx.x * SEL + j];
     k[j] = c == ~0ull ? ~0ull : ((c >> 32) << id_bits) | key_id(c);
   }
   typename S::SortCells(sm.tmp.sort_cells).Sort(k, 0, 32 + id_bits);
 #pragma unroll
-  for (int j = 0; j < ITEMS; ++j)
+  for (int j = 0; j < SEL; ++j)
     if (k[j] != ~0ull) k[j] = ((k[j] >> id_bits) << 32) | (k[j] & ((1ull << id_bits) - 1));
   __syncthreads();
   if (threadIdx.x == 0) sm.bcast_f = key_value(k[0]);  // thread 0 holds the best cell
@@ -320,8 +322,8 @@ __global__ void __launch_bounds__(THREADS) topk_kernel(RouteTopkArgs a, i64 Nr, 
   if (gate_softmax) {
     float s = 0;
 #pragma unroll
-    for (int j = 0; j < ITEMS; ++j)
-      if (threadIdx.x * ITEMS + j < K) s += expf(key_value(k[j]) - smax);
+    for (int j = 0; j < SEL; ++j)
+      if (threadIdx.x * SEL + j < K) s += expf(key_value(k[j]) - smax);
     s = typename S::ReduceF(sm.tmp.reduce_f).Sum(s);
     if (threadIdx.x == 0) sm.bcast_f = s;
     __syncthreads();
@@ -329,8 +331,8 @@ __global__ void __launch_bounds__(THREADS) topk_kernel(RouteTopkArgs a, i64 Nr, 
   }
   const i64 N = Nr * Nc;
 #pragma unroll
-  for (int j = 0; j < ITEMS; ++j) {
-    const i64 pos = static_cast<i64>(threadIdx.x) * ITEMS + j;
+  for (int j = 0; j < SEL; ++j) {
+    const i64 pos = static_cast<i64>(threadIdx.x) * SEL + j;
     if (pos >= K) continue;
     const float sc = key_value(k[j]);
     const i32 e = static_cast<i32>(min(static_cast<i64>(key_id(k[j])), N - 1));  // in range even for NaN input
@@ -345,11 +347,11 @@ __global__ void __launch_bounds__(THREADS) topk_kernel(RouteTopkArgs a, i64 Nr, 
   }
 }
 
-template <int THREADS, int ITEMS>
+template <int THREADS, int AX, int SEL>
 Status launch_topk(const RouteTopkArgs& a, cudaStream_t stream) {
   const Config& c = *a.cfg;
-  const auto kernel = topk_kernel<THREADS, ITEMS>;
-  const int bytes = static_cast<int>(sizeof(TopkSmem<THREADS, ITEMS>));
+  const auto kernel = topk_kernel<THREADS, AX, SEL>;
+  const int bytes = static_cast<int>(sizeof(TopkSmem<THREADS, AX, SEL>));
   OMNIMOE_CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
   kernel<<<static_cast<unsigned>(a.rows), THREADS, bytes, stream>>>(a, c.grid_rows, c.grid_cols, c.top_k,
                                                                      c.gate == GateKind::softmax);
@@ -552,9 +554,15 @@ Status route_topk(RouteTopkArgs a, cudaStream_t stream) {
     OMNIMOE_RETURN_IF_ERROR(s);
     a.fallback = a.fallback_flags;
   }
-  if (need <= 256) return launch_topk<128, 2>(a, stream);
-  if (need <= 1024) return launch_topk<256, 4>(a, stream);
-  if (need <= kRouteMaxExtent) return launch_topk<512, 8>(a, stream);
+  if (need <= 256) return launch_topk<128, 2, 2>(a, stream);
+  if (c.top_k <= 1024) {
+    if (axis <= 512) return launch_topk<256, 2, 4>(a, stream);
+    if (axis <= 1024) return launch_topk<256, 4, 4>(a, stream);
+    if (axis <= kRouteMaxExtent) return launch_topk<256, 16, 4>(a, stream);
+  } else if (c.top_k <= kRouteMaxExtent) {
+    if (axis <= 512) return launch_topk<512, 1, 8>(a, stream);
+    if (axis <= kRouteMaxExtent) return launch_topk<512, 8, 8>(a, stream);
+  }
   return {StatusCode::unsupported, "CUDA router: grid_rows, grid_cols and top_k must be at most 4096 (got " +
                                        std::to_string(need) + "); use the CPU backend"};
 }
