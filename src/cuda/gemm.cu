@@ -57,7 +57,7 @@ struct Descs {
 
 // Heuristic choices are cached per problem, so repeated calls (and graph capture) do no
 // host-side search. This is the library's heuristic, not timing-based autotuning.
-using Key = std::tuple<int, bool, bool, i64, i64, i64, i64, i64, i64, int, int, bool>;
+using Key = std::tuple<int, bool, bool, i64, i64, i64, i64, i64, i64, int, int, bool, int, i64, i64, i64>;
 
 }  // namespace
 
@@ -80,11 +80,20 @@ Status gemm(const GemmArgs& g, GemmWorkspace ws, cudaStream_t stream) {
   OMNIMOE_LT_TRY(cublasLtMatrixLayoutCreate(&d.a, tab, opA == CUBLAS_OP_N ? m : k, opA == CUBLAS_OP_N ? k : m, g.ldb));
   OMNIMOE_LT_TRY(cublasLtMatrixLayoutCreate(&d.b, tab, opB == CUBLAS_OP_N ? k : n, opB == CUBLAS_OP_N ? n : k, g.lda));
   OMNIMOE_LT_TRY(cublasLtMatrixLayoutCreate(&d.c, tc, m, n, g.ldc));
+  if (g.batch > 1) {
+    const int32_t count = g.batch;
+    const int64_t sa = g.stride_b, sb = g.stride_a, sc = g.stride_c;  // operands are swapped
+    for (auto [layout, stride] : {std::pair{d.a, sa}, std::pair{d.b, sb}, std::pair{d.c, sc}}) {
+      OMNIMOE_LT_TRY(cublasLtMatrixLayoutSetAttribute(layout, CUBLASLT_MATRIX_LAYOUT_BATCH_COUNT, &count, sizeof(count)));
+      OMNIMOE_LT_TRY(cublasLtMatrixLayoutSetAttribute(layout, CUBLASLT_MATRIX_LAYOUT_STRIDED_BATCH_OFFSET, &stride,
+                                                      sizeof(stride)));
+    }
+  }
 
   int dev = 0;
   OMNIMOE_CUDA_TRY(cudaGetDevice(&dev));
-  const Key key{dev, g.ta, g.tb, g.M, g.N, g.K, g.lda, g.ldb, g.ldc, static_cast<int>(g.ab), static_cast<int>(g.c),
-                g.beta != 0.f};
+  const Key key{dev,   g.ta, g.tb, g.M, g.N, g.K, g.lda, g.ldb, g.ldc, static_cast<int>(g.ab), static_cast<int>(g.c),
+                g.beta != 0.f, g.batch, g.stride_a, g.stride_b, g.stride_c};
   static std::mutex mu;
   static std::map<Key, cublasLtMatmulAlgo_t> cache;
   cublasLtMatmulAlgo_t algo;

@@ -27,6 +27,10 @@ struct GemmArgs {
   DType ab = DType::bf16;  // dtype of A and B
   DType c = DType::f32;    // dtype of C
   float alpha = 1.f, beta = 0.f;
+  // Strided batch: `batch` products, operand i at A + i * stride_a (elements), etc. A stride
+  // of 0 broadcasts that operand (one x against several weight matrices).
+  int batch = 1;
+  i64 stride_a = 0, stride_b = 0, stride_c = 0;
 };
 
 Status gemm(const GemmArgs& g, GemmWorkspace ws, cudaStream_t stream);

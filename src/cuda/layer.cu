@@ -201,12 +201,20 @@ Status route(const Config& cfg, Mode mode, const TensorView& x, const Params& p,
   return Status::Ok();
 }
 
-// y += (silu(x gateᵀ) * (x upᵀ)) downᵀ, chunk by chunk of tokens.
+// y += (silu(x gateᵀ) * (x upᵀ)) downᵀ, chunk by chunk of tokens. gate and up are one
+// strided-batch product (x broadcast against both weight matrices, the batch stride being
+// the distance between the caller's two tensors), then SwiGLU, then down onto y.
 Status shared_mlp(const Config& cfg, const TensorView& x, const Params& p, const TensorView& y,
                   const ForwardBuffers& b, cudaStream_t s) {
   const DType dt = x.dtype;
-  const i64 T = x.shape[0], H = cfg.hidden, I = cfg.intermediate;
+  const i64 T = x.shape[0], H = cfg.hidden, I = cfg.intermediate, es = static_cast<i64>(dtype_size(dt));
   const Plan plan = plan_of(cfg, T, dt);
+  // Batch slot 0 is whichever of gate / up lies first in memory (strides must be >= 0).
+  const auto* gp = static_cast<const char*>(p.gate.data);
+  const auto* upp = static_cast<const char*>(p.up.data);
+  const bool gate_first = gp <= upp;
+  const i64 gap = gate_first ? upp - gp : gp - upp;
+  const bool one_product = gap % es == 0;
   for (i64 t0 = 0; t0 < T; t0 += plan.mlp_rows) {
     const i64 rows = std::min(plan.mlp_rows, T - t0);
     GemmArgs g;
@@ -219,19 +227,33 @@ Status shared_mlp(const Config& cfg, const TensorView& x, const Params& p, const
     g.ldb = H;
     g.ldc = I;
     g.ab = g.c = dt;
-    g.B = p.gate.data;
-    g.C = b.u;
-    OMNIMOE_RETURN_IF_ERROR(gemm(g, b.gemm, s));
-    g.B = p.up.data;
-    g.C = b.v;
-    OMNIMOE_RETURN_IF_ERROR(gemm(g, b.gemm, s));
-    OMNIMOE_RETURN_IF_ERROR(shared_mlp_swiglu(dt, b.u, b.v, rows * I, s));
+    void* gate_out = b.u;  // [rows, I]
+    void* up_out = b.v;    // [rows, I], right after u (carve_forward takes them in a row)
+    if (one_product) {
+      g.B = gate_first ? gp : upp;
+      g.C = gate_first ? b.u : b.v;
+      g.batch = 2;
+      g.stride_a = 0;
+      g.stride_b = gap / es;
+      g.stride_c = gate_first ? static_cast<i64>(static_cast<char*>(b.v) - static_cast<char*>(b.u)) / es
+                              : static_cast<i64>(static_cast<char*>(b.u) - static_cast<char*>(b.v)) / es;
+      if (g.stride_c < 0) return {StatusCode::internal, "shared_mlp: u and v out of order in the workspace"};
+      OMNIMOE_RETURN_IF_ERROR(gemm(g, b.gemm, s));
+    } else {  // misaligned caller tensors: two products
+      g.B = gp;
+      g.C = gate_out;
+      OMNIMOE_RETURN_IF_ERROR(gemm(g, b.gemm, s));
+      g.B = upp;
+      g.C = up_out;
+      OMNIMOE_RETURN_IF_ERROR(gemm(g, b.gemm, s));
+    }
+    OMNIMOE_RETURN_IF_ERROR(shared_mlp_swiglu(dt, gate_out, up_out, rows * I, s));
     GemmArgs d;
     d.tb = true;
     d.M = rows;
     d.N = H;
     d.K = I;
-    d.A = b.u;
+    d.A = gate_out;
     d.lda = I;
     d.B = p.down.data;
     d.ldb = I;
