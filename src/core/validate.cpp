@@ -1,5 +1,6 @@
 #include "core/validate.hpp"
 
+#include <cstdint>
 #include <string>
 #include <vector>
 
@@ -60,6 +61,9 @@ Status validate_workspace(const Workspace& ws, std::size_t required) {
     return {StatusCode::workspace_too_small, "workspace: " + std::to_string(ws.bytes) + " bytes given, " +
                                                  std::to_string(required) + " required (ask *_workspace_size)"};
   if (required > 0 && ws.data == nullptr) return invalid_argument("workspace: data is null but bytes > 0");
+  // Buffers are carved at 256-byte offsets from the start (vector loads, cuBLASLt).
+  if (reinterpret_cast<std::uintptr_t>(ws.data) % 256 != 0)
+    return invalid_argument("workspace: data must be 256-byte aligned (cudaMalloc and aligned_alloc(256, ...) are)");
   return Status::Ok();
 }
 

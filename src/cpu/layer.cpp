@@ -48,7 +48,10 @@ void store_from_compute(const C* src, const TensorView& dst) {
   }
 }
 
-int planned_threads() { return omp_get_max_threads(); }
+// Per-thread scratch is planned for every processor, so a size queried on one thread stays
+// valid on another or after omp_set_num_threads; a call runs on at most that many threads.
+int planned_threads() { return omp_get_num_procs(); }
+int run_threads() { return std::min(omp_get_max_threads(), planned_threads()); }
 
 // Router state shared by forward and backward.
 template <class C>
@@ -149,6 +152,7 @@ Status forward_impl(const Config& cfg, Mode mode, const TensorView& xv, const Pa
   Arena arena(ws.data, ws.bytes);
   auto b = carve_forward<C, S>(arena, cfg, T, planned_threads());
   if (!arena.fits()) return {StatusCode::internal, "cpu forward: workspace plan exceeds the queried size"};
+  b.topk.threads = run_threads();
 
   const C* x = as_compute<C, S>(xv, b.x);
   const C* w_row = as_compute<C, S>(p.router_row, b.w_row);
@@ -249,9 +253,8 @@ template <class C, class S>
 Status backward_impl(const Config& cfg, Mode mode, const TensorView& xv, const Params& p, const TensorView& idv,
                      const TensorView& dyv, const Gradients& g, Workspace ws) {
   const i64 T = xv.shape[0];
-  const int threads = planned_threads();
   Arena arena(ws.data, ws.bytes);
-  auto b = carve_backward<C, S>(arena, cfg, T, threads);
+  auto b = carve_backward<C, S>(arena, cfg, T, planned_threads());
   if (!arena.fits()) return {StatusCode::internal, "cpu backward: workspace plan exceeds the queried size"};
   auto& r = b.route;
   OMNIMOE_RETURN_IF_ERROR(load_ids(cfg, idv, r.ids));
@@ -283,7 +286,7 @@ Status backward_impl(const Config& cfg, Mode mode, const TensorView& xv, const P
   const S* w_out = p.expert_out.as<const S>();
   experts_backward_tokens(cfg, T, x, w_in, w_out, r.ids, r.gates, dy, b.a, b.dh, b.dg, dx);
   schedule_by_expert(cfg.num_experts(), T * cfg.top_k, r.ids, b.schedule);
-  experts_backward_weights(cfg, x, dy, b.schedule, b.a, b.dh, threads, b.rows, g.expert_in.as<S>(),
+  experts_backward_weights(cfg, x, dy, b.schedule, b.a, b.dh, run_threads(), b.rows, g.expert_in.as<S>(),
                            g.expert_out.as<S>());
 
   // route: gates -> scores -> log-probs -> norm -> router weights (and dx)

@@ -4,6 +4,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
+#include <cstring>
 
 #include "core/math.hpp"
 #include "cpu/blas.hpp"
@@ -71,10 +73,27 @@ void route_log_softmax(i64 T, i64 n, const C* l, C* logp) {
 }
 
 namespace {
+// Scores are compared through an order-preserving integer image (as on the GPU): a strict
+// total order even when the input holds NaN (no undefined behaviour in the sorts, never
+// fewer than K ids), with -0 folded into +0.
+inline std::uint32_t ord(float v) {
+  v += 0.0f;
+  std::uint32_t b;
+  std::memcpy(&b, &v, 4);
+  return (b & 0x80000000u) ? ~b : (b | 0x80000000u);
+}
+inline std::uint64_t ord(double v) {
+  v += 0.0;
+  std::uint64_t b;
+  std::memcpy(&b, &v, 8);
+  return (b >> 63) ? ~b : (b | (std::uint64_t{1} << 63));
+}
+
 // Total order of the selection: higher score first, then smaller expert id.
 template <class C>
 bool better(C sa, i32 ea, C sb, i32 eb) {
-  return sa > sb || (sa == sb && ea < eb);
+  const auto a = ord(sa), b = ord(sb);
+  return a > b || (a == b && ea < eb);
 }
 
 // Indices 0..n-1 of the best `keep` values of v (descending, ties by ascending index).
@@ -90,7 +109,7 @@ void route_topk(const Config& cfg, i64 T, const C* pr, const C* pc, TopkScratch<
   const i64 Nr = cfg.grid_rows, Nc = cfg.grid_cols, K = cfg.top_k;
   // The K-th largest value lies in the block of the best min(K, Nr) rows x min(K, Nc) columns.
   const i64 rk = std::min(K, Nr), ck = std::min(K, Nc);
-  auto by_score = [](const TopkEntry<C>& a, const TopkEntry<C>& b) { return a.score < b.score; };
+  auto by_score = [](const TopkEntry<C>& a, const TopkEntry<C>& b) { return ord(a.score) < ord(b.score); };
   auto by_e = [](const TopkEntry<C>& a, const TopkEntry<C>& b) { return a.e < b.e; };
   auto in_order = [](const TopkEntry<C>& a, const TopkEntry<C>& b) { return better(a.score, a.e, b.score, b.e); };
 #pragma omp parallel num_threads(scratch.threads)
@@ -116,11 +135,11 @@ void route_topk(const Config& cfg, i64 T, const C* pr, const C* pc, TopkScratch<
       };
       i64 size = 0;
       heap[size++] = cell(0, 0);
-      C tau = 0;
+      auto tau = ord(C(0));
       for (i64 k = 0; k < K; ++k) {
         std::pop_heap(heap, heap + size, by_score);
         const TopkEntry<C> top = heap[--size];
-        tau = top.score;
+        tau = ord(top.score);
         if (top.q + 1 < ck) {
           heap[size++] = cell(top.p, top.q + 1);
           std::push_heap(heap, heap + size, by_score);
@@ -136,16 +155,17 @@ void route_topk(const Config& cfg, i64 T, const C* pr, const C* pc, TopkScratch<
       const C rmax = r[rows[0]], cmax = c[cols[0]];
       i64 ncols = 0;
       for (i64 j = 0; j < Nc; ++j)
-        if (rmax + c[j] >= tau) cols[ncols++] = static_cast<i32>(j);
+        if (ord(rmax + c[j]) >= tau) cols[ncols++] = static_cast<i32>(j);
       std::sort(cols, cols + ncols, [c](i32 a, i32 b) { return better(c[a], a, c[b], b); });
       i64 nsel = 0, nties = 0;
       for (i64 i = 0; i < Nr; ++i) {
-        if (r[i] + cmax < tau) continue;
+        if (ord(r[i] + cmax) < tau) continue;
         for (i64 q = 0; q < ncols; ++q) {
           const i32 j = cols[q];
           const TopkEntry<C> e{r[i] + c[j], static_cast<i32>(i * Nc + j), 0, 0};
-          if (e.score < tau) break;  // columns are sorted: the rest of the row is smaller
-          if (e.score > tau) {
+          const auto o = ord(e.score);
+          if (o < tau) break;  // columns are sorted: the rest of the row is smaller
+          if (o > tau) {
             sel[nsel++] = e;
           } else if (nties < K) {  // keep the K smallest ids among the ties (max-heap by id)
             ties[nties++] = e;
@@ -158,7 +178,12 @@ void route_topk(const Config& cfg, i64 T, const C* pr, const C* pc, TopkScratch<
         }
       }
       std::sort_heap(ties, ties + nties, by_e);
-      for (i64 k = 0; nsel < K; ++k) sel[nsel++] = ties[k];
+      for (i64 k = 0; nsel < K && k < nties; ++k) sel[nsel++] = ties[k];
+      // Only NaN scores (where sums stop being monotone) can leave the selection short: fill
+      // it with the smallest unused ids, so every id stays in range.
+      for (i32 e = 0; nsel < K; ++e)
+        if (std::none_of(sel, sel + nsel, [e](const TopkEntry<C>& x) { return x.e == e; }))
+          sel[nsel++] = TopkEntry<C>{r[e / Nc] + c[e % Nc], e, 0, 0};
       // 3. Output order: descending score, ties by ascending id.
       std::sort(sel, sel + K, in_order);
       for (i64 k = 0; k < K; ++k) {

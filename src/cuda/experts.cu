@@ -1,6 +1,8 @@
 // CUDA experts stage, sparse regime: fused gather. One warp per token keeps x[t] and its
 // output row in registers and streams the K chosen expert rows with 16-byte loads; with
 // about one token per expert every row is read once, which is the floor of this regime.
+#include <cstdint>
+
 #include "core/math.hpp"
 #include "cuda/cuda.cuh"
 
@@ -126,17 +128,19 @@ int vec_elems() {
   return 16 / static_cast<int>(sizeof(S));
 }
 
-// Whether the register-tile kernel serves this width: whole 16-byte vectors, H <= 512 V.
-bool vector_rows(i64 H, DType dtype) {
-  const i64 v = 16 / static_cast<i64>(dtype_size(dtype));
-  return H % v == 0 && H <= 32 * 16 * v;
+// Whether the register-tile kernel serves this call: whole 16-byte vectors, H <= 512 V, and
+// every row 16-byte aligned (a view into a larger buffer may not be).
+bool vector_rows(const ExpertsArgs& a) {
+  const i64 H = a.cfg->hidden, v = 16 / static_cast<i64>(dtype_size(a.dtype));
+  const auto aligned = [](const void* p) { return reinterpret_cast<std::uintptr_t>(p) % 16 == 0; };
+  return H % v == 0 && H <= 32 * 16 * v && aligned(a.x) && aligned(a.w_in) && aligned(a.w_out) && aligned(a.y);
 }
 
 template <class S>
 Status launch_gather(const ExpertsArgs& a, cudaStream_t stream) {
   const Config& c = *a.cfg;
   const int H = static_cast<int>(c.hidden);
-  if (!vector_rows(c.hidden, a.dtype)) {
+  if (!vector_rows(a)) {
     const std::size_t smem = static_cast<std::size_t>(c.top_k) * sizeof(float);
     const auto kernel = gather_generic_kernel<S>;
     OMNIMOE_CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));

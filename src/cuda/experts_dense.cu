@@ -22,8 +22,13 @@ __global__ void scatter_kernel(const i32* __restrict__ tasks, const i32* __restr
        i += static_cast<i64>(gridDim.x) * blockDim.x) {
     const i32 task = tasks[i];
     const i64 idx = (task / K - t0) * ec + (ids[task] - e0);
-    if constexpr (kClear) p[idx] = from_f32<S>(0.f);
-    else p[idx] = from_f32<S>(gates[task] * activate(act, to_f32(scores[idx])));
+    if constexpr (kClear) {
+      p[idx] = from_f32<S>(0.f);
+    } else {
+      // An add, not a store: a caller routing may name one expert twice for a token, and
+      // the terms sum as in the gather and on the CPU (two copies sum the same either way).
+      atomicAdd(p + idx, from_f32<S>(gates[task] * activate(act, to_f32(scores[idx]))));
+    }
   }
 }
 

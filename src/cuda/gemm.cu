@@ -1,5 +1,6 @@
 #include <cublasLt.h>
 
+#include <cstdint>
 #include <map>
 #include <mutex>
 #include <tuple>
@@ -57,7 +58,15 @@ struct Descs {
 
 // Heuristic choices are cached per problem, so repeated calls (and graph capture) do no
 // host-side search. This is the library's heuristic, not timing-based autotuning.
-using Key = std::tuple<int, bool, bool, i64, i64, i64, i64, i64, i64, int, int, bool, int, i64, i64, i64>;
+using Key = std::tuple<int, bool, bool, i64, i64, i64, i64, i64, i64, int, int, bool, int, i64, i64, i64, std::uint32_t, std::uint32_t, std::uint32_t>;
+
+// Largest power of two (up to 256) dividing the address.
+std::uint32_t alignment_of(const void* p) {
+  const auto a = reinterpret_cast<std::uintptr_t>(p);
+  std::uint32_t al = 256;
+  while (al > 1 && a % al != 0) al >>= 1;
+  return al;
+}
 
 }  // namespace
 
@@ -93,7 +102,8 @@ Status gemm(const GemmArgs& g, GemmWorkspace ws, cudaStream_t stream) {
   int dev = 0;
   OMNIMOE_CUDA_TRY(cudaGetDevice(&dev));
   const Key key{dev,   g.ta, g.tb, g.M, g.N, g.K, g.lda, g.ldb, g.ldc, static_cast<int>(g.ab), static_cast<int>(g.c),
-                g.beta != 0.f, g.batch, g.stride_a, g.stride_b, g.stride_c};
+                g.beta != 0.f, g.batch, g.stride_a, g.stride_b, g.stride_c,
+                alignment_of(g.A), alignment_of(g.B), alignment_of(g.C)};
   static std::mutex mu;
   static std::map<Key, cublasLtMatmulAlgo_t> cache;
   cublasLtMatmulAlgo_t algo;
@@ -111,6 +121,14 @@ Status gemm(const GemmArgs& g, GemmWorkspace ws, cudaStream_t stream) {
     std::size_t cap = ws.bytes;
     OMNIMOE_LT_TRY(cublasLtMatmulPreferenceSetAttribute(d.pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &cap,
                                                         sizeof(cap)));
+    // The heuristic may otherwise assume 256-byte aligned operands; chunk offsets and views
+    // into larger buffers can be less aligned.
+    const std::uint32_t al[4] = {alignment_of(g.B), alignment_of(g.A), alignment_of(g.C), alignment_of(g.C)};
+    const cublasLtMatmulPreferenceAttributes_t attr[4] = {
+        CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES,
+        CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES};
+    for (int i = 0; i < 4; ++i)
+      OMNIMOE_LT_TRY(cublasLtMatmulPreferenceSetAttribute(d.pref, attr[i], &al[i], sizeof(al[i])));
     cublasLtMatmulHeuristicResult_t result{};
     int count = 0;
     OMNIMOE_LT_TRY(cublasLtMatmulAlgoGetHeuristic(handle, d.op, d.a, d.b, d.c, d.c, d.pref, 1, &result, &count));

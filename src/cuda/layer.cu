@@ -122,7 +122,11 @@ Status experts(const Config& cfg, const TensorView& x, const Params& p, const fl
   return experts_gather(e, s);
 }
 
-Status check_supported(const Config& cfg, DType dtype) {
+Status check_supported(const Config& cfg, DType dtype, i64 T) {
+  // Task indices t * K + k are 32-bit on the device.
+  if (T * cfg.top_k >= (i64{1} << 31))
+    return {StatusCode::unsupported, "device cuda: x has T = " + std::to_string(T) + " tokens and config.top_k = " +
+                                         std::to_string(cfg.top_k) + ": T * top_k must be below 2^31"};
   if (dtype != DType::f32 && dtype != DType::bf16 && dtype != DType::f16)
     return {StatusCode::unsupported, std::string("device cuda: dtype ") + dtype_name(dtype) +
                                          " is not supported (f32, bf16, f16); f64 runs on the CPU"};
@@ -271,21 +275,21 @@ Status shared_mlp(const Config& cfg, const TensorView& x, const Params& p, const
 bool built() { return true; }
 
 Status forward_workspace_size(const Config& cfg, i64 tokens, DType dtype, std::size_t* bytes) {
-  OMNIMOE_RETURN_IF_ERROR(check_supported(cfg, dtype));
+  OMNIMOE_RETURN_IF_ERROR(check_supported(cfg, dtype, tokens));
   Arena a;
   carve_forward(a, cfg, tokens, dtype);
   *bytes = a.used();
   return Status::Ok();
 }
 
-Status backward_workspace_size(const Config& cfg, i64, DType dtype, std::size_t*) {
-  OMNIMOE_RETURN_IF_ERROR(check_supported(cfg, dtype));
+Status backward_workspace_size(const Config& cfg, i64 tokens, DType dtype, std::size_t*) {
+  OMNIMOE_RETURN_IF_ERROR(check_supported(cfg, dtype, tokens));
   return {StatusCode::unsupported, "device cuda: the backward is not implemented yet; run it on the CPU"};
 }
 
 Status forward(const Config& cfg, Mode mode, const TensorView& x, const Params& p, const ForwardOutputs& out,
                Workspace ws, void* stream) {
-  OMNIMOE_RETURN_IF_ERROR(check_supported(cfg, x.dtype));
+  OMNIMOE_RETURN_IF_ERROR(check_supported(cfg, x.dtype, x.shape[0]));
   const auto s = static_cast<cudaStream_t>(stream);
   const i64 T = x.shape[0];
   Arena arena(ws.data, ws.bytes);
@@ -300,7 +304,7 @@ Status forward(const Config& cfg, Mode mode, const TensorView& x, const Params& 
 
 Status forward_routed(const Config& cfg, const TensorView& x, const Params& p, const TensorView& expert_ids,
                       const TensorView& gates, const TensorView& y, Workspace ws, void* stream) {
-  OMNIMOE_RETURN_IF_ERROR(check_supported(cfg, x.dtype));
+  OMNIMOE_RETURN_IF_ERROR(check_supported(cfg, x.dtype, x.shape[0]));
   const auto s = static_cast<cudaStream_t>(stream);
   const i64 T = x.shape[0];
   Arena arena(ws.data, ws.bytes);

@@ -434,3 +434,57 @@ TEST(Forward, LayerWrapper) {
 }
 
 }  // namespace
+
+namespace omt {
+namespace {
+
+// A NaN in x (or anywhere upstream of the router) must not break the selection: exactly K
+// distinct ids in [0, N) per token, no out-of-bounds reads; the NaN shows in y.
+TEST(ForwardNaN, RoutingStaysInRange) {
+  for (RouterNorm norm : {RouterNorm::none, RouterNorm::batchnorm}) {
+    Config cfg;
+    cfg.hidden = 8;
+    cfg.intermediate = 0;
+    cfg.grid_rows = 4;
+    cfg.grid_cols = 5;
+    cfg.top_k = 7;
+    cfg.router_norm = norm;
+    const std::int64_t T = 3, K = cfg.top_k;
+    for (DType dt : {DType::f64, DType::f32}) {
+      Problem p = make_problem(cfg, T, dt, test_seed(static_cast<int>(dt)));
+      p.x.set(3, std::nan(""));
+      Outputs out = make_outputs(cfg, T, dt);
+      ASSERT_TRUE(run_forward(p, Mode::training, out).ok());
+      const auto ids = out.ids.to_i64();
+      for (std::int64_t t = 0; t < T; ++t) {
+        std::vector<std::int64_t> row(ids.begin() + t * K, ids.begin() + (t + 1) * K);
+        for (auto e : row) ASSERT_TRUE(e >= 0 && e < cfg.num_experts()) << e;
+        std::sort(row.begin(), row.end());
+        EXPECT_EQ(std::adjacent_find(row.begin(), row.end()), row.end()) << "repeated id";
+      }
+      EXPECT_GT(out.y.count_nonfinite(), 0) << "the NaN must reach y";
+    }
+  }
+}
+
+
+// Workspace memory must be 256-byte aligned (the plan carves 256-byte offsets from it).
+TEST(ForwardErrors, MisalignedWorkspace) {
+  Config cfg;
+  cfg.hidden = 8;
+  cfg.grid_rows = 3;
+  cfg.grid_cols = 3;
+  cfg.top_k = 2;
+  const Problem p = make_problem(cfg, 4, DType::f32, test_seed());
+  Outputs out = make_outputs(cfg, 4, DType::f32);
+  HostWorkspace ws = forward_workspace(cfg, 4, DType::f32);
+  Workspace w = ws.ws();
+  std::vector<unsigned char> big(w.bytes + 512);
+  w.data = big.data() + (256 - reinterpret_cast<std::uintptr_t>(big.data()) % 256) + 8;
+  const Status s = forward(cfg, Mode::inference, p.x.view(), p.params(), out.view(), w);
+  EXPECT_EQ(s.code(), StatusCode::invalid_argument);
+  EXPECT_NE(s.message().find("workspace"), std::string::npos) << s.message();
+}
+
+}  // namespace
+}  // namespace omt

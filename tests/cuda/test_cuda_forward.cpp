@@ -267,6 +267,7 @@ TEST(CudaRouted, MatchesCpuForSameRouting) {
       }
     }
     ids.set(5 * K + 3, static_cast<double>(N + 4));  // token 5: out of range
+    ids.set(6 * K + 1, ids.get(6 * K + 0));          // token 6 names one expert twice: the terms sum
     HostTensor gates64(DType::f64, {T, K});
     gates64.from_f64(gates32.to_f64());
 
@@ -372,6 +373,69 @@ TEST(CudaRouteTies, SmallerIdWins) {
   EXPECT_GT(exact_ties, 0) << "the duplicated rows should tie at the boundary for some token";
 }
 
+// Views that start one element into a buffer (no 16-byte alignment): the kernels fall back
+// from vector loads and cuBLASLt is told the real alignment; results match the aligned call.
+TEST(CudaForwardMisaligned, ViewsOffsetByOneElement) {
+  if (!have_gpu()) GTEST_SKIP() << "no CUDA device";
+  for (DType dt : {DType::bf16, DType::f32}) {
+    Config cfg;
+    cfg.hidden = 256;
+    cfg.intermediate = 96;
+    cfg.grid_rows = 16;
+    cfg.grid_cols = 16;
+    cfg.top_k = 8;
+    cfg.router_norm = RouterNorm::none;
+    const std::int64_t T = 40, K = cfg.top_k;
+    const Problem p = make_problem(cfg, T, dt, test_seed(static_cast<int>(dt)));
+    HostTensor ids(DType::i32, {T, K}), gates(DType::f32, {T, K});
+    std::mt19937_64 rng(test_seed(3));
+    for (std::int64_t i = 0; i < T * K; ++i) {
+      ids.set(i, static_cast<double>(rng() % static_cast<std::uint64_t>(cfg.num_experts())));
+      gates.set(i, 0.1 + 0.8 * static_cast<double>(rng() % 1000) / 1000.0);
+    }
+    DeviceProblem aligned(p);
+    DeviceTensor dids(ids), dg(gates);
+    std::size_t bytes = 0;
+    ASSERT_TRUE(forward_workspace_size(cfg, T, dt, Device::cuda, &bytes).ok());
+    DeviceWorkspace ws(bytes);
+    HostTensor want(dt, {T, cfg.hidden}), got(dt, {T, cfg.hidden});
+    DeviceTensor dy(want);
+    ASSERT_TRUE(forward_routed(cfg, aligned.x.view(), aligned.params(), dids.view(), dg.view(), dy.view(), ws.ws()).ok());
+    ASSERT_TRUE(synchronize(Device::cuda).ok());
+    dy.download(want);
+
+    // The same tensors again, each one element past a 256-byte boundary.
+    const std::size_t es = dtype_size(dt);
+    std::vector<void*> blocks;
+    auto shifted = [&](const HostTensor& h) {
+      void* base = nullptr;
+      EXPECT_EQ(cudaMalloc(&base, h.bytes() + 256), cudaSuccess);
+      blocks.push_back(base);
+      void* at = static_cast<char*>(base) + es;
+      EXPECT_EQ(cudaMemcpy(at, h.data(), h.bytes(), cudaMemcpyHostToDevice), cudaSuccess);
+      TensorView v = h.view();
+      v.data = at;
+      v.device = Device::cuda;
+      return v;
+    };
+    Params q = aligned.params();
+    const TensorView x = shifted(p.x);
+    q.expert_in = shifted(p.expert_in);
+    q.expert_out = shifted(p.expert_out);
+    q.gate = shifted(p.gate);
+    q.down = shifted(p.down);
+    got.poison();
+    const TensorView y = shifted(got);
+    const Status st = forward_routed(cfg, x, q, dids.view(), dg.view(), y, ws.ws());
+    ASSERT_TRUE(st.ok()) << st.message();
+    ASSERT_TRUE(synchronize(Device::cuda).ok());
+    ASSERT_EQ(cudaMemcpy(got.data(), y.data, got.bytes(), cudaMemcpyDeviceToHost), cudaSuccess);
+    for (void* b : blocks) cudaFree(b);
+    EXPECT_EQ(got.count_nonfinite(), 0);
+    EXPECT_LE(rel_err(got.to_f64(), want.to_f64()), dt == DType::f32 ? 1e-6 : 1e-2) << dtype_name(dt);
+  }
+}
+
 TEST(CudaForwardErrors, RefusesWhatItCannotServe) {
   Config cfg;
   cfg.hidden = 64;
@@ -386,6 +450,11 @@ TEST(CudaForwardErrors, RefusesWhatItCannotServe) {
   s = forward_workspace_size(cfg, 16, DType::bf16, Device::cuda, &bytes);
   EXPECT_FALSE(s.ok());
   EXPECT_NE(s.message().find("grid_rows"), std::string::npos) << s.message();
+  cfg.grid_rows = 8;
+  cfg.top_k = 64;  // T * K = 2^31: task indices would overflow
+  s = forward_workspace_size(cfg, std::int64_t{1} << 25, DType::bf16, Device::cuda, &bytes);
+  EXPECT_FALSE(s.ok());
+  EXPECT_NE(s.message().find("top_k"), std::string::npos) << s.message();
 }
 
 }  // namespace
