@@ -231,17 +231,17 @@ Status shared_mlp(const Config& cfg, const TensorView& x, const Params& p, const
     g.ldb = H;
     g.ldc = I;
     g.ab = g.c = dt;
-    void* gate_out = b.u;  // [rows, I]
-    void* up_out = b.v;    // [rows, I], right after u (carve_forward takes them in a row)
+    // Slot 0 (b.u) takes the product with whichever weight lies first, slot 1 (b.v) the
+    // other; u and v are adjacent in the workspace, so every stride is positive.
+    void* gate_out = (one_product && !gate_first) ? b.v : b.u;  // [rows, I]
+    void* up_out = (one_product && !gate_first) ? b.u : b.v;    // [rows, I]
     if (one_product) {
       g.B = gate_first ? gp : upp;
-      g.C = gate_first ? b.u : b.v;
+      g.C = b.u;
       g.batch = 2;
       g.stride_a = 0;
       g.stride_b = gap / es;
-      g.stride_c = gate_first ? static_cast<i64>(static_cast<char*>(b.v) - static_cast<char*>(b.u)) / es
-                              : static_cast<i64>(static_cast<char*>(b.u) - static_cast<char*>(b.v)) / es;
-      if (g.stride_c < 0) return {StatusCode::internal, "shared_mlp: u and v out of order in the workspace"};
+      g.stride_c = static_cast<i64>(static_cast<char*>(b.v) - static_cast<char*>(b.u)) / es;
       OMNIMOE_RETURN_IF_ERROR(gemm(g, b.gemm, s));
     } else {  // misaligned caller tensors: two products
       g.B = gp;
