@@ -9,6 +9,10 @@
 
 namespace omnimoe::cuda {
 
+// Whether the CUDA backend serves this config, dtype and token count (a clear message
+// naming the limit when not).
+Status check_supported(const Config& cfg, DType dtype, i64 T);
+
 // ---- route ------------------------------------------------------------------------------
 // Router statistics of one token chunk for training batchnorm: per column of logits
 // [rows, n], the chunk mean and sum of squared deviations (double), written to
@@ -26,6 +30,7 @@ struct RouteStatsArgs {
   float *running_mean_row, *running_var_row, *running_mean_col, *running_var_col;
   float* mean;  // [n] out
   float* rstd;  // [n] out
+  bool update_running = true;  // training forward: update the running statistics (not backward)
 };
 Status route_stats(const RouteStatsArgs& a, cudaStream_t stream);
 
@@ -101,6 +106,36 @@ Status experts_dense(const ExpertsArgs& a, const DenseBuffers& b, cudaStream_t s
 Status experts_import_ids(const TensorView& ids, i64 num_experts, i32* out, cudaStream_t stream);
 // Whether the gather kernel serves this hidden size and dtype (16-byte rows, H <= limit).
 Status experts_supported(const Config& cfg, DType dtype);
+
+// ---- backward (route_backward.cu, experts_backward.cu) ----------------------------------
+// Per token: normalise the logits in place (l -> lhat) and write the log-probabilities.
+Status route_log_probs(const Config& cfg, i64 T, float* logits, const float* mean, const float* rstd, float* logp,
+                       cudaStream_t stream);
+// Per task: S = logp_row[i] + logp_col[j] for the given ids, then the gates.
+Status route_gates_of(const Config& cfg, i64 T, const float* logp, const i32* ids, float* gates, cudaStream_t stream);
+// dgates -> dS -> d logp (per token, each entry summed in task order) -> through log_softmax,
+// written over dlogp [T, n] (which needs no initial value).
+Status route_scores_backward(const Config& cfg, i64 T, const i32* ids, const float* gates, const float* dgates,
+                             const float* logp, float* dlogp, cudaStream_t stream);
+// Through the norm, in place over d [T, n]: none: identity; inference: * rstd; training:
+// rstd (d - mean(d) - lhat mean(d lhat)) with column means over all T (fixed order).
+Status route_norm_backward(const Config& cfg, Mode mode, i64 T, const float* lhat, const float* rstd, float* d,
+                           double* colsums, cudaStream_t stream);
+// Per task: a = g act(h), dg = da act(h), dh = da g act'(h) (h = x . w_in[e], da = dy . w_out[e]),
+// and dx_acc[t] += sum_k dh w_in[e] (fp32, one warp per token). Tasks with an id < 0 are
+// skipped and their token flagged in bad[t].
+Status experts_backward_tokens(const ExpertsArgs& a, const void* dy, float* act_out, float* dgates, float* dh,
+                               float* dx_acc, int* bad, cudaStream_t stream);
+// Each expert's two gradient rows written once from its tasks (sorted by expert, tokens
+// ascending): dw_in[e] = sum dh x[t], dw_out[e] = sum a dy[t]; zero rows for unchosen experts.
+Status experts_backward_rows(const Config& cfg, DType dtype, const void* x, const void* dy, const i32* tasks,
+                             const i32* offsets, const float* act_out, const float* dh, void* dw_in, void* dw_out,
+                             cudaStream_t stream);
+// SwiGLU backward in place: (u, v, dm) -> (du, m, dv).
+Status shared_mlp_swiglu_backward(DType dtype, void* u, void* v, void* dm, i64 n, cudaStream_t stream);
+// Elementwise copy with conversion: fp32 -> dtype; rows flagged in bad [T] (may be null)
+// become NaN.
+Status store_rows(DType dtype, const float* src, i64 T, i64 H, const int* bad, void* dst, cudaStream_t stream);
 
 // ---- shared_mlp -------------------------------------------------------------------------
 // m = silu(u) * v in place of u, [n] elements of dtype.

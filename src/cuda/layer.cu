@@ -122,19 +122,6 @@ Status experts(const Config& cfg, const TensorView& x, const Params& p, const fl
   return experts_gather(e, s);
 }
 
-Status check_supported(const Config& cfg, DType dtype, i64 T) {
-  // Task indices t * K + k are 32-bit on the device.
-  if (T * cfg.top_k >= (i64{1} << 31))
-    return {StatusCode::unsupported, "device cuda: x has T = " + std::to_string(T) + " tokens and config.top_k = " +
-                                         std::to_string(cfg.top_k) + ": T * top_k must be below 2^31"};
-  if (dtype != DType::f32 && dtype != DType::bf16 && dtype != DType::f16)
-    return {StatusCode::unsupported, std::string("device cuda: dtype ") + dtype_name(dtype) +
-                                         " is not supported (f32, bf16, f16); f64 runs on the CPU"};
-  if (std::max({cfg.grid_rows, cfg.grid_cols, cfg.top_k}) > kRouteMaxExtent)
-    return {StatusCode::unsupported, "device cuda: grid_rows, grid_cols and top_k must be at most " +
-                                         std::to_string(kRouteMaxExtent) + " for the CUDA router"};
-  return experts_supported(cfg, dtype);
-}
 
 const char* at(const void* base, i64 elems, DType dt) {
   return static_cast<const char*>(base) + elems * static_cast<i64>(dtype_size(dt));
@@ -272,6 +259,20 @@ Status shared_mlp(const Config& cfg, const TensorView& x, const Params& p, const
 
 }  // namespace
 
+Status check_supported(const Config& cfg, DType dtype, i64 T) {
+  // Task indices t * K + k are 32-bit on the device.
+  if (T * cfg.top_k >= (i64{1} << 31))
+    return {StatusCode::unsupported, "device cuda: x has T = " + std::to_string(T) + " tokens and config.top_k = " +
+                                         std::to_string(cfg.top_k) + ": T * top_k must be below 2^31"};
+  if (dtype != DType::f32 && dtype != DType::bf16 && dtype != DType::f16)
+    return {StatusCode::unsupported, std::string("device cuda: dtype ") + dtype_name(dtype) +
+                                         " is not supported (f32, bf16, f16); f64 runs on the CPU"};
+  if (std::max({cfg.grid_rows, cfg.grid_cols, cfg.top_k}) > kRouteMaxExtent)
+    return {StatusCode::unsupported, "device cuda: grid_rows, grid_cols and top_k must be at most " +
+                                         std::to_string(kRouteMaxExtent) + " for the CUDA router"};
+  return experts_supported(cfg, dtype);
+}
+
 bool built() { return true; }
 
 Status forward_workspace_size(const Config& cfg, i64 tokens, DType dtype, std::size_t* bytes) {
@@ -282,10 +283,6 @@ Status forward_workspace_size(const Config& cfg, i64 tokens, DType dtype, std::s
   return Status::Ok();
 }
 
-Status backward_workspace_size(const Config& cfg, i64 tokens, DType dtype, std::size_t*) {
-  OMNIMOE_RETURN_IF_ERROR(check_supported(cfg, dtype, tokens));
-  return {StatusCode::unsupported, "device cuda: the backward is not implemented yet; run it on the CPU"};
-}
 
 Status forward(const Config& cfg, Mode mode, const TensorView& x, const Params& p, const ForwardOutputs& out,
                Workspace ws, void* stream) {
@@ -316,9 +313,5 @@ Status forward_routed(const Config& cfg, const TensorView& x, const Params& p, c
   return Status::Ok();
 }
 
-Status backward(const Config&, Mode, const TensorView&, const Params&, const TensorView&, const TensorView&,
-                const Gradients&, Workspace, void*) {
-  return {StatusCode::unsupported, "device cuda: the backward is not implemented yet; run it on the CPU"};
-}
 
 }  // namespace omnimoe::cuda

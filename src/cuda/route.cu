@@ -78,9 +78,11 @@ __global__ void stats_kernel(RouteStatsArgs a, i64 Nr, i64 n, int norm, int trai
     }
     mean = m;
     var = m2 / static_cast<double>(a.T);
-    const double unbiased = var * static_cast<double>(a.T) / static_cast<double>(a.T - 1);
-    rm[j] = static_cast<float>((1 - kBatchnormMomentum) * rm[j] + kBatchnormMomentum * mean);
-    rv[j] = static_cast<float>((1 - kBatchnormMomentum) * rv[j] + kBatchnormMomentum * unbiased);
+    if (a.update_running) {
+      const double unbiased = var * static_cast<double>(a.T) / static_cast<double>(a.T - 1);
+      rm[j] = static_cast<float>((1 - kBatchnormMomentum) * rm[j] + kBatchnormMomentum * mean);
+      rv[j] = static_cast<float>((1 - kBatchnormMomentum) * rv[j] + kBatchnormMomentum * unbiased);
+    }
   } else {
     mean = rm[j];
     var = rv[j];

@@ -3,10 +3,13 @@ set(OMNIMOE_CUDA_SOURCES
   cuda/ceilings.cu
   cuda/device.cu
   cuda/experts.cu
+  cuda/experts_backward.cu
   cuda/experts_dense.cu
   cuda/gemm.cu
   cuda/layer.cu
+  cuda/layer_backward.cu
   cuda/route.cu
+  cuda/route_backward.cu
   cuda/schedule.cu
   cuda/shared_mlp.cu
 )

@@ -1,0 +1,144 @@
+// CUDA backward against the CPU float64 backward on the very values the GPU sees, for the
+// routing the float64 forward chose (selected ids are constants of the gradient): fresh
+// random inputs, poisoned gradients and workspace, bitwise determinism, graph replay.
+#include <cuda_runtime.h>
+
+#include "cuda/cuda_helpers.hpp"
+
+namespace omt {
+namespace {
+
+struct BCase {
+  const char* name;
+  std::int64_t H, I, Nr, Nc, K, T;
+  RouterNorm norm;
+  Mode mode;
+  GateKind gate;
+  Activation act;
+  DType dtype;
+};
+
+double rel_err(const std::vector<double>& a, const std::vector<double>& b) {
+  double num = 0, den = 0;
+  for (std::size_t i = 0; i < a.size(); ++i) {
+    if (!std::isfinite(a[i])) return INFINITY;
+    num += (a[i] - b[i]) * (a[i] - b[i]);
+    den += b[i] * b[i];
+  }
+  return std::sqrt(num / std::max(den, 1e-300));
+}
+
+struct DeviceGrads {
+  DeviceTensor x, router_row, router_col, expert_in, expert_out, gate, up, down;
+  explicit DeviceGrads(const Grads& g)
+      : x(g.x), router_row(g.router_row), router_col(g.router_col), expert_in(g.expert_in), expert_out(g.expert_out),
+        gate(g.gate), up(g.up), down(g.down) {}
+  std::vector<DeviceTensor*> all() { return {&x, &router_row, &router_col, &expert_in, &expert_out, &gate, &up, &down}; }
+  Gradients view() {
+    Gradients g;
+    g.x = x.view();
+    g.router_row = router_row.view();
+    g.router_col = router_col.view();
+    g.expert_in = expert_in.view();
+    g.expert_out = expert_out.view();
+    g.gate = gate.view();
+    g.up = up.view();
+    g.down = down.view();
+    return g;
+  }
+  void poison() {
+    for (auto* t : all()) t->poison();
+  }
+  void download(Grads& g) {
+    auto h = g.all();
+    auto d = all();
+    for (std::size_t i = 0; i < h.size(); ++i)
+      if (h[i]->defined()) d[i]->download(*h[i]);
+  }
+};
+
+class CudaBackward : public ::testing::TestWithParam<BCase> {};
+
+TEST_P(CudaBackward, MatchesFloat64Reference) {
+  if (!have_gpu()) GTEST_SKIP() << "no CUDA device";
+  const BCase c = GetParam();
+  Config cfg;
+  cfg.hidden = c.H;
+  cfg.intermediate = c.I;
+  cfg.grid_rows = c.Nr;
+  cfg.grid_cols = c.Nc;
+  cfg.top_k = c.K;
+  cfg.router_norm = c.norm;
+  cfg.gate = c.gate;
+  cfg.activation = c.act;
+  const std::int64_t T = c.T;
+  const Problem stored = convert_problem(make_problem(cfg, T, DType::f64, test_seed()), c.dtype);
+  const Problem ref = convert_problem(stored, DType::f64);
+  HostTensor dy(c.dtype, {T, c.H});
+  std::mt19937_64 rng(test_seed(5));
+  fill_normal(dy, rng, 1.0);
+  HostTensor dy64(DType::f64, {T, c.H});
+  dy64.from_f64(dy.to_f64());
+
+  Problem fwd = ref;  // the forward's routing (its running statistics update is not wanted here)
+  Outputs routing = make_outputs(cfg, T, DType::f64);
+  ASSERT_TRUE(run_forward(fwd, c.mode, routing).ok());
+  Grads want = make_grads(cfg, T, DType::f64);
+  ASSERT_TRUE(run_backward(ref, c.mode, routing.ids, dy64, want).ok());
+
+  DeviceProblem dev(stored);
+  DeviceTensor dids(routing.ids), ddy(dy);
+  Grads got = make_grads(cfg, T, c.dtype);
+  DeviceGrads dg(got);
+  std::size_t bytes = 0;
+  const Status q = backward_workspace_size(cfg, T, c.dtype, Device::cuda, &bytes);
+  ASSERT_TRUE(q.ok()) << q.message();
+  DeviceWorkspace ws(bytes);
+  dg.poison();
+  Status st = backward(cfg, c.mode, dev.x.view(), dev.params(), dids.view(), ddy.view(), dg.view(), ws.ws());
+  ASSERT_TRUE(st.ok()) << st.message();
+  ASSERT_TRUE(synchronize(Device::cuda).ok());
+  dg.download(got);
+
+  const double tol = c.dtype == DType::f32 ? 1e-4 : 3e-2;
+  const auto gw = want.all();
+  const auto gg = got.all();
+  for (std::size_t i = 0; i < gw.size(); ++i) {
+    if (!gw[i]->defined()) continue;
+    EXPECT_EQ(gg[i]->count_nonfinite(), 0) << kTrainableNames[i] << " not fully written";
+    EXPECT_LE(rel_err(gg[i]->to_f64(), gw[i]->to_f64()), tol) << "grad " << kTrainableNames[i];
+  }
+  // Rows of experts no token chose are exactly zero.
+  std::vector<bool> chosen(static_cast<std::size_t>(cfg.num_experts()), false);
+  for (auto e : routing.ids.to_i64()) chosen[static_cast<std::size_t>(e)] = true;
+  const auto win = got.expert_in.to_f64();
+  for (std::int64_t e = 0; e < cfg.num_experts(); ++e)
+    if (!chosen[e])
+      for (std::int64_t h = 0; h < c.H; ++h) ASSERT_EQ(win[e * c.H + h], 0.0) << "expert " << e;
+
+  // Bitwise identical on a second run.
+  Grads again = make_grads(cfg, T, c.dtype);
+  dg.poison();
+  ASSERT_TRUE(backward(cfg, c.mode, dev.x.view(), dev.params(), dids.view(), ddy.view(), dg.view(), ws.ws()).ok());
+  ASSERT_TRUE(synchronize(Device::cuda).ok());
+  dg.download(again);
+  for (std::size_t i = 0; i < gw.size(); ++i)
+    if (gw[i]->defined()) EXPECT_TRUE(again.all()[i]->bitwise_equal(*got.all()[i])) << kTrainableNames[i];
+}
+
+using RN = RouterNorm;
+using GK = GateKind;
+using AC = Activation;
+const BCase kBCases[] = {
+    {"bn_train_f32", 64, 48, 12, 10, 8, 37, RN::batchnorm, Mode::training, GK::exp, AC::silu, DType::f32},
+    {"bn_infer_bf16", 64, 48, 12, 10, 8, 37, RN::batchnorm, Mode::inference, GK::softmax, AC::gelu, DType::bf16},
+    {"none_kn_no_mlp_f32", 32, 0, 5, 7, 35, 20, RN::none, Mode::inference, GK::exp, AC::relu, DType::f32},
+    {"dense_bf16", 32, 16, 16, 16, 64, 128, RN::batchnorm, Mode::training, GK::softmax, AC::silu, DType::bf16},
+    {"bn_train_f16", 48, 32, 9, 11, 6, 29, RN::batchnorm, Mode::training, GK::softmax, AC::silu, DType::f16},
+    {"odd_h_f32", 7, 5, 4, 6, 5, 17, RN::batchnorm, Mode::training, GK::exp, AC::gelu, DType::f32},
+};
+INSTANTIATE_TEST_SUITE_P(Cases, CudaBackward, ::testing::ValuesIn(kBCases),
+                         [](const auto& info) { return std::string(info.param.name); });
+
+}  // namespace
+}  // namespace omt
