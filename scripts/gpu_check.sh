@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call does everything: build (Release, sm_90a), CUDA tests, compute-sanitizer,
 # the benchmark and a per-kernel profile; logs and CSVs go to $OUT (default ./out).
-# Usage: scripts/gpu_check.sh [tests|sanitize|bench|profile|all]...   (default: all)
+# Usage: scripts/gpu_check.sh [tests|sanitize|bench|bench_backward|profile|all]...   (default: all)
 #   BENCH_ONLY=text   limit the benchmark to configurations whose name contains text
 #   PROFILE_ONLY=text configuration(s) to profile (default: two representative ones)
 set -uo pipefail
@@ -24,7 +24,7 @@ if want tests; then
 fi
 if want sanitize; then
   : >"$OUT/sanitize.log"
-  filter='*small*:*large_k_600*:*odd_h36*:*Graph*:*Routed*:*Ties*'
+  filter='*small*:*large_k_600*:*odd_h36*:*Graph*:*Routed*:*Ties*:*Backward*'
   compute-sanitizer --tool memcheck --error-exitcode 3 build-gpu/tests/cuda/test_cuda --gtest_filter="$filter" \
     >>"$OUT/sanitize.log" 2>&1
   rc=$?
@@ -48,6 +48,11 @@ if want bench; then
   build-gpu/omnimoe bench --device cuda --suite omnimoe ${BENCH_ONLY:+--only $BENCH_ONLY} --csv "$OUT/bench_omnimoe.csv" \
     >"$OUT/bench_omnimoe.log" 2>&1 || status=1
   grep -E "ceilings|MISS|PASS" "$OUT/bench_omnimoe.log" | grep -v workspace
+fi
+if want bench_backward; then
+  build-gpu/omnimoe bench --device cuda --suite omnimoe --backward ${BENCH_ONLY:+--only $BENCH_ONLY} \
+    --csv "$OUT/bench_backward.csv" >"$OUT/bench_backward.log" 2>&1 || status=1
+  grep -E "MISS|PASS|omnimoe:" "$OUT/bench_backward.log"
 fi
 if want profile; then
   : >"$OUT/profile.log"
