@@ -17,17 +17,17 @@ def main():
     src, dst = sys.argv[1], sys.argv[2]
     title = sys.argv[3] if len(sys.argv) > 3 else src
     rows = list(csv.DictReader(open(src)))
-    routed = [r for r in rows if r["routing"] == "router"]
+    routed = [r for r in rows if r["routing"] in ("router", "fwd+bwd")]
     names = [r["config"] for r in routed]
     x = range(len(names))
     num = lambda r, k: float(r[k]) if r.get(k) not in (None, "", "-") else float("nan")
     fig, ax = plt.subplots(figsize=(12, 5.5))
-    ax.plot(x, [num(r, "ms") for r in routed], "o-", label="omnimoe forward (router included)")
+    ax.plot(x, [num(r, "ms") for r in routed], "o-", label="omnimoe " + ("forward + backward" if routed and routed[0]["routing"] == "fwd+bwd" else "forward (router included)"))
     rand = {r["config"]: r for r in rows if r["routing"] == "random ids"}
     ax.plot(x, [num(rand[n], "ms") if n in rand else float("nan") for n in names], "s--",
             label="omnimoe forward, random ids (paper harness)")
     ax.plot(x, [num(r, "floor ms") for r in routed], "k_", markersize=14, label="floor (issue model)")
-    ax.plot(x, [2 * num(r, "floor ms") for r in routed], "r_", markersize=14, label="goal: 2x floor")
+    ax.plot(x, [2 * num(r, "floor ms") for r in routed], "r_", markersize=14, label="goal (2x floor forward, 3x training step)")
     ax.plot(x, [num(r, "dense ms") for r in routed], "^:", label="dense equivalent (cuBLAS bf16)")
     ax.set_yscale("log")
     ax.set_ylabel("ms (median of graph replays)")
