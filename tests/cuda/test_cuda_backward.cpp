@@ -18,15 +18,6 @@ struct BCase {
   DType dtype;
 };
 
-double rel_err(const std::vector<double>& a, const std::vector<double>& b) {
-  double num = 0, den = 0;
-  for (std::size_t i = 0; i < a.size(); ++i) {
-    if (!std::isfinite(a[i])) return INFINITY;
-    num += (a[i] - b[i]) * (a[i] - b[i]);
-    den += b[i] * b[i];
-  }
-  return std::sqrt(num / std::max(den, 1e-300));
-}
 
 struct DeviceGrads {
   DeviceTensor x, router_row, router_col, expert_in, expert_out, gate, up, down;
@@ -106,7 +97,7 @@ TEST_P(CudaBackward, MatchesFloat64Reference) {
   for (std::size_t i = 0; i < gw.size(); ++i) {
     if (!gw[i]->defined()) continue;
     EXPECT_EQ(gg[i]->count_nonfinite(), 0) << kTrainableNames[i] << " not fully written";
-    EXPECT_LE(rel_err(gg[i]->to_f64(), gw[i]->to_f64()), tol) << "grad " << kTrainableNames[i];
+    EXPECT_LE(rel_error(gg[i]->to_f64(), gw[i]->to_f64()), tol) << "grad " << kTrainableNames[i];
   }
   // Rows of experts no token chose are exactly zero.
   std::vector<bool> chosen(static_cast<std::size_t>(cfg.num_experts()), false);

@@ -38,15 +38,6 @@ Config config_of(const Case& c) {
 
 constexpr double kScoreTol = 1e-4;  // log-prob rounding of the fp32 router, with margin
 
-double rel_err(const std::vector<double>& a, const std::vector<double>& b) {
-  double num = 0, den = 0;
-  for (std::size_t i = 0; i < a.size(); ++i) {
-    if (!std::isfinite(a[i])) return INFINITY;
-    num += (a[i] - b[i]) * (a[i] - b[i]);
-    den += b[i] * b[i];
-  }
-  return std::sqrt(num / std::max(den, 1e-300));
-}
 
 // Invariants of one routing output on its own scores: ids in range and unique per token,
 // ordered by descending score then ascending id, gates as defined.
@@ -133,7 +124,7 @@ TEST_P(CudaForward, MatchesFloat64Reference) {
   }
   EXPECT_GE(clear, T * 9 / 10) << "too few tokens with a clear routing boundary to compare";
   const double tol = c.dtype == DType::f32 ? 1e-5 : 1e-2;
-  EXPECT_LE(rel_err(cy, ry), tol) << "y relative error";
+  EXPECT_LE(rel_error(cy, ry), tol) << "y relative error";
 
   if (c.mode == Mode::training && c.norm == RouterNorm::batchnorm) {
     for (auto [d, h] : {std::pair{&dev.running_mean_row, &ref_k.running_mean_row},
@@ -142,7 +133,7 @@ TEST_P(CudaForward, MatchesFloat64Reference) {
                         std::pair{&dev.running_var_col, &ref_k.running_var_col}}) {
       HostTensor back(accumulation_dtype(c.dtype), h->shape());
       d->download(back);
-      EXPECT_LE(rel_err(back.to_f64(), h->to_f64()), 1e-5) << "running statistics";
+      EXPECT_LE(rel_error(back.to_f64(), h->to_f64()), 1e-5) << "running statistics";
     }
   }
 
@@ -304,7 +295,7 @@ TEST(CudaRouted, MatchesCpuForSameRouting) {
         a.push_back(v);
         b.push_back(w[t * cfg.hidden + h]);
       }
-    EXPECT_LE(rel_err(a, b), dt == DType::f32 ? 1e-5 : 1e-2) << dtype_name(dt);
+    EXPECT_LE(rel_error(a, b), dt == DType::f32 ? 1e-5 : 1e-2) << dtype_name(dt);
   }
 }
 
@@ -432,7 +423,7 @@ TEST(CudaForwardMisaligned, ViewsOffsetByOneElement) {
     ASSERT_EQ(cudaMemcpy(got.data(), y.data, got.bytes(), cudaMemcpyDeviceToHost), cudaSuccess);
     for (void* b : blocks) cudaFree(b);
     EXPECT_EQ(got.count_nonfinite(), 0);
-    EXPECT_LE(rel_err(got.to_f64(), want.to_f64()), dt == DType::f32 ? 1e-6 : 1e-2) << dtype_name(dt);
+    EXPECT_LE(rel_error(got.to_f64(), want.to_f64()), dt == DType::f32 ? 1e-6 : 1e-2) << dtype_name(dt);
   }
 }
 
