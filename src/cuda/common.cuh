@@ -74,4 +74,9 @@ __device__ __forceinline__ float warp_sum(float v) {
 
 inline unsigned ceil_div(i64 a, i64 b) { return static_cast<unsigned>((a + b - 1) / b); }
 
+// Address of element `elems` of a tensor of dtype dt starting at base.
+inline const char* at(const void* base, i64 elems, DType dt) {
+  return static_cast<const char*>(base) + elems * static_cast<i64>(dtype_size(dt));
+}
+
 }  // namespace omnimoe::cuda

@@ -47,9 +47,6 @@ __global__ void poison_kernel(const i32* __restrict__ ids, i64 n, int K, int H, 
   for (int h = 0; h < H; ++h) y[t * H + h] = from_f32<S>(__int_as_float(0x7fffffff));
 }
 
-const char* at(const void* base, i64 elems, DType dt) {
-  return static_cast<const char*>(base) + elems * static_cast<i64>(dtype_size(dt));
-}
 
 template <class S>
 Status run(const ExpertsArgs& a, const DenseBuffers& b, cudaStream_t stream) {

@@ -13,7 +13,8 @@ struct GemmWorkspace {
   void* data = nullptr;  // cuBLASLt scratch, part of the caller's workspace
   std::size_t bytes = 0;
 };
-inline constexpr std::size_t kGemmWorkspaceBytes = std::size_t{32} << 20;
+inline constexpr std::size_t kGemmWorkspaceBytes = std::size_t{32} << 20;  // large standalone products
+inline constexpr std::size_t kLayerGemmBytes = std::size_t{8} << 20;       // the layer's share of its workspace
 
 struct GemmArgs {
   bool ta = false, tb = false;  // op(A) = Aᵀ / op(B) = Bᵀ

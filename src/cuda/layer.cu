@@ -16,7 +16,6 @@ namespace {
 // and consumed chunk by chunk (peak memory is independent of T beyond 8 bytes per pair).
 constexpr std::size_t kLogitBytes = std::size_t{32} << 20;
 constexpr std::size_t kMlpBytes = std::size_t{32} << 20;
-constexpr std::size_t kGemmBytes = std::size_t{8} << 20;
 
 struct Plan {
   i64 route_rows;  // tokens per router chunk
@@ -72,8 +71,8 @@ ForwardBuffers carve_forward(Arena& a, const Config& cfg, i64 T, DType dtype) {
   const auto n = static_cast<std::size_t>(cfg.grid_rows + cfg.grid_cols);
   const std::size_t es = dtype_size(dtype), tk = static_cast<std::size_t>(T * cfg.top_k);
   ForwardBuffers b{};
-  b.gemm.bytes = kGemmBytes;
-  b.gemm.data = a.take<char>(kGemmBytes);
+  b.gemm.bytes = kLayerGemmBytes;
+  b.gemm.data = a.take<char>(kLayerGemmBytes);
   b.wcat = a.take<char>(n * static_cast<std::size_t>(cfg.hidden) * es);
   b.partial = a.take<double>(static_cast<std::size_t>(p.chunks) * 2 * n);
   b.mean = a.take<float>(n);
@@ -123,9 +122,6 @@ Status experts(const Config& cfg, const TensorView& x, const Params& p, const fl
 }
 
 
-const char* at(const void* base, i64 elems, DType dt) {
-  return static_cast<const char*>(base) + elems * static_cast<i64>(dtype_size(dt));
-}
 
 // Router logits of tokens [t0, t0 + rows): [rows, Nr + Nc] = x wcatᵀ.
 Status router_product(const Config& cfg, DType dt, const TensorView& x, const ForwardBuffers& b, i64 t0, i64 rows,

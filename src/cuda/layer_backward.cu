@@ -12,7 +12,6 @@
 namespace omnimoe::cuda {
 namespace {
 
-constexpr std::size_t kGemmBytes = std::size_t{8} << 20;
 
 struct BackwardBuffers {
   GemmWorkspace gemm;
@@ -37,7 +36,7 @@ BackwardBuffers carve_backward(Arena& a, const Config& cfg, i64 T, DType dt) {
   const std::size_t es = dtype_size(dt), tk = t * static_cast<std::size_t>(cfg.top_k);
   const i64 N = cfg.num_experts();
   BackwardBuffers b{};
-  b.gemm = {a.take<char>(kGemmBytes), kGemmBytes};
+  b.gemm = {a.take<char>(kLayerGemmBytes), kLayerGemmBytes};
   b.wcat = a.take<char>(n * static_cast<std::size_t>(cfg.hidden) * es);
   b.partial = a.take<double>(2 * n);
   b.colsums = a.take<double>(2 * n);
@@ -73,9 +72,6 @@ BackwardBuffers carve_backward(Arena& a, const Config& cfg, i64 T, DType dt) {
   return b;
 }
 
-const char* at(const void* base, i64 elems, DType dt) {
-  return static_cast<const char*>(base) + elems * static_cast<i64>(dtype_size(dt));
-}
 
 // C (+)= op(A) op(B), row-major, in one call.
 Status mm(const BackwardBuffers& b, cudaStream_t s, bool ta, bool tb, i64 M, i64 N, i64 K, const void* A, i64 lda,
