@@ -1,0 +1,1 @@
+# dispatch, dense, gshard, deepseekmoe (see sources.cmake)

@@ -1,0 +1,1 @@
+# pkm, peer (see sources.cmake)
