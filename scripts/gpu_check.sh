@@ -4,6 +4,7 @@
 # Usage: scripts/gpu_check.sh [tests|sanitize|bench|bench_backward|profile|all]...   (default: all)
 #   BENCH_ONLY=text   limit the benchmark to configurations whose name contains text
 #   PROFILE_ONLY=text configuration(s) to profile (default: two representative ones)
+#   CMAKE_ARGS="..."  extra configure arguments (e.g. -DOMNIMOE_BASELINES=OFF)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/out}
@@ -14,7 +15,7 @@ status=0
 
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,driver_version --format=csv | tee "$OUT/gpu.txt"
 date -u +"%Y-%m-%d %H:%M UTC" >>"$OUT/gpu.txt"
-cmake -S . -B build-gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DOMNIMOE_FUZZ=OFF >"$OUT/build.log" 2>&1 || { tail -30 "$OUT/build.log"; exit 1; }
+cmake -S . -B build-gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DOMNIMOE_FUZZ=OFF ${CMAKE_ARGS:-} >"$OUT/build.log" 2>&1 || { tail -30 "$OUT/build.log"; exit 1; }
 cmake --build build-gpu -j 16 ${BUILD_TARGETS:+--target $BUILD_TARGETS} >>"$OUT/build.log" 2>&1 || { grep -E "error|FAILED" "$OUT/build.log" | head -40; exit 1; }
 
 if want tests; then
@@ -53,6 +54,10 @@ if want bench_backward; then
   build-gpu/omnimoe bench --device cuda --suite omnimoe --backward ${BENCH_ONLY:+--only $BENCH_ONLY} \
     --csv "$OUT/bench_backward.csv" >"$OUT/bench_backward.log" 2>&1 || status=1
   grep -E "MISS|PASS|omnimoe:" "$OUT/bench_backward.log"
+  # The expert tables' gradients in sparse form (what an optimizer of a 2^20-row table uses).
+  build-gpu/omnimoe bench --device cuda --suite omnimoe --backward --sparse-grads --only ${BENCH_ONLY:-lm-} \
+    --csv "$OUT/bench_backward_sparse.csv" >"$OUT/bench_backward_sparse.log" 2>&1 || status=1
+  grep -E "MISS|PASS|omnimoe:" "$OUT/bench_backward_sparse.log"
 fi
 if want profile; then
   : >"$OUT/profile.log"

@@ -54,6 +54,20 @@ struct Gradients {
   TensorView down;        // [H, I]  layer dtype; absent when I == 0
 };
 
+// The expert tables' gradients in sparse form, for optimizers that update only the rows a
+// batch touched: the experts chosen by at least one token, in ascending id order, and their
+// two gradient rows. Each buffer holds capacity = sparse_gradient_capacity(cfg, T) =
+// min(T * K, N) rows. The number of active experts is written to `count` on the layer's
+// device (no host synchronisation); slots from `count` on hold id -1 and zero rows, so the
+// whole buffer is defined.
+struct SparseExpertGradients {
+  TensorView ids;         // [capacity] i32: active expert ids, ascending, then -1
+  TensorView count;       // [1] i32: number of active experts
+  TensorView expert_in;   // [capacity, H] layer dtype: gradient row of expert ids[s] in slot s
+  TensorView expert_out;  // [capacity, H] layer dtype
+};
+std::int64_t sparse_gradient_capacity(const Config& cfg, std::int64_t tokens);
+
 // Caller-owned scratch memory on the layer's device. Contents need not persist between calls.
 struct Workspace {
   void* data = nullptr;
@@ -90,6 +104,14 @@ Status forward_routed(const Config& cfg, const TensorView& x, const Params& para
 Status backward(const Config& cfg, Mode mode, const TensorView& x, const Params& params,
                 const TensorView& expert_ids, const TensorView& grad_y, const Gradients& grads,
                 Workspace ws, void* stream = nullptr);
+
+// backward with the expert tables' gradients returned sparsely (see SparseExpertGradients):
+// grads.expert_in and grads.expert_out must be absent; every other gradient is written as
+// by backward, and the expert rows are the same values backward would write at those ids.
+// Uses backward's workspace size.
+Status backward_sparse(const Config& cfg, Mode mode, const TensorView& x, const Params& params,
+                       const TensorView& expert_ids, const TensorView& grad_y, const Gradients& grads,
+                       const SparseExpertGradients& sparse, Workspace ws, void* stream = nullptr);
 
 // Throwing convenience wrapper holding a validated config.
 class Layer {

@@ -9,8 +9,10 @@ std::size_t forward_workspace_size(const Config& cfg, std::int64_t tokens, DType
 std::size_t backward_workspace_size(const Config& cfg, std::int64_t tokens, DType dtype);
 Status forward(const Config& cfg, Mode mode, const TensorView& x, const Params& p, const ForwardOutputs& out,
                Workspace ws);
+// sparse non-null: backward_sparse (g.expert_in / expert_out absent).
 Status backward(const Config& cfg, Mode mode, const TensorView& x, const Params& p, const TensorView& expert_ids,
-                const TensorView& grad_y, const Gradients& g, Workspace ws);
+                const TensorView& grad_y, const Gradients& g, Workspace ws,
+                const SparseExpertGradients* sparse = nullptr);
 Status forward_routed(const Config& cfg, const TensorView& x, const Params& p, const TensorView& expert_ids,
                       const TensorView& gates, const TensorView& y, Workspace ws);
 }  // namespace omnimoe::cpu
@@ -23,7 +25,8 @@ Status backward_workspace_size(const Config& cfg, std::int64_t tokens, DType dty
 Status forward(const Config& cfg, Mode mode, const TensorView& x, const Params& p, const ForwardOutputs& out,
                Workspace ws, void* stream);
 Status backward(const Config& cfg, Mode mode, const TensorView& x, const Params& p, const TensorView& expert_ids,
-                const TensorView& grad_y, const Gradients& g, Workspace ws, void* stream);
+                const TensorView& grad_y, const Gradients& g, Workspace ws, void* stream,
+                const SparseExpertGradients* sparse = nullptr);
 Status forward_routed(const Config& cfg, const TensorView& x, const Params& p, const TensorView& expert_ids,
                       const TensorView& gates, const TensorView& y, Workspace ws, void* stream);
 }  // namespace omnimoe::cuda

@@ -14,7 +14,7 @@ Status forward(const Config&, Mode, const TensorView&, const Params&, const Forw
   return no_cuda();
 }
 Status backward(const Config&, Mode, const TensorView&, const Params&, const TensorView&, const TensorView&,
-                const Gradients&, Workspace, void*) {
+                const Gradients&, Workspace, void*, const SparseExpertGradients*) {
   return no_cuda();
 }
 Status forward_routed(const Config&, const TensorView&, const Params&, const TensorView&, const TensorView&,

@@ -1,6 +1,8 @@
 // Public entry points: validate, then dispatch to the backend of x's device.
 #include "omnimoe/layer.hpp"
 
+#include <algorithm>
+
 #include "core/backend.hpp"
 #include "core/validate.hpp"
 
@@ -64,6 +66,19 @@ Status backward(const Config& cfg, Mode mode, const TensorView& x, const Params&
   OMNIMOE_RETURN_IF_ERROR(check_mode(cfg, mode, x));
   if (x.device == Device::cpu) return cpu::backward(cfg, mode, x, p, expert_ids, grad_y, g, ws);
   return cuda::backward(cfg, mode, x, p, expert_ids, grad_y, g, ws, stream);
+}
+
+std::int64_t sparse_gradient_capacity(const Config& cfg, std::int64_t tokens) {
+  return std::min(tokens * cfg.top_k, cfg.num_experts());
+}
+
+Status backward_sparse(const Config& cfg, Mode mode, const TensorView& x, const Params& p,
+                       const TensorView& expert_ids, const TensorView& grad_y, const Gradients& g,
+                       const SparseExpertGradients& sparse, Workspace ws, void* stream) {
+  OMNIMOE_RETURN_IF_ERROR(validate_backward_args(cfg, x, p, expert_ids, grad_y, g, ws, &sparse));
+  OMNIMOE_RETURN_IF_ERROR(check_mode(cfg, mode, x));
+  if (x.device == Device::cpu) return cpu::backward(cfg, mode, x, p, expert_ids, grad_y, g, ws, &sparse);
+  return cuda::backward(cfg, mode, x, p, expert_ids, grad_y, g, ws, stream, &sparse);
 }
 
 Layer::Layer(const Config& cfg) : cfg_(cfg) { throw_if_error(validate(cfg)); }

@@ -128,7 +128,8 @@ Status validate_routed_args(const Config& cfg, const TensorView& x, const Params
 }
 
 Status validate_backward_args(const Config& cfg, const TensorView& x, const Params& p, const TensorView& expert_ids,
-                              const TensorView& grad_y, const Gradients& g, const Workspace& ws) {
+                              const TensorView& grad_y, const Gradients& g, const Workspace& ws,
+                              const SparseExpertGradients* sparse) {
   OMNIMOE_RETURN_IF_ERROR(validate(cfg));
   OMNIMOE_RETURN_IF_ERROR(expect_activations("x", x, cfg.hidden));
   const std::int64_t T = x.shape[0], H = cfg.hidden, I = cfg.intermediate, N = cfg.num_experts();
@@ -140,8 +141,19 @@ Status validate_backward_args(const Config& cfg, const TensorView& x, const Para
   OMNIMOE_RETURN_IF_ERROR(expect("grads.x", g.x, {T, H}, dt, dev));
   OMNIMOE_RETURN_IF_ERROR(expect("grads.router_row", g.router_row, {cfg.grid_rows, H}, dt, dev));
   OMNIMOE_RETURN_IF_ERROR(expect("grads.router_col", g.router_col, {cfg.grid_cols, H}, dt, dev));
-  OMNIMOE_RETURN_IF_ERROR(expect("grads.expert_in", g.expert_in, {N, H}, dt, dev));
-  OMNIMOE_RETURN_IF_ERROR(expect("grads.expert_out", g.expert_out, {N, H}, dt, dev));
+  if (sparse == nullptr) {
+    OMNIMOE_RETURN_IF_ERROR(expect("grads.expert_in", g.expert_in, {N, H}, dt, dev));
+    OMNIMOE_RETURN_IF_ERROR(expect("grads.expert_out", g.expert_out, {N, H}, dt, dev));
+  } else {
+    const char* why = "in backward_sparse (the expert rows go to the sparse gradients)";
+    OMNIMOE_RETURN_IF_ERROR(expect_absent("grads.expert_in", g.expert_in, why));
+    OMNIMOE_RETURN_IF_ERROR(expect_absent("grads.expert_out", g.expert_out, why));
+    const std::int64_t cap = sparse_gradient_capacity(cfg, T);
+    OMNIMOE_RETURN_IF_ERROR(expect("sparse.ids", sparse->ids, {cap}, DType::i32, dev));
+    OMNIMOE_RETURN_IF_ERROR(expect("sparse.count", sparse->count, {1}, DType::i32, dev));
+    OMNIMOE_RETURN_IF_ERROR(expect("sparse.expert_in", sparse->expert_in, {cap, H}, dt, dev));
+    OMNIMOE_RETURN_IF_ERROR(expect("sparse.expert_out", sparse->expert_out, {cap, H}, dt, dev));
+  }
   if (I > 0) {
     OMNIMOE_RETURN_IF_ERROR(expect("grads.gate", g.gate, {I, H}, dt, dev));
     OMNIMOE_RETURN_IF_ERROR(expect("grads.up", g.up, {I, H}, dt, dev));

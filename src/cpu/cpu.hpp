@@ -87,9 +87,20 @@ void experts_backward_tokens(const Config& cfg, i64 T, const C* x, const S* w_in
 // Each expert row written once: dw_out[e] = sum a * dy[t], dw_in[e] = sum dh * x[t] over its
 // tasks in schedule order; rows of unchosen experts are zero.
 // `rows`: [threads][2 * H] scratch holding one gradient row pair per thread.
+// Where the rows go: dense tables [N, H] (ids == nullptr), or the sparse form of
+// SparseExpertGradients (active experts ascending in slots 0 .. count-1, then id -1 and
+// zero rows up to capacity).
+template <class S>
+struct ExpertRows {
+  S* dw_in = nullptr;
+  S* dw_out = nullptr;
+  i32* ids = nullptr;    // sparse: [capacity]
+  i32* count = nullptr;  // sparse: [1]
+  i64 capacity = 0;      // sparse: slots
+};
 template <class C, class S>
 void experts_backward_weights(const Config& cfg, const C* x, const C* dy, Schedule s, const C* a, const C* dh,
-                              int threads, C* rows, S* dw_in, S* dw_out);
+                              int threads, C* rows, ExpertRows<S> out);
 
 // ---- shared_mlp -------------------------------------------------------------------------
 // y = (silu(x gateᵀ) * (x upᵀ)) downᵀ (overwrites y); u, v: [T, I] scratch.

@@ -62,15 +62,28 @@ void experts_backward_tokens(const Config& cfg, i64 T, const C* x, const S* w_in
 
 template <class C, class S>
 void experts_backward_weights(const Config& cfg, const C* x, const C* dy, Schedule s, const C* a, const C* dh,
-                              int threads, C* rows, S* dw_in, S* dw_out) {
+                              int threads, C* rows, ExpertRows<S> out) {
   const i64 H = cfg.hidden, K = cfg.top_k, N = cfg.num_experts();
+  const bool sparse = out.ids != nullptr;
+  // Sparse: slot of each active expert = its rank among the active ones (ascending ids).
+  i64 active = 0;
+  if (sparse) {
+    for (i64 e = 0; e < N; ++e)
+      if (s.offsets[e + 1] > s.offsets[e]) out.ids[active++] = static_cast<i32>(e);
+    *out.count = static_cast<i32>(active);
+    std::fill(out.ids + active, out.ids + out.capacity, i32{-1});
+    std::fill(out.dw_in + active * H, out.dw_in + out.capacity * H, S{});
+    std::fill(out.dw_out + active * H, out.dw_out + out.capacity * H, S{});
+  }
+  const i64 n_rows = sparse ? active : N;
 #pragma omp parallel num_threads(threads)
   {
     // One row of each gradient in C while it is summed, stored once at the end.
     C* gin = rows + static_cast<i64>(omp_get_thread_num()) * 2 * H;
     C* gout = gin + H;
 #pragma omp for schedule(dynamic, 64)
-    for (i64 e = 0; e < N; ++e) {
+    for (i64 r = 0; r < n_rows; ++r) {
+      const i64 e = sparse ? out.ids[r] : r;
       std::fill(gin, gin + H, C(0));
       std::fill(gout, gout + H, C(0));
       for (i64 i = s.offsets[e]; i < s.offsets[e + 1]; ++i) {
@@ -79,8 +92,8 @@ void experts_backward_weights(const Config& cfg, const C* x, const C* dy, Schedu
         axpy(a[task], dy + t * H, gout, H);
       }
       for (i64 h = 0; h < H; ++h) {
-        store_as(dw_in + e * H, h, gin[h]);
-        store_as(dw_out + e * H, h, gout[h]);
+        store_as(out.dw_in + r * H, h, gin[h]);
+        store_as(out.dw_out + r * H, h, gout[h]);
       }
     }
   }
@@ -92,7 +105,7 @@ void experts_backward_weights(const Config& cfg, const C* x, const C* dy, Schedu
   template void experts_backward_tokens<C, S>(const Config&, i64, const C*, const S*, const S*, const i32*,     \
                                               const C*, const C*, C*, C*, C*, C*);                                \
   template void experts_backward_weights<C, S>(const Config&, const C*, const C*, Schedule, const C*, const C*, \
-                                               int, C*, S*, S*);
+                                               int, C*, ExpertRows<S>);
 OMNIMOE_EXPERTS_INSTANTIATE(double, double)
 OMNIMOE_EXPERTS_INSTANTIATE(float, float)
 OMNIMOE_EXPERTS_INSTANTIATE(float, f16_t)

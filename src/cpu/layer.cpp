@@ -251,7 +251,8 @@ Status forward_routed_impl(const Config& cfg, const TensorView& xv, const Params
 
 template <class C, class S>
 Status backward_impl(const Config& cfg, Mode mode, const TensorView& xv, const Params& p, const TensorView& idv,
-                     const TensorView& dyv, const Gradients& g, Workspace ws) {
+                     const TensorView& dyv, const Gradients& g, Workspace ws,
+                     const SparseExpertGradients* sparse) {
   const i64 T = xv.shape[0];
   Arena arena(ws.data, ws.bytes);
   auto b = carve_backward<C, S>(arena, cfg, T, planned_threads());
@@ -286,8 +287,11 @@ Status backward_impl(const Config& cfg, Mode mode, const TensorView& xv, const P
   const S* w_out = p.expert_out.as<const S>();
   experts_backward_tokens(cfg, T, x, w_in, w_out, r.ids, r.gates, dy, b.a, b.dh, b.dg, dx);
   schedule_by_expert(cfg.num_experts(), T * cfg.top_k, r.ids, b.schedule);
-  experts_backward_weights(cfg, x, dy, b.schedule, b.a, b.dh, run_threads(), b.rows, g.expert_in.as<S>(),
-                           g.expert_out.as<S>());
+  ExpertRows<S> rows{g.expert_in.as<S>(), g.expert_out.as<S>()};
+  if (sparse != nullptr)
+    rows = {sparse->expert_in.as<S>(), sparse->expert_out.as<S>(), sparse->ids.as<i32>(), sparse->count.as<i32>(),
+            sparse_gradient_capacity(cfg, T)};
+  experts_backward_weights(cfg, x, dy, b.schedule, b.a, b.dh, run_threads(), b.rows, rows);
 
   // route: gates -> scores -> log-probs -> norm -> router weights (and dx)
   route_gates_backward(cfg, T, r.gates, b.dg);
@@ -351,9 +355,9 @@ Status forward_routed(const Config& cfg, const TensorView& x, const Params& p, c
 }
 
 Status backward(const Config& cfg, Mode mode, const TensorView& x, const Params& p, const TensorView& expert_ids,
-                const TensorView& grad_y, const Gradients& g, Workspace ws) {
+                const TensorView& grad_y, const Gradients& g, Workspace ws, const SparseExpertGradients* sparse) {
   return dispatch(x.dtype, [&]<class C, class S>() {
-    return backward_impl<C, S>(cfg, mode, x, p, expert_ids, grad_y, g, ws);
+    return backward_impl<C, S>(cfg, mode, x, p, expert_ids, grad_y, g, ws, sparse);
   });
 }
 

@@ -5,6 +5,7 @@
 
 #include "cuda/common.cuh"
 #include "cuda/gemm.cuh"
+#include "core/workspace.hpp"
 #include "omnimoe/config.hpp"
 
 namespace omnimoe::cuda {
@@ -87,6 +88,7 @@ struct ExpertsArgs {
   const i32* ids;
   const float* gates;
   void* y;
+  bool add = false;  // y += routed (y holds the shared branch) instead of y = routed
 };
 Status experts_gather(const ExpertsArgs& a, cudaStream_t stream);
 // Dense regime: per (token chunk, expert chunk), S = x w_inᵀ (cuBLASLt), P = g * act(S) at
@@ -126,16 +128,107 @@ Status route_norm_backward(const Config& cfg, Mode mode, i64 T, const float* lha
 // skipped and their token flagged in bad[t].
 Status experts_backward_tokens(const ExpertsArgs& a, const void* dy, float* act_out, float* dgates, float* dh,
                                float* dx_acc, int* bad, cudaStream_t stream);
-// Each expert's two gradient rows written once from its tasks (sorted by expert, tokens
-// ascending): dw_in[e] = sum dh x[t], dw_out[e] = sum a dy[t]; zero rows for unchosen experts.
-Status experts_backward_rows(const Config& cfg, DType dtype, const void* x, const void* dy, const i32* tasks,
-                             const i32* offsets, const float* act_out, const float* dh, void* dw_in, void* dw_out,
-                             cudaStream_t stream);
+// Expert rows of the backward, from the expert-sorted tasks (offsets [N + 1]): dw_in[e] =
+// sum dh x[t], dw_out[e] = sum a dy[t], each row written once (zero for unchosen experts),
+// dense [N, H] or sparse (SparseExpertGradients). A segment longer than `piece` tasks is
+// cut into pieces whose partial rows (fp32) a second stage sums in order: deterministic,
+// no atomics, and no warp walks a hot expert's thousands of tasks alone.
+inline constexpr std::size_t kPartialBytes = std::size_t{16} << 20;  // partial-row buffer
+struct SegmentScratch {
+  int piece = 0;           // tasks per piece (segments longer than this are split)
+  i64 max_pieces = 0;      // bound on the pieces of any routing: 2 T K / piece
+  i32* active = nullptr;   // [N + 1] expert chosen (entry N: 0)
+  i32* rank = nullptr;     // [N + 1] exclusive scan of active: sparse slot; rank[N] = count
+  i32* npieces = nullptr;  // [N + 1] pieces of a split segment, else 0
+  i32* pstart = nullptr;   // [N + 1] exclusive scan of npieces
+  float* partial = nullptr;  // [max_pieces, 2, H]
+  void* scan_temp = nullptr;
+  std::size_t scan_bytes = 0;
+};
+SegmentScratch carve_segment_scratch(Arena& a, i64 N, i64 tasks, i64 H);
+// Sparse output (SparseExpertGradients' buffers): capacity slots.
+struct SparseRowsOut {
+  i32* ids;
+  i32* count;
+  void* dw_in;
+  void* dw_out;
+  i64 capacity;
+};
+// Active flags, piece counts and their scans; with `sparse`, also its ids and count.
+Status experts_active_list(i64 N, const i32* offsets, const SegmentScratch& s, const SparseRowsOut* sparse,
+                           cudaStream_t stream);
+struct RowsArgs {
+  const Config* cfg;
+  DType dtype;
+  const void* x;             // [T, H]
+  const void* dy;            // [T, H]
+  const i32* tasks;          // [T K] sorted by expert, tokens ascending
+  const i32* offsets;        // [N + 1]
+  const float* act_out;      // [T K] a = g act(h)
+  const float* dh;           // [T K]
+  const SegmentScratch* seg; // after experts_active_list
+  void* dw_in;               // dense output [N, H] (sparse == nullptr)
+  void* dw_out;
+  const SparseRowsOut* sparse;  // or sparse output
+};
+Status experts_backward_rows(const RowsArgs& r, cudaStream_t stream);
+// Active flags and sparse slots straight from the ids (the dense backward has no per-expert
+// offsets): seg.active / seg.rank, then sparse ids and count. Ids < 0 are skipped.
+Status experts_active_from_ids(const i32* ids, i64 tasks, i64 N, const SegmentScratch& s, const SparseRowsOut& sparse,
+                               cudaStream_t stream);
+// Dense regime backward (experts_backward_dense.cu): tensor-core products over (token
+// chunk, expert chunk) groups; writes dgates per task, adds the experts' dx to dx_acc and
+// stores every expert row once (dense tables, or sparse slots from experts_active_from_ids).
+struct DenseBackwardBuffers {
+  GroupSchedule schedule;  // grouped by (token chunk, expert chunk)
+  void* s = nullptr;       // [Tc, Ec] storage dtype: scores
+  void* da = nullptr;      // [Tc, Ec] storage dtype: dy w_outᵀ
+  void* pa = nullptr;      // [Tc, Ec] storage dtype: g act(S) at the tasks, kept zero elsewhere
+  void* pdh = nullptr;     // [Tc, Ec] storage dtype: dh at the tasks, kept zero elsewhere
+  float* gin = nullptr;    // [Ec, H] fp32 gradient rows of w_in being summed over token chunks
+  float* gout = nullptr;   // [Ec, H] fp32, of w_out
+  GemmWorkspace gemm;
+};
+struct DenseBackwardArgs {
+  const Config* cfg;
+  i64 T;
+  DType dtype;
+  const void *x, *dy, *w_in, *w_out;  // [T, H], [T, H], [N, H], [N, H]
+  const i32* ids;                     // [T, K] (-1: out of range)
+  const float* gates;                 // [T, K]
+  float* dgates;                      // [T, K] out
+  int* bad;                           // [T] out: token has an id out of range
+  float* dx_acc;                      // [T, H] fp32, added to
+  void *dw_in, *dw_out;               // dense output [N, H], or
+  const SparseRowsOut* sparse;        // sparse output (with seg from experts_active_from_ids)
+  const SegmentScratch* seg;
+  const DenseBackwardBuffers* buf;
+};
+Status experts_backward_dense(const DenseBackwardArgs& a, cudaStream_t stream);
+
+// Experts path, chosen from sizes known on the host (never from device values): the gather
+// streams 2 T K H elements of expert rows, the dense path does 4 T N H flops on tensor cores.
+// OMNIMOE_EXPERTS_PATH=gather|dense overrides (tests, benchmarks). Forward and backward
+// take the same path.
+enum class ExpertsPath { gather, dense };
+ExpertsPath choose_path(const Config& cfg, i64 T, DType dtype);
+// The (token chunk, expert chunk) schedule's buffers, carved from `a`.
+GroupSchedule carve_group_schedule(Arena& a, i64 T, i64 K, i64 N, i64 token_chunk, i64 expert_chunk);
+
 // SwiGLU backward in place: (u, v, dm) -> (du, m, dv).
 Status shared_mlp_swiglu_backward(DType dtype, void* u, void* v, void* dm, i64 n, cudaStream_t stream);
 // Elementwise copy with conversion: fp32 -> dtype; rows flagged in bad [T] (may be null)
 // become NaN.
 Status store_rows(DType dtype, const float* src, i64 T, i64 H, const int* bad, void* dst, cudaStream_t stream);
+
+// ---- streams ----------------------------------------------------------------------------
+// A second stream and two events for overlapping the shared MLP with the routed branch,
+// created once per device and host thread (like the cuBLASLt handle), never per call.
+struct AuxStream {
+  cudaStream_t stream;
+  cudaEvent_t fork, join;
+};
+Status aux_stream(AuxStream* out);
 
 // ---- shared_mlp -------------------------------------------------------------------------
 // m = silu(u) * v in place of u, [n] elements of dtype.

@@ -16,7 +16,7 @@ template <class S, int VPL>
 __global__ void __launch_bounds__(kWarpsPerBlock * 32)
     gather_kernel(i64 T, int H, int K, Activation act, const S* __restrict__ x, const S* __restrict__ w_in,
                   const S* __restrict__ w_out, const i32* __restrict__ ids, const float* __restrict__ gates,
-                  S* __restrict__ y) {
+                  S* __restrict__ y, bool add) {
   constexpr int V = Vec<S>::kN;
   const int lane = threadIdx.x & 31;
   const i64 t = static_cast<i64>(blockIdx.x) * kWarpsPerBlock + (threadIdx.x >> 5);
@@ -69,10 +69,17 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32)
 #pragma unroll
   for (int j = 0; j < VPL; ++j) {
     const int v = j * 32 + lane;
+    if (v >= nvec) continue;
+    if (add) {  // y already holds the shared branch
+      float yr[V];
+      load16(y + t * H + v * V, yr);
+#pragma unroll
+      for (int i = 0; i < V; ++i) acc[j][i] += yr[i];
+    }
     if (bad)
 #pragma unroll
       for (int i = 0; i < V; ++i) acc[j][i] = __int_as_float(0x7fffffff);
-    if (v < nvec) store16(y + t * H + v * V, acc[j]);
+    store16(y + t * H + v * V, acc[j]);
   }
 }
 
@@ -83,7 +90,7 @@ template <class S>
 __global__ void gather_generic_kernel(i64 T, int H, int K, Activation act, const S* __restrict__ x,
                                       const S* __restrict__ w_in, const S* __restrict__ w_out,
                                       const i32* __restrict__ ids, const float* __restrict__ gates,
-                                      S* __restrict__ y) {
+                                      S* __restrict__ y, bool add) {
   extern __shared__ float a_s[];  // [K]
   __shared__ int bad;
   const i64 t = blockIdx.x;
@@ -109,6 +116,7 @@ __global__ void gather_generic_kernel(i64 T, int H, int K, Activation act, const
       const i64 e = ids[t * K + k];
       if (e >= 0) acc = fmaf(a_s[k], to_f32(w_out[e * H + i]), acc);
     }
+    if (add) acc += to_f32(y[t * H + i]);
     y[t * H + i] = from_f32<S>(bad ? __int_as_float(0x7fffffff) : acc);
   }
 }
@@ -147,7 +155,7 @@ Status launch_gather(const ExpertsArgs& a, cudaStream_t stream) {
     kernel<<<static_cast<unsigned>(a.T), 256, smem, stream>>>(a.T, H, static_cast<int>(c.top_k), c.activation,
                                                              static_cast<const S*>(a.x), static_cast<const S*>(a.w_in),
                                                              static_cast<const S*>(a.w_out), a.ids, a.gates,
-                                                             static_cast<S*>(a.y));
+                                                             static_cast<S*>(a.y), a.add);
     OMNIMOE_CUDA_LAUNCH_CHECK("experts gather_generic_kernel");
     return Status::Ok();
   }
@@ -157,7 +165,7 @@ Status launch_gather(const ExpertsArgs& a, cudaStream_t stream) {
     kernel<<<blocks, kWarpsPerBlock * 32, 0, stream>>>(a.T, H, static_cast<int>(c.top_k), c.activation,
                                                        static_cast<const S*>(a.x), static_cast<const S*>(a.w_in),
                                                        static_cast<const S*>(a.w_out), a.ids, a.gates,
-                                                       static_cast<S*>(a.y));
+                                                       static_cast<S*>(a.y), a.add);
   };
   if (vpl <= 1) args(gather_kernel<S, 1>);
   else if (vpl <= 2) args(gather_kernel<S, 2>);

@@ -3,7 +3,15 @@
 // (sorted by expert, tokens ascending) into the two gradient rows and writes each row once,
 // zero for unchosen experts. No atomics: deterministic. Also the SwiGLU backward and the
 // final fp32 -> storage conversion.
+#include <cub/device/device_scan.cuh>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <type_traits>
+
 #include "core/math.hpp"
+#include "core/workspace.hpp"
 #include "cuda/cuda.cuh"
 
 namespace omnimoe::cuda {
@@ -46,44 +54,141 @@ __global__ void __launch_bounds__(kWarps * 32)
   if (lane == 0) bad[t] = bad_id;
 }
 
-// One warp per expert; the row is covered in slices of 32 * kSlice elements.
-constexpr int kSlice = 8;
+// ---- expert rows: dw_in[e] = sum dh x[t], dw_out[e] = sum a dy[t] over e's tasks -------
+// A warp covers a row in slices of 32 * V columns: lane l owns V consecutive columns
+// (16-byte loads) when rows are whole 16-byte vectors (kVec), else columns l, l + 32, ...
+template <class S, bool kVec>
+struct RowSlice {
+  static constexpr int V = kVec ? Vec<S>::kN : 8;
+  static constexpr int kWidth = 32 * V;
+  __device__ static int col(int c0, int lane, int i) { return kVec ? c0 + lane * V + i : c0 + i * 32 + lane; }
+  __device__ static void load(const S* row, int c0, int lane, int H, float (&out)[V]) {
+    if constexpr (kVec) {
+      if (col(c0, lane, 0) < H) load16(row + col(c0, lane, 0), out);
+      else
+#pragma unroll
+        for (int i = 0; i < V; ++i) out[i] = 0.f;
+    } else {
+#pragma unroll
+      for (int i = 0; i < V; ++i) out[i] = col(c0, lane, i) < H ? to_f32(row[col(c0, lane, i)]) : 0.f;
+    }
+  }
+  // Stores of the lane's columns: one 16-byte store per lane when kVec (coalesced rows).
+  template <class D>
+  __device__ static void store(D* row, int c0, int lane, int H, const float (&in)[V]) {
+    if constexpr (kVec && sizeof(D) * V == 16) {
+      if (col(c0, lane, 0) < H) store16(row + col(c0, lane, 0), in);
+    } else if constexpr (kVec && std::is_same_v<D, float> && V == 8) {  // fp32 partial rows of 8 columns
+      if (col(c0, lane, 0) < H) {
+        float4* p = reinterpret_cast<float4*>(row + col(c0, lane, 0));
+        p[0] = make_float4(in[0], in[1], in[2], in[3]);
+        p[1] = make_float4(in[4], in[5], in[6], in[7]);
+      }
+    } else {
+#pragma unroll
+      for (int i = 0; i < V; ++i)
+        if (col(c0, lane, i) < H) row[col(c0, lane, i)] = from_f32<D>(in[i]);
+    }
+  }
+};
 
-template <class S>
+// Sums tasks [begin, end) of the sorted list into gi / go for the slice starting at c0.
+template <class S, bool kVec>
+__device__ __forceinline__ void sum_tasks(i32 begin, i32 end, const i32* __restrict__ tasks, int K, int H, int c0,
+                                          int lane, const S* __restrict__ x, const S* __restrict__ dy,
+                                          const float* __restrict__ a, const float* __restrict__ dh,
+                                          float (&gi)[RowSlice<S, kVec>::V], float (&go)[RowSlice<S, kVec>::V]) {
+  using R = RowSlice<S, kVec>;
+  for (i32 i = begin; i < end; ++i) {
+    const i32 task = tasks[i];
+    const i64 t = task / K;
+    const float w = dh[task], v = a[task];
+    float xr[R::V], dr[R::V];
+    R::load(x + t * H, c0, lane, H, xr);
+    R::load(dy + t * H, c0, lane, H, dr);
+#pragma unroll
+    for (int j = 0; j < R::V; ++j) {
+      gi[j] = fmaf(w, xr[j], gi[j]);
+      go[j] = fmaf(v, dr[j], go[j]);
+    }
+  }
+}
+
+// Stage 1 of a long segment (more than `piece` tasks): one warp per piece of `piece`
+// consecutive tasks writes its partial rows (fp32) to partial[p] = [2][H]. Pieces are
+// numbered expert by expert (pstart, an exclusive scan); warps past the last piece exit.
+template <class S, bool kVec>
 __global__ void __launch_bounds__(kWarps * 32)
-    rows_kernel(i64 N, int H, int K, const S* __restrict__ x, const S* __restrict__ dy, const i32* __restrict__ tasks,
-                const i32* __restrict__ offsets, const float* __restrict__ a, const float* __restrict__ dh,
-                S* __restrict__ dw_in, S* __restrict__ dw_out) {
+    pieces_kernel(i64 N, int H, int K, int piece, const S* __restrict__ x, const S* __restrict__ dy,
+                  const i32* __restrict__ tasks, const i32* __restrict__ offsets, const i32* __restrict__ pstart,
+                  const float* __restrict__ a, const float* __restrict__ dh, float* __restrict__ partial) {
+  using R = RowSlice<S, kVec>;
   const int lane = threadIdx.x & 31;
-  const i64 e = static_cast<i64>(blockIdx.x) * kWarps + (threadIdx.x >> 5);
-  if (e >= N) return;
-  const i32 begin = offsets[e], end = offsets[e + 1];
-  for (int h0 = 0; h0 < H; h0 += 32 * kSlice) {
-    float gi[kSlice], go[kSlice];
+  const i64 p = static_cast<i64>(blockIdx.x) * kWarps + (threadIdx.x >> 5);
+  if (p >= pstart[N]) return;
+  i64 lo = 0, hi = N;  // expert e with pstart[e] <= p < pstart[e + 1]
+  while (hi - lo > 1) {
+    const i64 mid = (lo + hi) / 2;
+    if (pstart[mid] <= p) lo = mid;
+    else hi = mid;
+  }
+  const i32 begin = offsets[lo] + static_cast<i32>(p - pstart[lo]) * piece;
+  const i32 end = min(begin + piece, offsets[lo + 1]);
+  float* out = partial + p * 2 * H;
+  for (int c0 = 0; c0 < H; c0 += R::kWidth) {
+    float gi[R::V] = {}, go[R::V] = {};
+    sum_tasks<S, kVec>(begin, end, tasks, K, H, c0, lane, x, dy, a, dh, gi, go);
+    R::store(out, c0, lane, H, gi);
+    R::store(out + H, c0, lane, H, go);
+  }
+}
+
+// Stage 2: one warp per output row. Dense output: row e of the [N, H] tables; sparse: slot
+// s holds expert slot_ids[s] (-1: padding, a zero row). A segment of at most `piece` tasks is
+// summed directly; a longer one sums its pieces' partial rows in order (deterministic).
+template <class S, bool kVec>
+__global__ void __launch_bounds__(kWarps * 32)
+    rows_kernel(i64 rows, int H, int K, int piece, const S* __restrict__ x, const S* __restrict__ dy,
+                const i32* __restrict__ tasks, const i32* __restrict__ offsets, const i32* __restrict__ pstart,
+                const float* __restrict__ partial, const float* __restrict__ a, const float* __restrict__ dh,
+                const i32* __restrict__ slot_ids, S* __restrict__ dw_in, S* __restrict__ dw_out) {
+  using R = RowSlice<S, kVec>;
+  const int lane = threadIdx.x & 31;
+  const i64 r = static_cast<i64>(blockIdx.x) * kWarps + (threadIdx.x >> 5);
+  if (r >= rows) return;
+  const i64 e = slot_ids != nullptr ? slot_ids[r] : r;
+  const i32 begin = e >= 0 ? offsets[e] : 0, end = e >= 0 ? offsets[e + 1] : 0;
+  const bool split = end - begin > piece;
+  for (int c0 = 0; c0 < H; c0 += R::kWidth) {
+    float gi[R::V] = {}, go[R::V] = {};
+    if (!split) {
+      sum_tasks<S, kVec>(begin, end, tasks, K, H, c0, lane, x, dy, a, dh, gi, go);
+    } else {
+      for (i32 p = pstart[e]; p < pstart[e + 1]; ++p) {
+        const float* in = partial + static_cast<i64>(p) * 2 * H;
 #pragma unroll
-    for (int j = 0; j < kSlice; ++j) gi[j] = go[j] = 0.f;
-    for (i32 i = begin; i < end; ++i) {
-      const i32 task = tasks[i];
-      const i64 t = task / K;
-      const float w = dh[task], v = a[task];
-#pragma unroll
-      for (int j = 0; j < kSlice; ++j) {
-        const int c = h0 + j * 32 + lane;
-        if (c < H) {
-          gi[j] = fmaf(w, to_f32(x[t * H + c]), gi[j]);
-          go[j] = fmaf(v, to_f32(dy[t * H + c]), go[j]);
+        for (int j = 0; j < R::V; ++j) {
+          const int c = R::col(c0, lane, j);
+          if (c < H) {
+            gi[j] += in[c];
+            go[j] += in[H + c];
+          }
         }
       }
     }
-#pragma unroll
-    for (int j = 0; j < kSlice; ++j) {
-      const int c = h0 + j * 32 + lane;
-      if (c < H) {
-        dw_in[e * H + c] = from_f32<S>(gi[j]);
-        dw_out[e * H + c] = from_f32<S>(go[j]);
-      }
-    }
+    R::store(dw_in + r * H, c0, lane, H, gi);
+    R::store(dw_out + r * H, c0, lane, H, go);
   }
+}
+
+// Per expert: whether any task chose it, and how many pieces its segment splits into.
+__global__ void segment_counts_kernel(i64 N, int piece, const i32* __restrict__ offsets, i32* __restrict__ active,
+                                      i32* __restrict__ npieces) {
+  const i64 e = static_cast<i64>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (e > N) return;
+  const i32 len = e < N ? offsets[e + 1] - offsets[e] : 0;  // entry N: 0, so the scans end in totals
+  active[e] = len > 0;
+  npieces[e] = len > piece ? (len + piece - 1) / piece : 0;
 }
 
 template <class S>
@@ -130,16 +235,107 @@ Status experts_backward_tokens(const ExpertsArgs& a, const void* dy, float* act_
   });
 }
 
-Status experts_backward_rows(const Config& cfg, DType dtype, const void* x, const void* dy, const i32* tasks,
-                             const i32* offsets, const float* act_out, const float* dh, void* dw_in, void* dw_out,
-                             cudaStream_t stream) {
-  return by_dtype(dtype, [&](auto tag) {
+namespace {
+// Sparse slots: slot_ids[rank[e]] = e for active e, -1 from count on; count = rank[N].
+__global__ void compact_kernel(i64 N, i64 capacity, const i32* __restrict__ active, const i32* __restrict__ rank,
+                               i32* __restrict__ slot_ids, i32* __restrict__ count) {
+  const i64 i = static_cast<i64>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const i32 total = rank[N];
+  if (i == 0) *count = total;
+  if (i < N && active[i]) slot_ids[rank[i]] = static_cast<i32>(i);
+  if (i < capacity && i >= total) slot_ids[i] = -1;
+}
+}  // namespace
+
+namespace {
+__global__ void mark_active_kernel(const i32* __restrict__ ids, i64 n, i32* __restrict__ active) {
+  const i64 i = static_cast<i64>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i < n && ids[i] >= 0) active[ids[i]] = 1;  // every writer stores the same 1
+}
+}  // namespace
+
+Status experts_active_from_ids(const i32* ids, i64 tasks, i64 N, const SegmentScratch& s, const SparseRowsOut& sparse,
+                               cudaStream_t stream) {
+  OMNIMOE_CUDA_TRY(cudaMemsetAsync(s.active, 0, static_cast<std::size_t>(N + 1) * sizeof(i32), stream));
+  mark_active_kernel<<<ceil_div(tasks, 256), 256, 0, stream>>>(ids, tasks, s.active);
+  OMNIMOE_CUDA_LAUNCH_CHECK("experts_backward mark_active_kernel");
+  std::size_t bytes = s.scan_bytes;
+  OMNIMOE_CUDA_TRY(cub::DeviceScan::ExclusiveSum(s.scan_temp, bytes, s.active, s.rank, static_cast<int>(N + 1), stream));
+  compact_kernel<<<ceil_div(std::max(N, sparse.capacity), 256), 256, 0, stream>>>(N, sparse.capacity, s.active,
+                                                                                  s.rank, sparse.ids, sparse.count);
+  OMNIMOE_CUDA_LAUNCH_CHECK("experts_backward compact_kernel");
+  return Status::Ok();
+}
+
+int segment_piece(i64 tasks, i64 H) {
+  const double per_task = 2.0 * 2.0 * static_cast<double>(H) * sizeof(float);  // 2 rows, <= 2 pieces per L tasks
+  return static_cast<int>(std::max<double>(32.0, std::ceil(static_cast<double>(tasks) * per_task / kPartialBytes)));
+}
+
+SegmentScratch carve_segment_scratch(Arena& a, i64 N, i64 tasks, i64 H) {
+  SegmentScratch s;
+  const auto n1 = static_cast<std::size_t>(N + 1);
+  s.piece = segment_piece(tasks, H);
+  s.max_pieces = std::max<i64>(1, (2 * tasks + s.piece - 1) / s.piece);
+  s.active = a.take<i32>(n1);
+  s.rank = a.take<i32>(n1);
+  s.npieces = a.take<i32>(n1);
+  s.pstart = a.take<i32>(n1);
+  s.partial = a.take<float>(static_cast<std::size_t>(s.max_pieces * 2 * H));
+  cub::DeviceScan::ExclusiveSum(nullptr, s.scan_bytes, static_cast<const i32*>(nullptr), static_cast<i32*>(nullptr),
+                                static_cast<int>(N + 1));
+  s.scan_temp = a.take<char>(s.scan_bytes);
+  return s;
+}
+
+Status experts_active_list(i64 N, const i32* offsets, const SegmentScratch& s, const SparseRowsOut* sparse,
+                           cudaStream_t stream) {
+  segment_counts_kernel<<<ceil_div(N + 1, 256), 256, 0, stream>>>(N, s.piece, offsets, s.active, s.npieces);
+  OMNIMOE_CUDA_LAUNCH_CHECK("experts_backward segment_counts_kernel");
+  std::size_t bytes = s.scan_bytes;
+  OMNIMOE_CUDA_TRY(cub::DeviceScan::ExclusiveSum(s.scan_temp, bytes, s.npieces, s.pstart, static_cast<int>(N + 1),
+                                                 stream));
+  if (sparse != nullptr) {
+    bytes = s.scan_bytes;
+    OMNIMOE_CUDA_TRY(cub::DeviceScan::ExclusiveSum(s.scan_temp, bytes, s.active, s.rank, static_cast<int>(N + 1),
+                                                   stream));
+    compact_kernel<<<ceil_div(std::max(N, sparse->capacity), 256), 256, 0, stream>>>(
+        N, sparse->capacity, s.active, s.rank, sparse->ids, sparse->count);
+    OMNIMOE_CUDA_LAUNCH_CHECK("experts_backward compact_kernel");
+  }
+  return Status::Ok();
+}
+
+Status experts_backward_rows(const RowsArgs& r, cudaStream_t stream) {
+  const Config& c = *r.cfg;
+  const i64 N = c.num_experts();
+  const int H = static_cast<int>(c.hidden), K = static_cast<int>(c.top_k);
+  const SegmentScratch& s = *r.seg;
+  const i64 rows = r.sparse != nullptr ? r.sparse->capacity : N;
+  return by_dtype(r.dtype, [&](auto tag) {
     using S = decltype(tag);
-    rows_kernel<S><<<ceil_div(cfg.num_experts(), kWarps), kWarps * 32, 0, stream>>>(
-        cfg.num_experts(), static_cast<int>(cfg.hidden), static_cast<int>(cfg.top_k), static_cast<const S*>(x),
-        static_cast<const S*>(dy), tasks, offsets, act_out, dh, static_cast<S*>(dw_in), static_cast<S*>(dw_out));
-    OMNIMOE_CUDA_LAUNCH_CHECK("experts_backward rows_kernel");
-    return Status::Ok();
+    auto launch = [&](auto vec) {
+      constexpr bool kVec = decltype(vec)::value;
+      pieces_kernel<S, kVec><<<ceil_div(s.max_pieces, kWarps), kWarps * 32, 0, stream>>>(
+          N, H, K, s.piece, static_cast<const S*>(r.x), static_cast<const S*>(r.dy), r.tasks, r.offsets, s.pstart,
+          r.act_out, r.dh, s.partial);
+      OMNIMOE_CUDA_LAUNCH_CHECK("experts_backward pieces_kernel");
+      rows_kernel<S, kVec><<<ceil_div(rows, kWarps), kWarps * 32, 0, stream>>>(
+          rows, H, K, s.piece, static_cast<const S*>(r.x), static_cast<const S*>(r.dy), r.tasks, r.offsets, s.pstart,
+          s.partial, r.act_out, r.dh, r.sparse != nullptr ? r.sparse->ids : nullptr,
+          static_cast<S*>(r.sparse != nullptr ? r.sparse->dw_in : r.dw_in),
+          static_cast<S*>(r.sparse != nullptr ? r.sparse->dw_out : r.dw_out));
+      OMNIMOE_CUDA_LAUNCH_CHECK("experts_backward rows_kernel");
+      return Status::Ok();
+    };
+    // 16-byte loads and stores need rows of whole vectors and 16-byte aligned tensors (a
+    // caller's view into a larger buffer may not be).
+    const auto aligned = [](const void* p) { return reinterpret_cast<std::uintptr_t>(p) % 16 == 0; };
+    const void* out_in = r.sparse != nullptr ? r.sparse->dw_in : r.dw_in;
+    const void* out_out = r.sparse != nullptr ? r.sparse->dw_out : r.dw_out;
+    if (H % Vec<S>::kN == 0 && aligned(r.x) && aligned(r.dy) && aligned(out_in) && aligned(out_out))
+      return launch(std::true_type{});
+    return launch(std::false_type{});
   });
 }
 

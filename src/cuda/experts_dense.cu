@@ -33,9 +33,9 @@ __global__ void scatter_kernel(const i32* __restrict__ tasks, const i32* __restr
 }
 
 template <class S>
-__global__ void store_kernel(const float* __restrict__ yacc, i64 n, S* __restrict__ y) {
+__global__ void store_kernel(const float* __restrict__ yacc, i64 n, S* __restrict__ y, bool add) {
   const i64 i = static_cast<i64>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (i < n) y[i] = from_f32<S>(yacc[i]);
+  if (i < n) y[i] = from_f32<S>(add ? yacc[i] + to_f32(y[i]) : yacc[i]);
 }
 
 // Tokens of the caller's routing with an id out of range: their rows become NaN.
@@ -98,7 +98,7 @@ Status run(const ExpertsArgs& a, const DenseBuffers& b, cudaStream_t stream) {
       OMNIMOE_CUDA_LAUNCH_CHECK("experts_dense clear_kernel");
     }
     store_kernel<S><<<ceil_div(rows * H, 256), 256, 0, stream>>>(b.yacc, rows * H,
-                                                                   static_cast<S*>(a.y) + t0 * H);
+                                                                   static_cast<S*>(a.y) + t0 * H, a.add);
     OMNIMOE_CUDA_LAUNCH_CHECK("experts_dense store_kernel");
   }
   poison_kernel<S><<<ceil_div(T * K, 256), 256, 0, stream>>>(a.ids, T * K, static_cast<int>(K), static_cast<int>(H),

@@ -14,8 +14,8 @@ namespace {
 
 // Token chunks bound the workspace: router logits and shared-MLP activations are produced
 // and consumed chunk by chunk (peak memory is independent of T beyond 8 bytes per pair).
-constexpr std::size_t kLogitBytes = std::size_t{32} << 20;
-constexpr std::size_t kMlpBytes = std::size_t{32} << 20;
+constexpr std::size_t kLogitBytes = std::size_t{16} << 20;
+constexpr std::size_t kMlpBytes = std::size_t{16} << 20;
 
 struct Plan {
   i64 route_rows;  // tokens per router chunk
@@ -34,36 +34,22 @@ Plan plan_of(const Config& cfg, i64 T, DType dtype) {
   return p;
 }
 
-// Experts execution path, chosen from sizes known on the host (never from device values):
-// the gather streams 2 T K H elements of expert rows, the dense path does 4 T N H flops on
-// tensor cores. The rates are round figures for an H100 (bf16 / f16; fp32 products run on
-// CUDA cores). OMNIMOE_EXPERTS_PATH=gather|dense overrides (tests, benchmarks).
-enum class ExpertsPath { gather, dense };
-
-ExpertsPath choose_path(const Config& cfg, i64 T, DType dtype) {
-  if (const char* env = std::getenv("OMNIMOE_EXPERTS_PATH")) {
-    if (std::string(env) == "dense") return ExpertsPath::dense;
-    if (std::string(env) == "gather") return ExpertsPath::gather;
-  }
-  const double gather_s = 2.0 * T * cfg.top_k * cfg.hidden * dtype_size(dtype) / 2.5e12;
-  const double dense_s = 4.0 * T * cfg.num_experts() * cfg.hidden / (dtype == DType::f32 ? 40e12 : 550e12);
-  return dense_s < gather_s ? ExpertsPath::dense : ExpertsPath::gather;
-}
-
 constexpr i64 kDenseTokens = 2048, kDenseExperts = 4096;  // chunk extents of the dense path
 
 struct ForwardBuffers {
-  GemmWorkspace gemm;
+  GemmWorkspace gemm;      // products on the caller's stream
+  GemmWorkspace gemm_aux;  // products of the shared MLP on the auxiliary stream
   void* wcat;          // [Nr + Nc, H] router weights side by side: one product for both axes
   double* partial;     // [chunks, 2 (Nr + Nc)] chunk moments (training batchnorm)
   float *mean, *rstd;  // [Nr + Nc]
   i32* ids32;          // [T, K]
   float* gates32;      // [T, K]
-  // The three phases run one after the other and share one region:
+  // route and experts run one after the other on the caller's stream and share one region:
   float* logits;       // route: [route_rows, Nr + Nc]
   int* flags;          // route: [route_rows] tokens left to the block top-K kernel
   DenseBuffers dense;  // experts, dense path
-  void *u, *v;         // shared_mlp: [mlp_rows, I]
+  // shared_mlp runs beside them on the auxiliary stream, in its own memory:
+  void *u, *v;         // [mlp_rows, I]
 };
 
 ForwardBuffers carve_forward(Arena& a, const Config& cfg, i64 T, DType dtype) {
@@ -71,8 +57,11 @@ ForwardBuffers carve_forward(Arena& a, const Config& cfg, i64 T, DType dtype) {
   const auto n = static_cast<std::size_t>(cfg.grid_rows + cfg.grid_cols);
   const std::size_t es = dtype_size(dtype), tk = static_cast<std::size_t>(T * cfg.top_k);
   ForwardBuffers b{};
-  b.gemm.bytes = kLayerGemmBytes;
-  b.gemm.data = a.take<char>(kLayerGemmBytes);
+  b.gemm = {a.take<char>(kLayerGemmBytes), kLayerGemmBytes};
+  if (cfg.has_shared_mlp()) b.gemm_aux = {a.take<char>(kLayerGemmBytes), kLayerGemmBytes};
+  const auto mlp = static_cast<std::size_t>(p.mlp_rows * cfg.intermediate) * es;
+  b.u = a.take<char>(mlp);
+  b.v = a.take<char>(mlp);
   b.wcat = a.take<char>(n * static_cast<std::size_t>(cfg.hidden) * es);
   b.partial = a.take<double>(static_cast<std::size_t>(p.chunks) * 2 * n);
   b.mean = a.take<float>(n);
@@ -86,18 +75,8 @@ ForwardBuffers carve_forward(Arena& a, const Config& cfg, i64 T, DType dtype) {
   a.rewind(phase);
 
   if (choose_path(cfg, T, dtype) == ExpertsPath::dense) {
-    GroupSchedule& s = b.dense.schedule;
-    s.token_chunk = std::min(T, kDenseTokens);
-    s.expert_chunk = std::min(cfg.num_experts(), kDenseExperts);
-    s.n_tc = (T + s.token_chunk - 1) / s.token_chunk;
-    s.n_ec = (cfg.num_experts() + s.expert_chunk - 1) / s.expert_chunk;
-    for (int i = 0; i < 2; ++i) {
-      s.keys[i] = a.take<unsigned>(tk);
-      s.vals[i] = a.take<i32>(tk);
-    }
-    s.offsets = a.take<i32>(static_cast<std::size_t>(s.n_tc * s.n_ec + 1));
-    s.temp_bytes = schedule_temp_bytes(T * cfg.top_k, s.n_tc * s.n_ec);
-    s.temp = a.take<char>(s.temp_bytes);
+    b.dense.schedule = carve_group_schedule(a, T, cfg.top_k, cfg.num_experts(), kDenseTokens, kDenseExperts);
+    const GroupSchedule& s = b.dense.schedule;
     const auto chunk = static_cast<std::size_t>(s.token_chunk * s.expert_chunk);
     b.dense.s = a.take<char>(chunk * es);
     b.dense.p = a.take<char>(chunk * es);
@@ -105,10 +84,6 @@ ForwardBuffers carve_forward(Arena& a, const Config& cfg, i64 T, DType dtype) {
     b.dense.gemm = b.gemm;
   }
   a.rewind(phase);
-
-  const auto mlp = static_cast<std::size_t>(p.mlp_rows * cfg.intermediate) * es;
-  b.u = a.take<char>(mlp);
-  b.v = a.take<char>(mlp);
   return b;
 }
 
@@ -117,6 +92,7 @@ Status experts(const Config& cfg, const TensorView& x, const Params& p, const fl
                const ForwardBuffers& b, cudaStream_t s) {
   const i64 T = x.shape[0];
   ExpertsArgs e{&cfg, T, x.dtype, x.data, p.expert_in.data, p.expert_out.data, b.ids32, gates, y.data};
+  e.add = cfg.has_shared_mlp();  // y already holds the shared branch
   if (choose_path(cfg, T, x.dtype) == ExpertsPath::dense) return experts_dense(e, b.dense, s);
   return experts_gather(e, s);
 }
@@ -188,7 +164,8 @@ Status route(const Config& cfg, Mode mode, const TensorView& x, const Params& p,
   return Status::Ok();
 }
 
-// y += (silu(x gateᵀ) * (x upᵀ)) downᵀ, chunk by chunk of tokens. gate and up are one
+// y = (silu(x gateᵀ) * (x upᵀ)) downᵀ, chunk by chunk of tokens (the routed branch is added
+// afterwards). gate and up are one
 // strided-batch product (x broadcast against both weight matrices, the batch stride being
 // the distance between the caller's two tensors), then SwiGLU, then down onto y.
 Status shared_mlp(const Config& cfg, const TensorView& x, const Params& p, const TensorView& y,
@@ -225,14 +202,14 @@ Status shared_mlp(const Config& cfg, const TensorView& x, const Params& p, const
       g.stride_a = 0;
       g.stride_b = gap / es;
       g.stride_c = static_cast<i64>(static_cast<char*>(b.v) - static_cast<char*>(b.u)) / es;
-      OMNIMOE_RETURN_IF_ERROR(gemm(g, b.gemm, s));
+      OMNIMOE_RETURN_IF_ERROR(gemm(g, b.gemm_aux, s));
     } else {  // misaligned caller tensors: two products
       g.B = gp;
       g.C = gate_out;
-      OMNIMOE_RETURN_IF_ERROR(gemm(g, b.gemm, s));
+      OMNIMOE_RETURN_IF_ERROR(gemm(g, b.gemm_aux, s));
       g.B = upp;
       g.C = up_out;
-      OMNIMOE_RETURN_IF_ERROR(gemm(g, b.gemm, s));
+      OMNIMOE_RETURN_IF_ERROR(gemm(g, b.gemm_aux, s));
     }
     OMNIMOE_RETURN_IF_ERROR(shared_mlp_swiglu(dt, gate_out, up_out, rows * I, s));
     GemmArgs d;
@@ -247,13 +224,53 @@ Status shared_mlp(const Config& cfg, const TensorView& x, const Params& p, const
     d.C = const_cast<char*>(at(y.data, t0 * H, dt));
     d.ldc = H;
     d.ab = d.c = dt;
-    d.beta = 1.f;  // the routed branch is already in y
-    OMNIMOE_RETURN_IF_ERROR(gemm(d, b.gemm, s));
+    OMNIMOE_RETURN_IF_ERROR(gemm(d, b.gemm_aux, s));
   }
   return Status::Ok();
 }
 
+// OMNIMOE_OVERLAP=0 keeps the shared MLP on the caller's stream (for measurements).
+bool overlap_enabled() {
+  const char* env = std::getenv("OMNIMOE_OVERLAP");
+  return env == nullptr || std::string(env) != "0";
+}
+
+// Runs `routed` on the caller's stream while the shared MLP writes y on the auxiliary
+// stream, then joins the two: `routed` must not touch y; the experts stage adds to y after
+// the join. Without a shared MLP, `routed` alone.
+template <class Routed>
+Status with_shared_mlp(const Config& cfg, const TensorView& x, const Params& p, const TensorView& y,
+                       const ForwardBuffers& b, cudaStream_t s, Routed&& routed) {
+  if (!cfg.has_shared_mlp()) return routed();
+  if (!overlap_enabled()) {  // both branches on the caller's stream, the shared MLP first
+    OMNIMOE_RETURN_IF_ERROR(shared_mlp(cfg, x, p, y, b, s));
+    return routed();
+  }
+  AuxStream aux{};
+  OMNIMOE_RETURN_IF_ERROR(aux_stream(&aux));
+  OMNIMOE_CUDA_TRY(cudaEventRecord(aux.fork, s));
+  OMNIMOE_CUDA_TRY(cudaStreamWaitEvent(aux.stream, aux.fork, 0));
+  const Status mlp = shared_mlp(cfg, x, p, y, b, aux.stream);
+  // Join even after a failure, so a stream capture is never left forked.
+  OMNIMOE_CUDA_TRY(cudaEventRecord(aux.join, aux.stream));
+  const Status r = mlp.ok() ? routed() : Status::Ok();
+  OMNIMOE_CUDA_TRY(cudaStreamWaitEvent(s, aux.join, 0));
+  OMNIMOE_RETURN_IF_ERROR(mlp);
+  return r;
+}
+
 }  // namespace
+
+ExpertsPath choose_path(const Config& cfg, i64 T, DType dtype) {
+  if (const char* env = std::getenv("OMNIMOE_EXPERTS_PATH")) {
+    if (std::string(env) == "dense") return ExpertsPath::dense;
+    if (std::string(env) == "gather") return ExpertsPath::gather;
+  }
+  // Rates: round figures for an H100 (bf16 / f16; fp32 products run on CUDA cores).
+  const double gather_s = 2.0 * T * cfg.top_k * cfg.hidden * dtype_size(dtype) / 2.5e12;
+  const double dense_s = 4.0 * T * cfg.num_experts() * cfg.hidden / (dtype == DType::f32 ? 40e12 : 550e12);
+  return dense_s < gather_s ? ExpertsPath::dense : ExpertsPath::gather;
+}
 
 Status check_supported(const Config& cfg, DType dtype, i64 T) {
   // Task indices t * K + k are 32-bit on the device.
@@ -289,10 +306,8 @@ Status forward(const Config& cfg, Mode mode, const TensorView& x, const Params& 
   const ForwardBuffers b = carve_forward(arena, cfg, T, x.dtype);
   if (!arena.fits()) return {StatusCode::internal, "cuda forward: workspace plan exceeds the queried size"};
 
-  OMNIMOE_RETURN_IF_ERROR(route(cfg, mode, x, p, out, b, s));
-  OMNIMOE_RETURN_IF_ERROR(experts(cfg, x, p, b.gates32, out.y, b, s));
-  if (cfg.has_shared_mlp()) OMNIMOE_RETURN_IF_ERROR(shared_mlp(cfg, x, p, out.y, b, s));
-  return Status::Ok();
+  OMNIMOE_RETURN_IF_ERROR(with_shared_mlp(cfg, x, p, out.y, b, s, [&] { return route(cfg, mode, x, p, out, b, s); }));
+  return experts(cfg, x, p, b.gates32, out.y, b, s);
 }
 
 Status forward_routed(const Config& cfg, const TensorView& x, const Params& p, const TensorView& expert_ids,
@@ -303,10 +318,10 @@ Status forward_routed(const Config& cfg, const TensorView& x, const Params& p, c
   Arena arena(ws.data, ws.bytes);
   const ForwardBuffers b = carve_forward(arena, cfg, T, x.dtype);
   if (!arena.fits()) return {StatusCode::internal, "cuda forward_routed: workspace plan exceeds the queried size"};
-  OMNIMOE_RETURN_IF_ERROR(experts_import_ids(expert_ids, cfg.num_experts(), b.ids32, s));
-  OMNIMOE_RETURN_IF_ERROR(experts(cfg, x, p, gates.as<const float>(), y, b, s));
-  if (cfg.has_shared_mlp()) OMNIMOE_RETURN_IF_ERROR(shared_mlp(cfg, x, p, y, b, s));
-  return Status::Ok();
+  OMNIMOE_RETURN_IF_ERROR(with_shared_mlp(cfg, x, p, y, b, s, [&] {
+    return experts_import_ids(expert_ids, cfg.num_experts(), b.ids32, s);
+  }));
+  return experts(cfg, x, p, gates.as<const float>(), y, b, s);
 }
 
 

@@ -13,6 +13,8 @@ namespace omnimoe::cuda {
 namespace {
 
 
+constexpr i64 kDenseTokens = 2048, kDenseExperts = 2048;  // chunk extents of the dense path
+
 struct BackwardBuffers {
   GemmWorkspace gemm;
   void* wcat;           // [n, H] router weights side by side (n = Nr + Nc)
@@ -24,9 +26,13 @@ struct BackwardBuffers {
   float* dlogp;         // [T, n] gradient w.r.t. logp, then lhat, then the logits
   void* dl;             // [T, n] that gradient in the storage dtype for the products
   i32* ids;             // [T, K]
-  float *gates, *a, *dg, *dh;  // [T, K]
+  float *gates, *dg;    // [T, K]
+  float *a, *dh;        // [T, K] gather path: per-task a = g act(h) and dh
   int* bad;             // [T] token has an id out of range
-  GroupSchedule by_expert;
+  ExpertsPath path;
+  GroupSchedule by_expert;      // gather path: tasks sorted by expert
+  SegmentScratch seg;           // active experts, sparse slots, split segments
+  DenseBackwardBuffers dense;   // dense path
   float* dx;            // [T, H] fp32 accumulator
   void *u, *v, *dm;     // [T, I] shared MLP
 };
@@ -34,10 +40,10 @@ struct BackwardBuffers {
 BackwardBuffers carve_backward(Arena& a, const Config& cfg, i64 T, DType dt) {
   const auto n = static_cast<std::size_t>(cfg.grid_rows + cfg.grid_cols), t = static_cast<std::size_t>(T);
   const std::size_t es = dtype_size(dt), tk = t * static_cast<std::size_t>(cfg.top_k);
-  const i64 N = cfg.num_experts();
+  const i64 N = cfg.num_experts(), H = cfg.hidden;
   BackwardBuffers b{};
   b.gemm = {a.take<char>(kLayerGemmBytes), kLayerGemmBytes};
-  b.wcat = a.take<char>(n * static_cast<std::size_t>(cfg.hidden) * es);
+  b.wcat = a.take<char>(n * static_cast<std::size_t>(H) * es);
   b.partial = a.take<double>(2 * n);
   b.colsums = a.take<double>(2 * n);
   b.mean = a.take<float>(n);
@@ -48,23 +54,31 @@ BackwardBuffers carve_backward(Arena& a, const Config& cfg, i64 T, DType dt) {
   b.dl = dt == DType::f32 ? static_cast<void*>(b.dlogp) : a.take<char>(t * n * es);
   b.ids = a.take<i32>(tk);
   b.gates = a.take<float>(tk);
-  b.a = a.take<float>(tk);
   b.dg = a.take<float>(tk);
-  b.dh = a.take<float>(tk);
   b.bad = a.take<int>(t);
-  GroupSchedule& s = b.by_expert;  // group = expert id
-  s.token_chunk = T;
-  s.expert_chunk = 1;
-  s.n_tc = 1;
-  s.n_ec = N;
-  for (int i = 0; i < 2; ++i) {
-    s.keys[i] = a.take<unsigned>(tk);
-    s.vals[i] = a.take<i32>(tk);
+  b.dx = a.take<float>(t * static_cast<std::size_t>(H));
+  b.path = choose_path(cfg, T, dt);
+  b.seg = carve_segment_scratch(a, N, b.path == ExpertsPath::gather ? T * cfg.top_k : 0, H);
+  // The experts phase and the shared-MLP phase never overlap: they share memory.
+  const std::size_t phase = a.mark();
+  if (b.path == ExpertsPath::gather) {
+    b.a = a.take<float>(tk);
+    b.dh = a.take<float>(tk);
+    b.by_expert = carve_group_schedule(a, T, cfg.top_k, N, T, 1);  // group = expert id
+  } else {
+    DenseBackwardBuffers& d = b.dense;
+    d.schedule = carve_group_schedule(a, T, cfg.top_k, N, kDenseTokens, kDenseExperts);
+    const auto chunk = static_cast<std::size_t>(d.schedule.token_chunk * d.schedule.expert_chunk) * es;
+    d.s = a.take<char>(chunk);
+    d.da = a.take<char>(chunk);
+    d.pa = a.take<char>(chunk);
+    d.pdh = a.take<char>(chunk);
+    const auto rows = static_cast<std::size_t>(d.schedule.expert_chunk * H);
+    d.gin = a.take<float>(rows);
+    d.gout = a.take<float>(rows);
+    d.gemm = b.gemm;
   }
-  s.offsets = a.take<i32>(static_cast<std::size_t>(N + 1));
-  s.temp_bytes = schedule_temp_bytes(T * cfg.top_k, N);
-  s.temp = a.take<char>(s.temp_bytes);
-  b.dx = a.take<float>(t * static_cast<std::size_t>(cfg.hidden));
+  a.rewind(phase);
   const auto mlp = t * static_cast<std::size_t>(cfg.intermediate) * es;
   b.u = a.take<char>(mlp);
   b.v = a.take<char>(mlp);
@@ -72,6 +86,34 @@ BackwardBuffers carve_backward(Arena& a, const Config& cfg, i64 T, DType dt) {
   return b;
 }
 
+// The experts' backward on the chosen path: dgates, the experts' share of dx, and the
+// expert rows (dense tables or sparse slots).
+Status experts_backward(const Config& cfg, const TensorView& x, const Params& p, const TensorView& grad_y,
+                        const Gradients& g, const SparseExpertGradients* sparse, const BackwardBuffers& b,
+                        cudaStream_t s) {
+  const i64 T = x.shape[0], K = cfg.top_k, N = cfg.num_experts();
+  const DType dt = x.dtype;
+  SparseRowsOut so{};
+  if (sparse != nullptr)
+    so = {sparse->ids.as<i32>(), sparse->count.as<i32>(), sparse->expert_in.data, sparse->expert_out.data,
+          sparse_gradient_capacity(cfg, T)};
+  const SparseRowsOut* sp = sparse != nullptr ? &so : nullptr;
+  if (b.path == ExpertsPath::dense) {
+    if (sp != nullptr) OMNIMOE_RETURN_IF_ERROR(experts_active_from_ids(b.ids, T * K, N, b.seg, so, s));
+    DenseBackwardArgs d{&cfg,          T,      dt,     x.data,  grad_y.data,        p.expert_in.data,
+                        p.expert_out.data, b.ids, b.gates, b.dg, b.bad,             b.dx,
+                        g.expert_in.data,  g.expert_out.data, sp, &b.seg,          &b.dense};
+    return experts_backward_dense(d, s);
+  }
+  ExpertsArgs e{&cfg, T, dt, x.data, p.expert_in.data, p.expert_out.data, b.ids, b.gates, nullptr};
+  OMNIMOE_RETURN_IF_ERROR(experts_backward_tokens(e, grad_y.data, b.a, b.dg, b.dh, b.dx, b.bad, s));
+  GroupSchedule by_expert = b.by_expert;
+  OMNIMOE_RETURN_IF_ERROR(schedule_groups(b.ids, T, K, by_expert, s));
+  OMNIMOE_RETURN_IF_ERROR(experts_active_list(N, by_expert.offsets, b.seg, sp, s));
+  RowsArgs r{&cfg, dt, x.data, grad_y.data, by_expert.tasks, by_expert.offsets, b.a, b.dh, &b.seg,
+             g.expert_in.data, g.expert_out.data, sp};
+  return experts_backward_rows(r, s);
+}
 
 // C (+)= op(A) op(B), row-major, in one call.
 Status mm(const BackwardBuffers& b, cudaStream_t s, bool ta, bool tb, i64 M, i64 N, i64 K, const void* A, i64 lda,
@@ -105,9 +147,10 @@ Status backward_workspace_size(const Config& cfg, i64 tokens, DType dtype, std::
 }
 
 Status backward(const Config& cfg, Mode mode, const TensorView& x, const Params& p, const TensorView& expert_ids,
-                const TensorView& grad_y, const Gradients& g, Workspace ws, void* stream) {
+                const TensorView& grad_y, const Gradients& g, Workspace ws, void* stream,
+                const SparseExpertGradients* sparse) {
   const DType dt = x.dtype;
-  const i64 T = x.shape[0], H = cfg.hidden, I = cfg.intermediate, K = cfg.top_k, Nr = cfg.grid_rows;
+  const i64 T = x.shape[0], H = cfg.hidden, I = cfg.intermediate, Nr = cfg.grid_rows;
   const i64 n = cfg.grid_rows + cfg.grid_cols;
   OMNIMOE_RETURN_IF_ERROR(check_supported(cfg, dt, T));
   const auto s = static_cast<cudaStream_t>(stream);
@@ -131,14 +174,9 @@ Status backward(const Config& cfg, Mode mode, const TensorView& x, const Params&
   OMNIMOE_RETURN_IF_ERROR(experts_import_ids(expert_ids, cfg.num_experts(), b.ids, s));
   OMNIMOE_RETURN_IF_ERROR(route_gates_of(cfg, T, b.logp, b.ids, b.gates, s));
 
-  // experts: token side (dx, per-task a / dgates / dh), then each expert's rows once.
+  // experts: dgates, the experts' share of dx, each expert's rows once.
   OMNIMOE_CUDA_TRY(cudaMemsetAsync(b.dx, 0, static_cast<std::size_t>(T * H) * sizeof(float), s));
-  ExpertsArgs e{&cfg, T, dt, x.data, p.expert_in.data, p.expert_out.data, b.ids, b.gates, nullptr};
-  OMNIMOE_RETURN_IF_ERROR(experts_backward_tokens(e, grad_y.data, b.a, b.dg, b.dh, b.dx, b.bad, s));
-  OMNIMOE_RETURN_IF_ERROR(schedule_groups(b.ids, T, K, b.by_expert, s));
-  OMNIMOE_RETURN_IF_ERROR(experts_backward_rows(cfg, dt, x.data, grad_y.data, b.by_expert.tasks,
-                                                b.by_expert.offsets, b.a, b.dh, g.expert_in.data, g.expert_out.data,
-                                                s));
+  OMNIMOE_RETURN_IF_ERROR(experts_backward(cfg, x, p, grad_y, g, sparse, b, s));
 
   // route backward: gates -> scores -> log_softmax -> norm -> router weights and dx.
   OMNIMOE_RETURN_IF_ERROR(route_scores_backward(cfg, T, b.ids, b.gates, b.dg, b.logp, b.dlogp, s));

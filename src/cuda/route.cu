@@ -379,11 +379,39 @@ __device__ __forceinline__ unsigned long long warp_min_u64(unsigned long long v)
   return v;
 }
 
+// Ascending bitonic sort of 64 keys held two per lane (element lane + 32 h in k[h]).
+__device__ __forceinline__ void warp_sort64(unsigned long long (&k)[2]) {
+  const int lane = threadIdx.x & 31;
+#pragma unroll
+  for (int size = 2; size <= 64; size <<= 1)
+#pragma unroll
+    for (int stride = size >> 1; stride > 0; stride >>= 1) {
+      if (stride == 32) {  // partner is the same lane's other half; i < partner, ascending
+        const unsigned long long lo = k[0] < k[1] ? k[0] : k[1], hi = k[0] < k[1] ? k[1] : k[0];
+        k[0] = lo;
+        k[1] = hi;
+        continue;
+      }
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int i = lane + 32 * h;
+        const unsigned long long other = __shfl_xor_sync(0xffffffffu, k[h], stride);
+        const bool take_min = ((i & size) == 0) == ((i & stride) == 0);
+        k[h] = take_min ? (other < k[h] ? other : k[h]) : (other > k[h] ? other : k[h]);
+      }
+    }
+}
+
 // Normalised log-probabilities of one axis (lane holds entries lane + 32 j), and the keys of
-// its best `keep` entries: lane r returns the r-th best (~0 beyond keep).
+// its best `keep` (<= 32) entries: lane r returns the r-th best (~0 beyond keep); the taken
+// entries' values become NaN so the caller can test the rest.
+// Selection: the keep-th largest of the 32 lane maxima is a lower bound theta on the keep-th
+// best entry (the keep best lane maxima are entries >= it), so the answer lies among the
+// entries >= theta; when at most 64 of them exist (the usual case) one warp sort of those
+// candidates finishes, else `keep` rounds of a warp-wide minimum do.
 template <int VPL>
 __device__ unsigned long long warp_axis_best(const float* l, const float* mean, const float* rstd, int n, int keep,
-                                             float (&v)[VPL]) {
+                                             float (&v)[VPL], unsigned long long* buf) {
   const int lane = threadIdx.x & 31;
   float mx = -INFINITY;
 #pragma unroll
@@ -400,29 +428,73 @@ __device__ unsigned long long warp_axis_best(const float* l, const float* mean, 
     if (lane + 32 * j < n) sum += expf(v[j] - mx);
   sum = warp_sum(sum);
   const float lse = mx + logf(sum);
+  unsigned best_ord = 0;  // this lane's best entry as ord (0: none)
 #pragma unroll
-  for (int j = 0; j < VPL; ++j) v[j] -= lse;
-  unsigned taken = 0;  // bit j: entry lane + 32 j already selected
+  for (int j = 0; j < VPL; ++j) {
+    v[j] -= lse;
+    if (lane + 32 * j < n) best_ord = max(best_ord, ord(v[j]));
+  }
+  // theta: the keep-th largest lane maximum (a descending bitonic sort of the 32 maxima).
+  unsigned m = best_ord;
+#pragma unroll
+  for (int size = 2; size <= 32; size <<= 1)
+#pragma unroll
+    for (int stride = size >> 1; stride > 0; stride >>= 1) {
+      const unsigned other = __shfl_xor_sync(0xffffffffu, m, stride);
+      const bool take_max = ((lane & size) == 0) == ((lane & stride) == 0);
+      m = take_max ? max(m, other) : min(m, other);
+    }
+  const unsigned theta = __shfl_sync(0xffffffffu, m, keep - 1);
+  int count = 0;
+#pragma unroll
+  for (int j = 0; j < VPL; ++j) count += (lane + 32 * j < n && ord(v[j]) >= theta) ? 1 : 0;
+  int off = count;  // inclusive scan over lanes
+#pragma unroll
+  for (int o = 1; o < 32; o <<= 1) {
+    const int w = __shfl_up_sync(0xffffffffu, off, o);
+    if (lane >= o) off += w;
+  }
+  const int total = __shfl_sync(0xffffffffu, off, 31);
+  off -= count;
+  unsigned long long kth;
   unsigned long long mine = ~0ull;
-  for (int r = 0; r < keep; ++r) {
-    unsigned long long best = ~0ull;
+  if (total <= 64) {
 #pragma unroll
     for (int j = 0; j < VPL; ++j) {
       const int i = lane + 32 * j;
-      if (i < n && !((taken >> j) & 1u)) {
-        const unsigned long long k = key_of(v[j], static_cast<unsigned>(i));
-        best = k < best ? k : best;
-      }
+      if (i < n && ord(v[j]) >= theta) buf[off++] = key_of(v[j], static_cast<unsigned>(i));
     }
-    best = warp_min_u64(best);
-    const unsigned id = key_id(best);
-    if (static_cast<int>(id % 32) == lane) taken |= 1u << (id / 32);
-    if (lane == r) mine = best;
-  }
-  // Entries not taken keep their value; mark the taken ones so the caller can test the rest.
+    __syncwarp();
+    unsigned long long k[2] = {lane < total ? buf[lane] : ~0ull, lane + 32 < total ? buf[lane + 32] : ~0ull};
+    __syncwarp();
+    warp_sort64(k);
+    kth = __shfl_sync(0xffffffffu, k[0], keep - 1);
+    if (lane < keep) mine = k[0];
+  } else {  // many entries tie around theta: keep rounds of a warp minimum
+    unsigned taken = 0;  // bit j: entry lane + 32 j already selected
+    for (int r = 0; r < keep; ++r) {
+      unsigned long long best = ~0ull;
 #pragma unroll
-  for (int j = 0; j < VPL; ++j)
-    if ((taken >> j) & 1u) v[j] = NAN;
+      for (int j = 0; j < VPL; ++j) {
+        const int i = lane + 32 * j;
+        if (i < n && !((taken >> j) & 1u)) {
+          const unsigned long long key = key_of(v[j], static_cast<unsigned>(i));
+          best = key < best ? key : best;
+        }
+      }
+      best = warp_min_u64(best);
+      const unsigned id = key_id(best);
+      if (static_cast<int>(id % 32) == lane) taken |= 1u << (id / 32);
+      if (lane == r) mine = best;
+    }
+    kth = __shfl_sync(0xffffffffu, mine, keep - 1);
+  }
+  // The taken entries are exactly those with a key at or below the keep-th (ids are unique).
+#pragma unroll
+  for (int j = 0; j < VPL; ++j) {
+    const int i = lane + 32 * j;
+    if (i < n && key_of(v[j], static_cast<unsigned>(i)) <= kth) v[j] = NAN;
+  }
   return mine;
 }
 
@@ -430,14 +502,15 @@ template <int VPL>
 __global__ void __launch_bounds__(kWarpTopkWarps * 32)
     topk_warp_kernel(RouteTopkArgs a, int Nr, int Nc, int K, int gate_softmax) {
   __shared__ unsigned long long cells[kWarpTopkWarps][32];
+  __shared__ unsigned long long cand[kWarpTopkWarps][64];  // axis candidates (warp_axis_best)
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const i64 t = static_cast<i64>(blockIdx.x) * kWarpTopkWarps + warp;
   if (t >= a.rows) return;
   const float* l = a.logits + t * (Nr + Nc);
   const int rk = min(K, Nr), ck = min(K, Nc);
   float rv[VPL], cv[VPL];
-  const unsigned long long rkey = warp_axis_best<VPL>(l, a.mean, a.rstd, Nr, rk, rv);
-  const unsigned long long ckey = warp_axis_best<VPL>(l + Nr, a.mean + Nr, a.rstd + Nr, Nc, ck, cv);
+  const unsigned long long rkey = warp_axis_best<VPL>(l, a.mean, a.rstd, Nr, rk, rv, cand[warp]);
+  const unsigned long long ckey = warp_axis_best<VPL>(l + Nr, a.mean + Nr, a.rstd + Nr, Nc, ck, cv, cand[warp]);
   const float av = lane < rk ? key_value(rkey) : 0.f, bv = lane < ck ? key_value(ckey) : 0.f;
   const float amax = __shfl_sync(0xffffffffu, av, 0), bmax = __shfl_sync(0xffffffffu, bv, 0);
 

@@ -2,6 +2,8 @@
 // sort (stable, so tokens stay ascending inside a group), and each group's offsets.
 #include <cub/device/device_radix_sort.cuh>
 
+#include <algorithm>
+
 #include "cuda/cuda.cuh"
 
 namespace omnimoe::cuda {
@@ -46,6 +48,23 @@ std::size_t schedule_temp_bytes(i64 tasks, i64 groups) {
   cub::DoubleBuffer<i32> vals(nullptr, nullptr);
   cub::DeviceRadixSort::SortPairs(nullptr, bytes, keys, vals, tasks, 0, key_bits(groups + 1));
   return bytes;
+}
+
+GroupSchedule carve_group_schedule(Arena& a, i64 T, i64 K, i64 N, i64 token_chunk, i64 expert_chunk) {
+  GroupSchedule s;
+  const auto tk = static_cast<std::size_t>(T * K);
+  s.token_chunk = std::min(T, token_chunk);
+  s.expert_chunk = std::min(N, expert_chunk);
+  s.n_tc = (T + s.token_chunk - 1) / s.token_chunk;
+  s.n_ec = (N + s.expert_chunk - 1) / s.expert_chunk;
+  for (int i = 0; i < 2; ++i) {
+    s.keys[i] = a.take<unsigned>(tk);
+    s.vals[i] = a.take<i32>(tk);
+  }
+  s.offsets = a.take<i32>(static_cast<std::size_t>(s.n_tc * s.n_ec + 1));
+  s.temp_bytes = schedule_temp_bytes(T * K, s.n_tc * s.n_ec);
+  s.temp = a.take<char>(s.temp_bytes);
+  return s;
 }
 
 Status schedule_groups(const i32* ids, i64 T, i64 K, GroupSchedule& s, cudaStream_t stream) {

@@ -4,6 +4,7 @@ set(OMNIMOE_CUDA_SOURCES
   cuda/device.cu
   cuda/experts.cu
   cuda/experts_backward.cu
+  cuda/experts_backward_dense.cu
   cuda/experts_dense.cu
   cuda/gemm.cu
   cuda/layer.cu
@@ -12,4 +13,5 @@ set(OMNIMOE_CUDA_SOURCES
   cuda/route_backward.cu
   cuda/schedule.cu
   cuda/shared_mlp.cu
+  cuda/streams.cu
 )

@@ -3,6 +3,8 @@
 // random inputs, poisoned gradients and workspace, bitwise determinism, graph replay.
 #include <cuda_runtime.h>
 
+#include <algorithm>
+
 #include "cuda/cuda_helpers.hpp"
 
 namespace omt {
@@ -47,6 +49,53 @@ struct DeviceGrads {
       if (h[i]->defined()) d[i]->download(*h[i]);
   }
 };
+
+// backward_sparse on the same inputs: the other gradients bitwise as backward's, the active
+// experts ascending with their rows bitwise as backward's dense rows, then -1 and zero rows.
+void expect_sparse_matches_dense(const Config& cfg, Mode mode, const DeviceProblem& dev, const DeviceTensor& dids,
+                                 const HostTensor& ids, const DeviceTensor& ddy, const Grads& dense, DType dt,
+                                 const DeviceWorkspace& ws) {
+  const std::int64_t T = ids.shape()[0], H = cfg.hidden, cap = sparse_gradient_capacity(cfg, T);
+  Grads got = make_grads(cfg, T, dt);
+  got.expert_in = HostTensor();
+  got.expert_out = HostTensor();
+  DeviceGrads dg(got);
+  HostTensor sids(DType::i32, {cap}), scount(DType::i32, {1}), sin(dt, {cap, H}), sout(dt, {cap, H});
+  DeviceTensor d_ids(sids), d_count(scount), d_in(sin), d_out(sout);
+  dg.poison();
+  for (auto* t : {&d_ids, &d_count, &d_in, &d_out}) t->poison();
+  SparseExpertGradients sg{d_ids.view(), d_count.view(), d_in.view(), d_out.view()};
+  const Status st = backward_sparse(cfg, mode, dev.x.view(), dev.params(), dids.view(), ddy.view(), dg.view(), sg,
+                                    ws.ws());
+  ASSERT_TRUE(st.ok()) << st.message();
+  ASSERT_TRUE(synchronize(Device::cuda).ok());
+  dg.download(got);
+  for (auto [t, h] : {std::pair{&d_ids, &sids}, {&d_count, &scount}, {&d_in, &sin}, {&d_out, &sout}}) t->download(*h);
+  const auto a = got.all();
+  const auto b = dense.all();
+  for (std::size_t i = 0; i < a.size(); ++i)
+    if (a[i]->defined()) EXPECT_TRUE(a[i]->bitwise_equal(*b[i])) << kTrainableNames[i];
+  std::vector<std::int64_t> active;
+  for (auto e : ids.to_i64()) active.push_back(e);
+  std::sort(active.begin(), active.end());
+  active.erase(std::unique(active.begin(), active.end()), active.end());
+  const auto n = static_cast<std::int64_t>(active.size());
+  ASSERT_EQ(scount.get_int(0), n);
+  const auto win = dense.expert_in.to_f64(), wout = dense.expert_out.to_f64();
+  const auto gin = sin.to_f64(), gout = sout.to_f64();
+  for (std::int64_t s = 0; s < cap; ++s) {
+    if (s < n) {
+      ASSERT_EQ(sids.get_int(s), active[s]) << "slot " << s;
+      for (std::int64_t h = 0; h < H; ++h) {
+        ASSERT_EQ(gin[s * H + h], win[active[s] * H + h]) << "slot " << s;
+        ASSERT_EQ(gout[s * H + h], wout[active[s] * H + h]) << "slot " << s;
+      }
+    } else {
+      ASSERT_EQ(sids.get_int(s), -1) << "slot " << s;
+      for (std::int64_t h = 0; h < H; ++h) ASSERT_TRUE(gin[s * H + h] == 0.0 && gout[s * H + h] == 0.0) << s;
+    }
+  }
+}
 
 class CudaBackward : public ::testing::TestWithParam<BCase> {};
 
@@ -115,6 +164,63 @@ TEST_P(CudaBackward, MatchesFloat64Reference) {
   dg.download(again);
   for (std::size_t i = 0; i < gw.size(); ++i)
     if (gw[i]->defined()) EXPECT_TRUE(again.all()[i]->bitwise_equal(*got.all()[i])) << kTrainableNames[i];
+
+  expect_sparse_matches_dense(cfg, c.mode, dev, dids, routing.ids, ddy, got, c.dtype, ws);
+}
+
+// A hot expert (every token picks expert 5 first) makes a segment far longer than a piece:
+// it is split and summed in a second stage. Same gradients as the CPU float64 backward for
+// that routing, bitwise reproducible, sparse form consistent.
+TEST(CudaBackwardHot, SplitSegmentsMatchReference) {
+  if (!have_gpu()) GTEST_SKIP() << "no CUDA device";
+  Config cfg;
+  cfg.hidden = 96;
+  cfg.intermediate = 32;
+  cfg.grid_rows = 8;
+  cfg.grid_cols = 8;
+  cfg.top_k = 4;
+  const std::int64_t T = 300, K = cfg.top_k, N = cfg.num_experts();
+  const DType dt = DType::bf16;
+  const Problem stored = convert_problem(make_problem(cfg, T, DType::f64, test_seed()), dt);
+  const Problem ref = convert_problem(stored, DType::f64);
+  HostTensor ids(DType::i32, {T, K});
+  std::mt19937_64 rng(test_seed(11));
+  for (std::int64_t t = 0; t < T; ++t) {
+    std::vector<std::int64_t> pick{5};
+    while (static_cast<std::int64_t>(pick.size()) < K) {
+      const auto e = static_cast<std::int64_t>(rng() % N);
+      if (std::find(pick.begin(), pick.end(), e) == pick.end()) pick.push_back(e);
+    }
+    for (std::int64_t k = 0; k < K; ++k) ids.set(t * K + k, static_cast<double>(pick[k]));
+  }
+  HostTensor dy(dt, {T, cfg.hidden}), dy64(DType::f64, {T, cfg.hidden});
+  fill_normal(dy, rng, 1.0);
+  dy64.from_f64(dy.to_f64());
+  Grads want = make_grads(cfg, T, DType::f64);
+  ASSERT_TRUE(run_backward(ref, Mode::training, ids, dy64, want).ok());
+
+  DeviceProblem dev(stored);
+  DeviceTensor dids(ids), ddy(dy);
+  Grads got = make_grads(cfg, T, dt), again = make_grads(cfg, T, dt);
+  DeviceGrads dg(got);
+  std::size_t bytes = 0;
+  ASSERT_TRUE(backward_workspace_size(cfg, T, dt, Device::cuda, &bytes).ok());
+  DeviceWorkspace ws(bytes);
+  for (Grads* g : {&got, &again}) {
+    dg.poison();
+    const Status st = backward(cfg, Mode::training, dev.x.view(), dev.params(), dids.view(), ddy.view(), dg.view(),
+                               ws.ws());
+    ASSERT_TRUE(st.ok()) << st.message();
+    ASSERT_TRUE(synchronize(Device::cuda).ok());
+    dg.download(*g);
+  }
+  const auto gw = want.all();
+  for (std::size_t i = 0; i < gw.size(); ++i) {
+    if (!gw[i]->defined()) continue;
+    EXPECT_LE(rel_error(got.all()[i]->to_f64(), gw[i]->to_f64()), 3e-2) << kTrainableNames[i];
+    EXPECT_TRUE(again.all()[i]->bitwise_equal(*got.all()[i])) << kTrainableNames[i];
+  }
+  expect_sparse_matches_dense(cfg, Mode::training, dev, dids, ids, ddy, got, dt, ws);
 }
 
 using RN = RouterNorm;

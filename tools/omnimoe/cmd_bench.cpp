@@ -23,6 +23,8 @@ constexpr const char* kBenchUsage =
     "  --reps    timed calls per configuration (default: 9 on cpu, 20 on cuda)\n"
     "  --only    run only the configurations whose name contains this text\n"
     "  --backward  time forward + backward (training mode) instead of the forward\n"
+    "  --sparse-grads  with --backward: the expert tables' gradients through backward_sparse\n"
+    "              (active rows only) instead of dense [N, H] tables\n"
     "  --csv     also write the table to FILE as CSV\n"
     "Columns: ms is the median and min ms the fastest call; TFLOP/s and GB/s use the work\n"
     "model of README.md; floor ms is that work at this device's measured peak rates and\n"
@@ -54,7 +56,9 @@ int cmd_bench(Args& args) {
   const std::string only = args.value("--only").value_or("");
   // --backward: a training step, forward then backward (training mode), per configuration.
   const bool train_step = args.flag("--backward");
+  const bool sparse_grads = args.flag("--sparse-grads");
   args.finish();
+  if (sparse_grads && !train_step) throw UsageError("--sparse-grads needs --backward");
   const std::vector<BenchConfig>* suite = find_suite(suite_name);
   if (suite == nullptr) throw UsageError("--suite '" + suite_name + "': expected one of " + suite_names());
   require_device(device);
@@ -82,6 +86,18 @@ int cmd_bench(Args& args) {
     Buffer ws = workspace(l, /*backward=*/false);
     Buffer bws = train_step ? workspace(l, /*backward=*/true) : Buffer{};
     GradientBuffers grads = train_step ? gradient_buffers(l) : GradientBuffers{};
+    // --sparse-grads: active expert rows only (the dense tables are not written).
+    const std::int64_t cap = sparse_gradient_capacity(l.cfg, b.T);
+    Tensor sp_ids, sp_count, sp_in, sp_out;
+    if (sparse_grads) {
+      grads.expert_in = Tensor();
+      grads.expert_out = Tensor();
+      sp_ids = Tensor(DType::i32, device, {cap});
+      sp_count = Tensor(DType::i32, device, {1});
+      sp_in = Tensor(dtype, device, {cap, b.H});
+      sp_out = Tensor(dtype, device, {cap, b.H});
+    }
+    const SparseExpertGradients sparse{sp_ids.view(), sp_count.view(), sp_in.view(), sp_out.view()};
     // The paper's harness timed its layer without the router (uniform random ids): that
     // series runs the same branches through forward_routed.
     const bool paper = b.name.rfind("paper-", 0) == 0 && !train_step;
@@ -92,6 +108,9 @@ int cmd_bench(Args& args) {
         const TensorView& x = l.x[set % l.x.size()].view();
         if (train_step) {  // one training step: forward, then backward for its routing
           OMNIMOE_RETURN_IF_ERROR(forward(l.cfg, Mode::training, x, l.params(), out.outputs(), as_workspace(ws), stream));
+          if (sparse_grads)
+            return backward_sparse(l.cfg, Mode::training, x, l.params(), out.expert_ids.view(), l.grad_y.view(),
+                                   grads.gradients(), sparse, as_workspace(bws), stream);
           return backward(l.cfg, Mode::training, x, l.params(), out.expert_ids.view(), l.grad_y.view(),
                           grads.gradients(), as_workspace(bws), stream);
         }
@@ -110,6 +129,8 @@ int cmd_bench(Args& args) {
         ms = eager;
       }
       const double med = median(ms), best = *std::min_element(ms.begin(), ms.end());
+      const char* step_name = train_step ? (sparse_grads ? "fwd+bwd sparse" : "fwd+bwd")
+                              : with_router ? "router" : "random ids";
 
       // A training step: 3x the forward's flops and twice its bytes (the model).
       const double flops = b.flops() * (train_step ? 3 : 1), bytes = b.bytes(dtype_size(dtype)) * (train_step ? 2 : 1);
@@ -147,7 +168,7 @@ int cmd_bench(Args& args) {
                                     med / m <= b.max_forward_over_mlp ? "PASS" : "FAIL", b.name.c_str(), med, m,
                                     med / m, b.max_forward_over_mlp));
       }
-      table.add({b.name, train_step ? "fwd+bwd" : with_router ? "router" : "random ids", device_name(device), dtype_name(dtype),
+      table.add({b.name, step_name, device_name(device), dtype_name(dtype),
                  std::to_string(b.T), std::to_string(b.H), std::to_string(b.I), std::to_string(b.N()),
                  std::to_string(b.K), strfmt("%.3f", med), strfmt("%.3f", best), strfmt("%.3f", median(eager)),
                  strfmt("%.1f", ws_bytes / (1 << 20)), strfmt("%.1f", mem_goal),
@@ -155,7 +176,7 @@ int cmd_bench(Args& args) {
                  ratio, dense_ms, mlp_ms, fwd_over_mlp});
       const std::string extra = mlp_ms.empty() ? "" : ", shared-MLP products " + mlp_ms + " ms";
       std::fprintf(stderr, "[%zu/%zu] %s (%s): %.3f ms (min %.3f)%s\n", n + 1, suite->size(), b.name.c_str(),
-                   train_step ? "fwd+bwd" : with_router ? "router" : "random ids", med, best, extra.c_str());
+                   step_name, med, best, extra.c_str());
     }
   }
   table.print(stdout);

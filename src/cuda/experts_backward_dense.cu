@@ -1,0 +1,169 @@
+// CUDA experts stage, backward, dense regime (many tokens per expert): the products of the
+// backward on tensor cores, over the same (token chunk, expert chunk) groups as the dense
+// forward. Per expert chunk ec, per token chunk tc:
+//   S  = x w_inᵀ, DA = dy w_outᵀ                cuBLASLt, storage dtype [rows, Ec]
+//   at the group's tasks only (0 elsewhere):     A = g act(S), DH = DA g act'(S), dg = DA act(S)
+//   gin (+)= DHᵀ x, gout (+)= Aᵀ dy              cuBLASLt, fp32 [Ec, H], token chunks in order
+//   dx_acc += DH w_in                            cuBLASLt, fp32, expert chunks in order
+// then each expert row of the chunk is stored once (dense table, or its sparse slot).
+// Only chunk-sized buffers exist (never T x N), no float atomics on the outputs: deterministic.
+#include "core/math.hpp"
+#include "cuda/cuda.cuh"
+
+namespace omnimoe::cuda {
+namespace {
+
+constexpr int kTaskBlocks = 528, kTaskThreads = 256;  // grid-stride over a group's tasks
+
+// kClear: reset the group's cells of A and DH to 0 (they are kept zero between groups).
+template <class S, bool kClear>
+__global__ void tasks_kernel(const i32* __restrict__ tasks, const i32* __restrict__ offsets, i64 group,
+                             const i32* __restrict__ ids, const float* __restrict__ gates,
+                             const S* __restrict__ scores, const S* __restrict__ da, S* __restrict__ pa,
+                             S* __restrict__ pdh, float* __restrict__ dgates, i64 t0, i64 e0, i64 ec, int K,
+                             Activation act) {
+  const i32 begin = offsets[group], end = offsets[group + 1];
+  for (i64 i = begin + static_cast<i64>(blockIdx.x) * blockDim.x + threadIdx.x; i < end;
+       i += static_cast<i64>(gridDim.x) * blockDim.x) {
+    const i32 task = tasks[i];
+    const i64 idx = (task / K - t0) * ec + (ids[task] - e0);
+    if constexpr (kClear) {
+      pa[idx] = pdh[idx] = from_f32<S>(0.f);
+    } else {
+      const float h = to_f32(scores[idx]), d = to_f32(da[idx]), g = gates[task], s = activate(act, h);
+      dgates[task] = d * s;
+      // Adds, as in the forward: a caller routing may name one expert twice for a token.
+      atomicAdd(pa + idx, from_f32<S>(g * s));
+      atomicAdd(pdh + idx, from_f32<S>(d * g * activate_grad(act, h)));
+    }
+  }
+}
+
+// Tasks with an id out of range (marked -1): dgate 0, token flagged (its dx becomes NaN).
+__global__ void bad_tokens_kernel(const i32* __restrict__ ids, i64 T, int K, float* __restrict__ dgates,
+                                  int* __restrict__ bad) {
+  const i64 t = static_cast<i64>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (t >= T) return;
+  int flag = 0;
+  for (int k = 0; k < K; ++k)
+    if (ids[t * K + k] < 0) {
+      dgates[t * K + k] = 0.f;
+      flag = 1;
+    }
+  bad[t] = flag;
+}
+
+// Rows [e0, e0 + cols) of the fp32 accumulators to the caller: dense rows e, or sparse slot
+// rank[e] for chosen experts (unchosen ones have no slot).
+template <class S>
+__global__ void store_chunk_kernel(const float* __restrict__ gin, const float* __restrict__ gout, i64 e0, i64 cols,
+                                   i64 H, const i32* __restrict__ active, const i32* __restrict__ rank,
+                                   S* __restrict__ dw_in, S* __restrict__ dw_out) {
+  const i64 i = static_cast<i64>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= cols * H) return;
+  const i64 e = e0 + i / H, c = i % H;
+  i64 row = e;
+  if (rank != nullptr) {
+    if (!active[e]) return;
+    row = rank[e];
+  }
+  dw_in[row * H + c] = from_f32<S>(gin[i]);
+  dw_out[row * H + c] = from_f32<S>(gout[i]);
+}
+
+// Sparse padding slots [count, capacity): zero rows.
+template <class S>
+__global__ void zero_padding_kernel(const i32* __restrict__ count, i64 capacity, i64 H, S* __restrict__ dw_in,
+                                    S* __restrict__ dw_out) {
+  const i64 i = static_cast<i64>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= capacity * H || i / H < *count) return;
+  dw_in[i] = dw_out[i] = from_f32<S>(0.f);
+}
+
+GemmArgs product(bool ta, bool tb, i64 M, i64 N, i64 K, const void* A, i64 lda, const void* B, i64 ldb, void* C,
+                 i64 ldc, DType ab, DType c, float beta) {
+  GemmArgs g;
+  g.ta = ta;
+  g.tb = tb;
+  g.M = M;
+  g.N = N;
+  g.K = K;
+  g.A = A;
+  g.lda = lda;
+  g.B = B;
+  g.ldb = ldb;
+  g.C = C;
+  g.ldc = ldc;
+  g.ab = ab;
+  g.c = c;
+  g.beta = beta;
+  return g;
+}
+
+template <class S>
+Status run(const DenseBackwardArgs& a, cudaStream_t stream) {
+  const Config& c = *a.cfg;
+  const DenseBackwardBuffers& b = *a.buf;
+  GroupSchedule sc = b.schedule;
+  const i64 T = a.T, H = c.hidden, K = c.top_k, N = c.num_experts(), Ec = sc.expert_chunk, Tc = sc.token_chunk;
+  const DType dt = a.dtype, f32 = DType::f32;
+  bad_tokens_kernel<<<ceil_div(T, 256), 256, 0, stream>>>(a.ids, T, static_cast<int>(K), a.dgates, a.bad);
+  OMNIMOE_CUDA_LAUNCH_CHECK("experts_backward_dense bad_tokens_kernel");
+  OMNIMOE_RETURN_IF_ERROR(schedule_groups(a.ids, T, K, sc, stream));
+  const auto chunk_bytes = static_cast<std::size_t>(Tc * Ec) * sizeof(S);
+  OMNIMOE_CUDA_TRY(cudaMemsetAsync(b.pa, 0, chunk_bytes, stream));
+  OMNIMOE_CUDA_TRY(cudaMemsetAsync(b.pdh, 0, chunk_bytes, stream));
+  for (i64 ec = 0; ec < sc.n_ec; ++ec) {
+    const i64 e0 = ec * Ec, cols = std::min(Ec, N - e0);
+    for (i64 tc = 0; tc < sc.n_tc; ++tc) {
+      const i64 t0 = tc * Tc, rows = std::min(Tc, T - t0), group = tc * sc.n_ec + ec;
+      const char* x = at(a.x, t0 * H, dt);
+      const char* dy = at(a.dy, t0 * H, dt);
+      OMNIMOE_RETURN_IF_ERROR(gemm(
+          product(false, true, rows, cols, H, x, H, at(a.w_in, e0 * H, dt), H, b.s, Ec, dt, dt, 0.f), b.gemm, stream));
+      OMNIMOE_RETURN_IF_ERROR(gemm(
+          product(false, true, rows, cols, H, dy, H, at(a.w_out, e0 * H, dt), H, b.da, Ec, dt, dt, 0.f), b.gemm,
+          stream));
+      tasks_kernel<S, false><<<kTaskBlocks, kTaskThreads, 0, stream>>>(
+          sc.tasks, sc.offsets, group, a.ids, a.gates, static_cast<const S*>(b.s), static_cast<const S*>(b.da),
+          static_cast<S*>(b.pa), static_cast<S*>(b.pdh), a.dgates, t0, e0, Ec, static_cast<int>(K), c.activation);
+      OMNIMOE_CUDA_LAUNCH_CHECK("experts_backward_dense tasks_kernel");
+      const float beta = tc > 0 ? 1.f : 0.f;
+      OMNIMOE_RETURN_IF_ERROR(
+          gemm(product(true, false, cols, H, rows, b.pdh, Ec, x, H, b.gin, H, dt, f32, beta), b.gemm, stream));
+      OMNIMOE_RETURN_IF_ERROR(
+          gemm(product(true, false, cols, H, rows, b.pa, Ec, dy, H, b.gout, H, dt, f32, beta), b.gemm, stream));
+      OMNIMOE_RETURN_IF_ERROR(gemm(product(false, false, rows, H, cols, b.pdh, Ec, at(a.w_in, e0 * H, dt), H,
+                                           a.dx_acc + t0 * H, H, dt, f32, 1.f),
+                                   b.gemm, stream));
+      tasks_kernel<S, true><<<kTaskBlocks, kTaskThreads, 0, stream>>>(
+          sc.tasks, sc.offsets, group, a.ids, a.gates, static_cast<const S*>(b.s), static_cast<const S*>(b.da),
+          static_cast<S*>(b.pa), static_cast<S*>(b.pdh), a.dgates, t0, e0, Ec, static_cast<int>(K), c.activation);
+      OMNIMOE_CUDA_LAUNCH_CHECK("experts_backward_dense clear_kernel");
+    }
+    const bool sparse = a.sparse != nullptr;
+    store_chunk_kernel<S><<<ceil_div(cols * H, 256), 256, 0, stream>>>(
+        b.gin, b.gout, e0, cols, H, sparse ? a.seg->active : nullptr, sparse ? a.seg->rank : nullptr,
+        static_cast<S*>(sparse ? a.sparse->dw_in : a.dw_in), static_cast<S*>(sparse ? a.sparse->dw_out : a.dw_out));
+    OMNIMOE_CUDA_LAUNCH_CHECK("experts_backward_dense store_chunk_kernel");
+  }
+  if (a.sparse != nullptr) {
+    zero_padding_kernel<S><<<ceil_div(a.sparse->capacity * H, 256), 256, 0, stream>>>(
+        a.sparse->count, a.sparse->capacity, H, static_cast<S*>(a.sparse->dw_in), static_cast<S*>(a.sparse->dw_out));
+    OMNIMOE_CUDA_LAUNCH_CHECK("experts_backward_dense zero_padding_kernel");
+  }
+  return Status::Ok();
+}
+
+}  // namespace
+
+Status experts_backward_dense(const DenseBackwardArgs& a, cudaStream_t stream) {
+  switch (a.dtype) {
+    case DType::bf16: return run<__nv_bfloat16>(a, stream);
+    case DType::f16: return run<__half>(a, stream);
+    case DType::f32: return run<float>(a, stream);
+    default: return {StatusCode::unsupported, "CUDA backward: dtype must be f32, bf16 or f16"};
+  }
+}
+
+}  // namespace omnimoe::cuda
