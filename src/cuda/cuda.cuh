@@ -119,10 +119,16 @@ Status route_gates_of(const Config& cfg, i64 T, const float* logp, const i32* id
 // written over dlogp [T, n] (which needs no initial value).
 Status route_scores_backward(const Config& cfg, i64 T, const i32* ids, const float* gates, const float* dgates,
                              const float* logp, float* dlogp, cudaStream_t stream);
-// Through the norm, in place over d [T, n]: none: identity; inference: * rstd; training:
-// rstd (d - mean(d) - lhat mean(d lhat)) with column means over all T (fixed order).
-Status route_norm_backward(const Config& cfg, Mode mode, i64 T, const float* lhat, const float* rstd, float* d,
-                           double* colsums, cudaStream_t stream);
+// Through the norm, in place over d [rows, n], token chunk by token chunk. Training
+// batchnorm needs the column means of d and d * lhat over all T tokens first: the sums of
+// each chunk (route_norm_colsums into sums[chunk * 2n ...]), then their means added in chunk
+// order (route_norm_means into means [2n]). Then route_norm_apply per chunk: none: identity;
+// inference: * rstd; training: rstd (d - mean(d) - lhat mean(d lhat)).
+Status route_norm_colsums(const Config& cfg, i64 rows, const float* lhat, const float* d, double* sums,
+                          cudaStream_t stream);
+Status route_norm_means(const Config& cfg, i64 chunks, i64 T, const double* sums, double* means, cudaStream_t stream);
+Status route_norm_apply(const Config& cfg, Mode mode, i64 rows, const float* lhat, const float* rstd,
+                        const double* means, float* d, cudaStream_t stream);
 // Per task: a = g act(h), dg = da act(h), dh = da g act'(h) (h = x . w_in[e], da = dy . w_out[e]),
 // and dx_acc[t] += sum_k dh w_in[e] (fp32, one warp per token). Tasks with an id < 0 are
 // skipped and their token flagged in bad[t].
@@ -220,15 +226,6 @@ Status shared_mlp_swiglu_backward(DType dtype, void* u, void* v, void* dm, i64 n
 // Elementwise copy with conversion: fp32 -> dtype; rows flagged in bad [T] (may be null)
 // become NaN.
 Status store_rows(DType dtype, const float* src, i64 T, i64 H, const int* bad, void* dst, cudaStream_t stream);
-
-// ---- streams ----------------------------------------------------------------------------
-// A second stream and two events for overlapping the shared MLP with the routed branch,
-// created once per device and host thread (like the cuBLASLt handle), never per call.
-struct AuxStream {
-  cudaStream_t stream;
-  cudaEvent_t fork, join;
-};
-Status aux_stream(AuxStream* out);
 
 // ---- shared_mlp -------------------------------------------------------------------------
 // m = silu(u) * v in place of u, [n] elements of dtype.

@@ -1,9 +1,12 @@
 // CUDA experts stage, dense regime (many tokens per expert): tensor-core products over
-// chunks of experts. Per (token chunk, expert chunk) group:
+// chunks of experts. Per token chunk, its tasks are sorted by expert chunk (CUB), then per
+// expert chunk:
 //   S = x w_inᵀ                 cuBLASLt, storage dtype [rows, Ec]
-//   P = g * act(S) at the group's tasks (0 elsewhere; scheduled by the CUB sort)
+//   P = g * act(S) at the chunk's tasks (0 elsewhere)
 //   yacc (+)= P w_out           cuBLASLt, fp32 accumulation in a fixed chunk order
-// Only chunk-sized buffers exist (never T x N), and no atomics: deterministic.
+// and y (+)= yacc. Only chunk-sized buffers exist (never T x N, and the schedule covers one
+// token chunk), no atomics on the outputs: deterministic. (P's cells are added to, which
+// only matters when a caller's routing names one expert twice for a token.)
 #include "core/math.hpp"
 #include "cuda/cuda.cuh"
 
@@ -51,15 +54,17 @@ __global__ void poison_kernel(const i32* __restrict__ ids, i64 n, int K, int H, 
 template <class S>
 Status run(const ExpertsArgs& a, const DenseBuffers& b, cudaStream_t stream) {
   const Config& c = *a.cfg;
-  GroupSchedule sc = b.schedule;
-  const i64 T = a.T, H = c.hidden, K = c.top_k, N = c.num_experts(), Ec = sc.expert_chunk;
+  GroupSchedule sc = b.schedule;  // one token chunk: groups are the expert chunks
+  const i64 T = a.T, H = c.hidden, K = c.top_k, N = c.num_experts(), Ec = sc.expert_chunk, Tc = sc.token_chunk;
   const DType dt = a.dtype;
-  OMNIMOE_RETURN_IF_ERROR(schedule_groups(a.ids, T, K, sc, stream));
-  OMNIMOE_CUDA_TRY(cudaMemsetAsync(b.p, 0, static_cast<std::size_t>(sc.token_chunk * Ec) * sizeof(S), stream));
-  for (i64 tc = 0; tc < sc.n_tc; ++tc) {
-    const i64 t0 = tc * sc.token_chunk, rows = std::min(sc.token_chunk, T - t0);
+  OMNIMOE_CUDA_TRY(cudaMemsetAsync(b.p, 0, static_cast<std::size_t>(Tc * Ec) * sizeof(S), stream));
+  for (i64 t0 = 0; t0 < T; t0 += Tc) {
+    const i64 rows = std::min(Tc, T - t0);
+    const i32* ids = a.ids + t0 * K;  // this chunk's tasks, numbered from its first token
+    const float* gates = a.gates + t0 * K;
+    OMNIMOE_RETURN_IF_ERROR(schedule_groups(ids, rows, K, sc, stream));
     for (i64 ec = 0; ec < sc.n_ec; ++ec) {
-      const i64 e0 = ec * Ec, cols = std::min(Ec, N - e0), group = tc * sc.n_ec + ec;
+      const i64 e0 = ec * Ec, cols = std::min(Ec, N - e0);
       GemmArgs s;  // S = x w_inᵀ
       s.tb = true;
       s.M = rows;
@@ -75,7 +80,7 @@ Status run(const ExpertsArgs& a, const DenseBuffers& b, cudaStream_t stream) {
       s.c = dt;  // scores in the storage dtype, as a framework's bf16 product would give
       OMNIMOE_RETURN_IF_ERROR(gemm(s, b.gemm, stream));
       scatter_kernel<S, false><<<kScatterBlocks, kScatterThreads, 0, stream>>>(
-          sc.tasks, sc.offsets, group, a.ids, a.gates, static_cast<const S*>(b.s), static_cast<S*>(b.p), t0, e0, Ec,
+          sc.tasks, sc.offsets, ec, ids, gates, static_cast<const S*>(b.s), static_cast<S*>(b.p), 0, e0, Ec,
           static_cast<int>(K), c.activation);
       OMNIMOE_CUDA_LAUNCH_CHECK("experts_dense scatter_kernel");
       GemmArgs o;  // yacc (+)= P w_out
@@ -93,7 +98,7 @@ Status run(const ExpertsArgs& a, const DenseBuffers& b, cudaStream_t stream) {
       o.beta = ec > 0 ? 1.f : 0.f;
       OMNIMOE_RETURN_IF_ERROR(gemm(o, b.gemm, stream));
       scatter_kernel<S, true><<<kScatterBlocks, kScatterThreads, 0, stream>>>(
-          sc.tasks, sc.offsets, group, a.ids, a.gates, static_cast<const S*>(b.s), static_cast<S*>(b.p), t0, e0, Ec,
+          sc.tasks, sc.offsets, ec, ids, gates, static_cast<const S*>(b.s), static_cast<S*>(b.p), 0, e0, Ec,
           static_cast<int>(K), c.activation);
       OMNIMOE_CUDA_LAUNCH_CHECK("experts_dense clear_kernel");
     }

@@ -14,8 +14,8 @@ namespace {
 
 // Token chunks bound the workspace: router logits and shared-MLP activations are produced
 // and consumed chunk by chunk (peak memory is independent of T beyond 8 bytes per pair).
-constexpr std::size_t kLogitBytes = std::size_t{16} << 20;
-constexpr std::size_t kMlpBytes = std::size_t{16} << 20;
+constexpr std::size_t kLogitBytes = std::size_t{32} << 20;
+constexpr std::size_t kMlpBytes = std::size_t{32} << 20;
 
 struct Plan {
   i64 route_rows;  // tokens per router chunk
@@ -37,19 +37,17 @@ Plan plan_of(const Config& cfg, i64 T, DType dtype) {
 constexpr i64 kDenseTokens = 2048, kDenseExperts = 4096;  // chunk extents of the dense path
 
 struct ForwardBuffers {
-  GemmWorkspace gemm;      // products on the caller's stream
-  GemmWorkspace gemm_aux;  // products of the shared MLP on the auxiliary stream
+  GemmWorkspace gemm;
   void* wcat;          // [Nr + Nc, H] router weights side by side: one product for both axes
   double* partial;     // [chunks, 2 (Nr + Nc)] chunk moments (training batchnorm)
   float *mean, *rstd;  // [Nr + Nc]
   i32* ids32;          // [T, K]
   float* gates32;      // [T, K]
-  // route and experts run one after the other on the caller's stream and share one region:
+  // The three phases run one after the other and share one region:
   float* logits;       // route: [route_rows, Nr + Nc]
   int* flags;          // route: [route_rows] tokens left to the block top-K kernel
   DenseBuffers dense;  // experts, dense path
-  // shared_mlp runs beside them on the auxiliary stream, in its own memory:
-  void *u, *v;         // [mlp_rows, I]
+  void *u, *v;         // shared_mlp: [mlp_rows, I]
 };
 
 ForwardBuffers carve_forward(Arena& a, const Config& cfg, i64 T, DType dtype) {
@@ -58,10 +56,6 @@ ForwardBuffers carve_forward(Arena& a, const Config& cfg, i64 T, DType dtype) {
   const std::size_t es = dtype_size(dtype), tk = static_cast<std::size_t>(T * cfg.top_k);
   ForwardBuffers b{};
   b.gemm = {a.take<char>(kLayerGemmBytes), kLayerGemmBytes};
-  if (cfg.has_shared_mlp()) b.gemm_aux = {a.take<char>(kLayerGemmBytes), kLayerGemmBytes};
-  const auto mlp = static_cast<std::size_t>(p.mlp_rows * cfg.intermediate) * es;
-  b.u = a.take<char>(mlp);
-  b.v = a.take<char>(mlp);
   b.wcat = a.take<char>(n * static_cast<std::size_t>(cfg.hidden) * es);
   b.partial = a.take<double>(static_cast<std::size_t>(p.chunks) * 2 * n);
   b.mean = a.take<float>(n);
@@ -75,7 +69,9 @@ ForwardBuffers carve_forward(Arena& a, const Config& cfg, i64 T, DType dtype) {
   a.rewind(phase);
 
   if (choose_path(cfg, T, dtype) == ExpertsPath::dense) {
-    b.dense.schedule = carve_group_schedule(a, T, cfg.top_k, cfg.num_experts(), kDenseTokens, kDenseExperts);
+    // One token chunk is scheduled at a time: schedule memory is bounded by the chunk.
+    b.dense.schedule = carve_group_schedule(a, std::min(T, kDenseTokens), cfg.top_k, cfg.num_experts(), kDenseTokens,
+                                            kDenseExperts);
     const GroupSchedule& s = b.dense.schedule;
     const auto chunk = static_cast<std::size_t>(s.token_chunk * s.expert_chunk);
     b.dense.s = a.take<char>(chunk * es);
@@ -84,6 +80,10 @@ ForwardBuffers carve_forward(Arena& a, const Config& cfg, i64 T, DType dtype) {
     b.dense.gemm = b.gemm;
   }
   a.rewind(phase);
+
+  const auto mlp = static_cast<std::size_t>(p.mlp_rows * cfg.intermediate) * es;
+  b.u = a.take<char>(mlp);
+  b.v = a.take<char>(mlp);
   return b;
 }
 
@@ -164,10 +164,10 @@ Status route(const Config& cfg, Mode mode, const TensorView& x, const Params& p,
   return Status::Ok();
 }
 
-// y = (silu(x gateᵀ) * (x upᵀ)) downᵀ, chunk by chunk of tokens (the routed branch is added
-// afterwards). gate and up are one
-// strided-batch product (x broadcast against both weight matrices, the batch stride being
-// the distance between the caller's two tensors), then SwiGLU, then down onto y.
+// y = (silu(x gateᵀ) * (x upᵀ)) downᵀ, chunk by chunk of tokens; the experts stage adds the
+// routed branch afterwards. gate and up are one strided-batch product (x broadcast against
+// both weight matrices, the batch stride being the distance between the caller's two
+// tensors), then SwiGLU, then down into y.
 Status shared_mlp(const Config& cfg, const TensorView& x, const Params& p, const TensorView& y,
                   const ForwardBuffers& b, cudaStream_t s) {
   const DType dt = x.dtype;
@@ -202,14 +202,14 @@ Status shared_mlp(const Config& cfg, const TensorView& x, const Params& p, const
       g.stride_a = 0;
       g.stride_b = gap / es;
       g.stride_c = static_cast<i64>(static_cast<char*>(b.v) - static_cast<char*>(b.u)) / es;
-      OMNIMOE_RETURN_IF_ERROR(gemm(g, b.gemm_aux, s));
+      OMNIMOE_RETURN_IF_ERROR(gemm(g, b.gemm, s));
     } else {  // misaligned caller tensors: two products
       g.B = gp;
       g.C = gate_out;
-      OMNIMOE_RETURN_IF_ERROR(gemm(g, b.gemm_aux, s));
+      OMNIMOE_RETURN_IF_ERROR(gemm(g, b.gemm, s));
       g.B = upp;
       g.C = up_out;
-      OMNIMOE_RETURN_IF_ERROR(gemm(g, b.gemm_aux, s));
+      OMNIMOE_RETURN_IF_ERROR(gemm(g, b.gemm, s));
     }
     OMNIMOE_RETURN_IF_ERROR(shared_mlp_swiglu(dt, gate_out, up_out, rows * I, s));
     GemmArgs d;
@@ -224,39 +224,9 @@ Status shared_mlp(const Config& cfg, const TensorView& x, const Params& p, const
     d.C = const_cast<char*>(at(y.data, t0 * H, dt));
     d.ldc = H;
     d.ab = d.c = dt;
-    OMNIMOE_RETURN_IF_ERROR(gemm(d, b.gemm_aux, s));
+    OMNIMOE_RETURN_IF_ERROR(gemm(d, b.gemm, s));
   }
   return Status::Ok();
-}
-
-// OMNIMOE_OVERLAP=0 keeps the shared MLP on the caller's stream (for measurements).
-bool overlap_enabled() {
-  const char* env = std::getenv("OMNIMOE_OVERLAP");
-  return env == nullptr || std::string(env) != "0";
-}
-
-// Runs `routed` on the caller's stream while the shared MLP writes y on the auxiliary
-// stream, then joins the two: `routed` must not touch y; the experts stage adds to y after
-// the join. Without a shared MLP, `routed` alone.
-template <class Routed>
-Status with_shared_mlp(const Config& cfg, const TensorView& x, const Params& p, const TensorView& y,
-                       const ForwardBuffers& b, cudaStream_t s, Routed&& routed) {
-  if (!cfg.has_shared_mlp()) return routed();
-  if (!overlap_enabled()) {  // both branches on the caller's stream, the shared MLP first
-    OMNIMOE_RETURN_IF_ERROR(shared_mlp(cfg, x, p, y, b, s));
-    return routed();
-  }
-  AuxStream aux{};
-  OMNIMOE_RETURN_IF_ERROR(aux_stream(&aux));
-  OMNIMOE_CUDA_TRY(cudaEventRecord(aux.fork, s));
-  OMNIMOE_CUDA_TRY(cudaStreamWaitEvent(aux.stream, aux.fork, 0));
-  const Status mlp = shared_mlp(cfg, x, p, y, b, aux.stream);
-  // Join even after a failure, so a stream capture is never left forked.
-  OMNIMOE_CUDA_TRY(cudaEventRecord(aux.join, aux.stream));
-  const Status r = mlp.ok() ? routed() : Status::Ok();
-  OMNIMOE_CUDA_TRY(cudaStreamWaitEvent(s, aux.join, 0));
-  OMNIMOE_RETURN_IF_ERROR(mlp);
-  return r;
 }
 
 }  // namespace
@@ -306,7 +276,8 @@ Status forward(const Config& cfg, Mode mode, const TensorView& x, const Params& 
   const ForwardBuffers b = carve_forward(arena, cfg, T, x.dtype);
   if (!arena.fits()) return {StatusCode::internal, "cuda forward: workspace plan exceeds the queried size"};
 
-  OMNIMOE_RETURN_IF_ERROR(with_shared_mlp(cfg, x, p, out.y, b, s, [&] { return route(cfg, mode, x, p, out, b, s); }));
+  OMNIMOE_RETURN_IF_ERROR(route(cfg, mode, x, p, out, b, s));
+  if (cfg.has_shared_mlp()) OMNIMOE_RETURN_IF_ERROR(shared_mlp(cfg, x, p, out.y, b, s));
   return experts(cfg, x, p, b.gates32, out.y, b, s);
 }
 
@@ -318,9 +289,8 @@ Status forward_routed(const Config& cfg, const TensorView& x, const Params& p, c
   Arena arena(ws.data, ws.bytes);
   const ForwardBuffers b = carve_forward(arena, cfg, T, x.dtype);
   if (!arena.fits()) return {StatusCode::internal, "cuda forward_routed: workspace plan exceeds the queried size"};
-  OMNIMOE_RETURN_IF_ERROR(with_shared_mlp(cfg, x, p, y, b, s, [&] {
-    return experts_import_ids(expert_ids, cfg.num_experts(), b.ids32, s);
-  }));
+  OMNIMOE_RETURN_IF_ERROR(experts_import_ids(expert_ids, cfg.num_experts(), b.ids32, s));
+  if (cfg.has_shared_mlp()) OMNIMOE_RETURN_IF_ERROR(shared_mlp(cfg, x, p, y, b, s));
   return experts(cfg, x, p, gates.as<const float>(), y, b, s);
 }
 

@@ -1,9 +1,11 @@
 // CUDA backward: workspace planning and the stage sequence. Everything the backward needs
 // from the forward is recomputed from x and the routing (the router product and norm, the
 // log-probabilities, the gates, the shared MLP's activations), so the caller keeps only the
-// expert ids. No host synchronisation, no allocation, no atomics: graph-capturable and
-// bitwise deterministic.
+// expert ids. The router is recomputed per token chunk and the shared MLP per slice of its
+// width, so their buffers do not grow with T. No host synchronisation, no allocation, no
+// float atomics: graph-capturable and bitwise deterministic.
 #include <algorithm>
+#include <cstdlib>
 
 #include "core/backend.hpp"
 #include "core/workspace.hpp"
@@ -14,27 +16,53 @@ namespace {
 
 
 constexpr i64 kDenseTokens = 2048, kDenseExperts = 2048;  // chunk extents of the dense path
+// The router is recomputed and differentiated token chunk by token chunk, the shared MLP
+// slice by slice of its width: both bounded by these budgets instead of growing with T.
+constexpr std::size_t kRouteBytes = std::size_t{24} << 20;
+constexpr std::size_t kMlpBytes = std::size_t{24} << 20;
+
+struct BackwardPlan {
+  i64 route_rows, route_chunks;  // router token chunks
+  i64 mlp_cols;                  // shared-MLP width slice
+};
+
+// OMNIMOE_CHUNK_BYTES overrides both budgets (tests use a tiny one to exercise many chunks).
+BackwardPlan backward_plan(const Config& cfg, i64 T, DType dt) {
+  const i64 n = cfg.grid_rows + cfg.grid_cols, es = static_cast<i64>(dtype_size(dt));
+  i64 route_bytes = static_cast<i64>(kRouteBytes), mlp_bytes = static_cast<i64>(kMlpBytes);
+  if (const char* env = std::getenv("OMNIMOE_CHUNK_BYTES")) route_bytes = mlp_bytes = std::max(1L, std::atol(env));
+  BackwardPlan p;
+  p.route_rows = std::clamp<i64>(route_bytes / (n * (12 + es)), 1, T);
+  p.route_chunks = (T + p.route_rows - 1) / p.route_rows;
+  const i64 cols = mlp_bytes / (3 * T * es);
+  p.mlp_cols = std::clamp<i64>(cols >= 64 ? cols / 8 * 8 : cols, 1, std::max<i64>(cfg.intermediate, 1));
+  return p;
+}
 
 struct BackwardBuffers {
   GemmWorkspace gemm;
+  BackwardPlan plan;
   void* wcat;           // [n, H] router weights side by side (n = Nr + Nc)
-  double* partial;      // [2n] batch moments (training batchnorm)
-  double* colsums;      // [2n] column means of d and d * lhat
+  double* partial;      // [route_chunks, 2n] batch moments per chunk (training batchnorm)
+  double* sums;         // [route_chunks, 2n] column sums of d and d * lhat per chunk
+  double* means;        // [2n] their means over all T
   float *mean, *rstd;   // [n]
-  float* logits;        // [T, n] logits, normalised in place (lhat)
-  float* logp;          // [T, n]
-  float* dlogp;         // [T, n] gradient w.r.t. logp, then lhat, then the logits
-  void* dl;             // [T, n] that gradient in the storage dtype for the products
+  float* gw;            // [n, H] fp32 router weight gradients, summed over token chunks
   i32* ids;             // [T, K]
   float *gates, *dg;    // [T, K]
-  float *a, *dh;        // [T, K] gather path: per-task a = g act(h) and dh
   int* bad;             // [T] token has an id out of range
-  ExpertsPath path;
-  GroupSchedule by_expert;      // gather path: tasks sorted by expert
-  SegmentScratch seg;           // active experts, sparse slots, split segments
-  DenseBackwardBuffers dense;   // dense path
   float* dx;            // [T, H] fp32 accumulator
-  void *u, *v, *dm;     // [T, I] shared MLP
+  SegmentScratch seg;   // active experts, sparse slots, split segments
+  ExpertsPath path;
+  // Phases that run one after the other share one region:
+  float* logits;        // route: [route_rows, n] logits, normalised in place (lhat)
+  float* logp;          // route: [route_rows, n]
+  float* dlogp;         // route: [route_rows, n] gradient w.r.t. logp, then lhat, then the logits
+  void* dl;             // route: [route_rows, n] that gradient in the storage dtype
+  float *a, *dh;        // experts, gather path: [T, K] a = g act(h) and dh
+  GroupSchedule by_expert;     // experts, gather path: tasks sorted by expert
+  DenseBackwardBuffers dense;  // experts, dense path
+  void *u, *v, *dm;     // shared_mlp: [T, mlp_cols] slices
 };
 
 BackwardBuffers carve_backward(Arena& a, const Config& cfg, i64 T, DType dt) {
@@ -42,16 +70,16 @@ BackwardBuffers carve_backward(Arena& a, const Config& cfg, i64 T, DType dt) {
   const std::size_t es = dtype_size(dt), tk = t * static_cast<std::size_t>(cfg.top_k);
   const i64 N = cfg.num_experts(), H = cfg.hidden;
   BackwardBuffers b{};
+  b.plan = backward_plan(cfg, T, dt);
+  const auto chunks = static_cast<std::size_t>(b.plan.route_chunks);
   b.gemm = {a.take<char>(kLayerGemmBytes), kLayerGemmBytes};
   b.wcat = a.take<char>(n * static_cast<std::size_t>(H) * es);
-  b.partial = a.take<double>(2 * n);
-  b.colsums = a.take<double>(2 * n);
+  b.partial = a.take<double>(chunks * 2 * n);
+  b.sums = a.take<double>(chunks * 2 * n);
+  b.means = a.take<double>(2 * n);
   b.mean = a.take<float>(n);
   b.rstd = a.take<float>(n);
-  b.logits = a.take<float>(t * n);
-  b.logp = a.take<float>(t * n);
-  b.dlogp = a.take<float>(t * n);
-  b.dl = dt == DType::f32 ? static_cast<void*>(b.dlogp) : a.take<char>(t * n * es);
+  b.gw = a.take<float>(n * static_cast<std::size_t>(H));
   b.ids = a.take<i32>(tk);
   b.gates = a.take<float>(tk);
   b.dg = a.take<float>(tk);
@@ -59,8 +87,15 @@ BackwardBuffers carve_backward(Arena& a, const Config& cfg, i64 T, DType dt) {
   b.dx = a.take<float>(t * static_cast<std::size_t>(H));
   b.path = choose_path(cfg, T, dt);
   b.seg = carve_segment_scratch(a, N, b.path == ExpertsPath::gather ? T * cfg.top_k : 0, H);
-  // The experts phase and the shared-MLP phase never overlap: they share memory.
   const std::size_t phase = a.mark();
+
+  const auto rn = static_cast<std::size_t>(b.plan.route_rows) * n;
+  b.logits = a.take<float>(rn);
+  b.logp = a.take<float>(rn);
+  b.dlogp = a.take<float>(rn);
+  b.dl = dt == DType::f32 ? static_cast<void*>(b.dlogp) : a.take<char>(rn * es);
+  a.rewind(phase);
+
   if (b.path == ExpertsPath::gather) {
     b.a = a.take<float>(tk);
     b.dh = a.take<float>(tk);
@@ -79,7 +114,8 @@ BackwardBuffers carve_backward(Arena& a, const Config& cfg, i64 T, DType dt) {
     d.gemm = b.gemm;
   }
   a.rewind(phase);
-  const auto mlp = t * static_cast<std::size_t>(cfg.intermediate) * es;
+
+  const auto mlp = t * static_cast<std::size_t>(b.plan.mlp_cols) * es;
   b.u = a.take<char>(mlp);
   b.v = a.take<char>(mlp);
   b.dm = a.take<char>(mlp);
@@ -159,45 +195,90 @@ Status backward(const Config& cfg, Mode mode, const TensorView& x, const Params&
   if (!arena.fits()) return {StatusCode::internal, "cuda backward: workspace plan exceeds the queried size"};
   const std::size_t es = dtype_size(dt);
 
-  // route, recomputed: logits, norm statistics (running ones untouched), log-probs, gates.
+  const BackwardPlan& plan = b.plan;
+  const i64 K = cfg.top_k, R = plan.route_rows;
+  const bool batch_stats = mode == Mode::training && cfg.router_norm == RouterNorm::batchnorm;
+  // Router logits of tokens [t0, t0 + rows), normalised in place, and their log-probs.
+  auto route_chunk = [&](i64 t0, i64 rows) -> Status {
+    OMNIMOE_RETURN_IF_ERROR(mm(b, s, false, true, rows, n, H, at(x.data, t0 * H, dt), H, b.wcat, H, b.logits, n, dt,
+                               DType::f32, 0.f));
+    return route_log_probs(cfg, rows, b.logits, b.mean, b.rstd, b.logp, s);
+  };
+  // ... and the gradient w.r.t. its log-probs from the gates' gradient.
+  auto route_chunk_grad = [&](i64 t0, i64 rows) -> Status {
+    OMNIMOE_RETURN_IF_ERROR(route_chunk(t0, rows));
+    return route_scores_backward(cfg, rows, b.ids + t0 * K, b.gates + t0 * K, b.dg + t0 * K, b.logp, b.dlogp, s);
+  };
+
+  // route, recomputed: norm statistics (running ones untouched), then per chunk the gates.
   OMNIMOE_CUDA_TRY(cudaMemcpyAsync(b.wcat, p.router_row.data, Nr * H * es, cudaMemcpyDeviceToDevice, s));
   OMNIMOE_CUDA_TRY(cudaMemcpyAsync(static_cast<char*>(b.wcat) + Nr * H * es, p.router_col.data,
                                    cfg.grid_cols * H * es, cudaMemcpyDeviceToDevice, s));
-  OMNIMOE_RETURN_IF_ERROR(mm(b, s, false, true, T, n, H, x.data, H, b.wcat, H, b.logits, n, dt, DType::f32, 0.f));
-  if (mode == Mode::training && cfg.router_norm == RouterNorm::batchnorm)
-    OMNIMOE_RETURN_IF_ERROR(route_chunk_moments(b.logits, T, n, b.partial, s));
-  RouteStatsArgs st{&cfg, mode, T, T, b.partial, p.running_mean_row.as<float>(), p.running_var_row.as<float>(),
+  if (batch_stats)
+    for (i64 k = 0; k < plan.route_chunks; ++k) {
+      const i64 t0 = k * R, rows = std::min(R, T - t0);
+      OMNIMOE_RETURN_IF_ERROR(mm(b, s, false, true, rows, n, H, at(x.data, t0 * H, dt), H, b.wcat, H, b.logits, n,
+                                 dt, DType::f32, 0.f));
+      OMNIMOE_RETURN_IF_ERROR(route_chunk_moments(b.logits, rows, n, b.partial + k * 2 * n, s));
+    }
+  RouteStatsArgs st{&cfg, mode, T, R, b.partial, p.running_mean_row.as<float>(), p.running_var_row.as<float>(),
                     p.running_mean_col.as<float>(), p.running_var_col.as<float>(), b.mean, b.rstd};
   st.update_running = false;
   OMNIMOE_RETURN_IF_ERROR(route_stats(st, s));
-  OMNIMOE_RETURN_IF_ERROR(route_log_probs(cfg, T, b.logits, b.mean, b.rstd, b.logp, s));
   OMNIMOE_RETURN_IF_ERROR(experts_import_ids(expert_ids, cfg.num_experts(), b.ids, s));
-  OMNIMOE_RETURN_IF_ERROR(route_gates_of(cfg, T, b.logp, b.ids, b.gates, s));
+  for (i64 t0 = 0; t0 < T; t0 += R) {
+    const i64 rows = std::min(R, T - t0);
+    OMNIMOE_RETURN_IF_ERROR(route_chunk(t0, rows));
+    OMNIMOE_RETURN_IF_ERROR(route_gates_of(cfg, rows, b.logp, b.ids + t0 * K, b.gates + t0 * K, s));
+  }
 
   // experts: dgates, the experts' share of dx, each expert's rows once.
   OMNIMOE_CUDA_TRY(cudaMemsetAsync(b.dx, 0, static_cast<std::size_t>(T * H) * sizeof(float), s));
   OMNIMOE_RETURN_IF_ERROR(experts_backward(cfg, x, p, grad_y, g, sparse, b, s));
 
-  // route backward: gates -> scores -> log_softmax -> norm -> router weights and dx.
-  OMNIMOE_RETURN_IF_ERROR(route_scores_backward(cfg, T, b.ids, b.gates, b.dg, b.logp, b.dlogp, s));
-  OMNIMOE_RETURN_IF_ERROR(route_norm_backward(cfg, mode, T, b.logits, b.rstd, b.dlogp, b.colsums, s));
-  if (dt != DType::f32) OMNIMOE_RETURN_IF_ERROR(store_rows(dt, b.dlogp, T, n, nullptr, b.dl, s));
-  OMNIMOE_RETURN_IF_ERROR(mm(b, s, true, false, Nr, H, T, b.dl, n, x.data, H, g.router_row.data, H, dt, dt, 0.f));
-  OMNIMOE_RETURN_IF_ERROR(
-      mm(b, s, true, false, cfg.grid_cols, H, T, at(b.dl, Nr, dt), n, x.data, H, g.router_col.data, H, dt, dt, 0.f));
-  OMNIMOE_RETURN_IF_ERROR(mm(b, s, false, false, T, H, n, b.dl, n, b.wcat, H, b.dx, H, dt, DType::f32, 1.f));
+  // route backward, per chunk: gates -> scores -> log_softmax -> norm -> router weights, dx.
+  // Training batchnorm first needs column means over all tokens: one more pass for them.
+  if (batch_stats) {
+    for (i64 k = 0; k < plan.route_chunks; ++k) {
+      const i64 t0 = k * R, rows = std::min(R, T - t0);
+      OMNIMOE_RETURN_IF_ERROR(route_chunk_grad(t0, rows));
+      OMNIMOE_RETURN_IF_ERROR(route_norm_colsums(cfg, rows, b.logits, b.dlogp, b.sums + k * 2 * n, s));
+    }
+    OMNIMOE_RETURN_IF_ERROR(route_norm_means(cfg, plan.route_chunks, T, b.sums, b.means, s));
+  }
+  for (i64 k = 0; k < plan.route_chunks; ++k) {
+    const i64 t0 = k * R, rows = std::min(R, T - t0);
+    OMNIMOE_RETURN_IF_ERROR(route_chunk_grad(t0, rows));
+    OMNIMOE_RETURN_IF_ERROR(route_norm_apply(cfg, mode, rows, b.logits, b.rstd, b.means, b.dlogp, s));
+    if (dt != DType::f32) OMNIMOE_RETURN_IF_ERROR(store_rows(dt, b.dlogp, rows, n, nullptr, b.dl, s));
+    const char* xc = at(x.data, t0 * H, dt);
+    OMNIMOE_RETURN_IF_ERROR(mm(b, s, true, false, n, H, rows, b.dl, n, xc, H, b.gw, H, dt, DType::f32,
+                               k > 0 ? 1.f : 0.f));
+    OMNIMOE_RETURN_IF_ERROR(mm(b, s, false, false, rows, H, n, b.dl, n, b.wcat, H, b.dx + t0 * H, H, dt, DType::f32,
+                               1.f));
+  }
+  OMNIMOE_RETURN_IF_ERROR(store_rows(dt, b.gw, Nr, H, nullptr, g.router_row.data, s));
+  OMNIMOE_RETURN_IF_ERROR(store_rows(dt, b.gw + Nr * H, cfg.grid_cols, H, nullptr, g.router_col.data, s));
 
-  // shared_mlp: recompute u, v; dm = dy down; (du, m, dv); weight gradients; dx.
-  if (cfg.has_shared_mlp()) {
-    OMNIMOE_RETURN_IF_ERROR(mm(b, s, false, true, T, I, H, x.data, H, p.gate.data, H, b.u, I, dt, dt, 0.f));
-    OMNIMOE_RETURN_IF_ERROR(mm(b, s, false, true, T, I, H, x.data, H, p.up.data, H, b.v, I, dt, dt, 0.f));
-    OMNIMOE_RETURN_IF_ERROR(mm(b, s, false, false, T, I, H, grad_y.data, H, p.down.data, I, b.dm, I, dt, dt, 0.f));
-    OMNIMOE_RETURN_IF_ERROR(shared_mlp_swiglu_backward(dt, b.u, b.v, b.dm, T * I, s));
-    OMNIMOE_RETURN_IF_ERROR(mm(b, s, true, false, H, I, T, grad_y.data, H, b.v, I, g.down.data, I, dt, dt, 0.f));
-    OMNIMOE_RETURN_IF_ERROR(mm(b, s, true, false, I, H, T, b.u, I, x.data, H, g.gate.data, H, dt, dt, 0.f));
-    OMNIMOE_RETURN_IF_ERROR(mm(b, s, true, false, I, H, T, b.dm, I, x.data, H, g.up.data, H, dt, dt, 0.f));
-    OMNIMOE_RETURN_IF_ERROR(mm(b, s, false, false, T, H, I, b.u, I, p.gate.data, H, b.dx, H, dt, DType::f32, 1.f));
-    OMNIMOE_RETURN_IF_ERROR(mm(b, s, false, false, T, H, I, b.dm, I, p.up.data, H, b.dx, H, dt, DType::f32, 1.f));
+  // shared_mlp, slice by slice of its width [i0, i0 + w): recompute u, v; dm = dy down;
+  // (du, m, dv); the slice's weight-gradient rows / columns (each written once); dx.
+  for (i64 i0 = 0; cfg.has_shared_mlp() && i0 < I; i0 += plan.mlp_cols) {
+    const i64 w = std::min(plan.mlp_cols, I - i0);
+    const char* gate = at(p.gate.data, i0 * H, dt);
+    const char* up = at(p.up.data, i0 * H, dt);
+    OMNIMOE_RETURN_IF_ERROR(mm(b, s, false, true, T, w, H, x.data, H, gate, H, b.u, w, dt, dt, 0.f));
+    OMNIMOE_RETURN_IF_ERROR(mm(b, s, false, true, T, w, H, x.data, H, up, H, b.v, w, dt, dt, 0.f));
+    OMNIMOE_RETURN_IF_ERROR(
+        mm(b, s, false, false, T, w, H, grad_y.data, H, at(p.down.data, i0, dt), I, b.dm, w, dt, dt, 0.f));
+    OMNIMOE_RETURN_IF_ERROR(shared_mlp_swiglu_backward(dt, b.u, b.v, b.dm, T * w, s));
+    OMNIMOE_RETURN_IF_ERROR(mm(b, s, true, false, H, w, T, grad_y.data, H, b.v, w,
+                               const_cast<char*>(at(g.down.data, i0, dt)), I, dt, dt, 0.f));
+    OMNIMOE_RETURN_IF_ERROR(mm(b, s, true, false, w, H, T, b.u, w, x.data, H,
+                               const_cast<char*>(at(g.gate.data, i0 * H, dt)), H, dt, dt, 0.f));
+    OMNIMOE_RETURN_IF_ERROR(mm(b, s, true, false, w, H, T, b.dm, w, x.data, H,
+                               const_cast<char*>(at(g.up.data, i0 * H, dt)), H, dt, dt, 0.f));
+    OMNIMOE_RETURN_IF_ERROR(mm(b, s, false, false, T, H, w, b.u, w, gate, H, b.dx, H, dt, DType::f32, 1.f));
+    OMNIMOE_RETURN_IF_ERROR(mm(b, s, false, false, T, H, w, b.dm, w, up, H, b.dx, H, dt, DType::f32, 1.f));
   }
   return store_rows(dt, b.dx, T, H, b.bad, g.x.data, s);
 }

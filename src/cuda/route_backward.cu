@@ -92,14 +92,15 @@ __global__ void scores_backward_kernel(i64 T, int Nr, int Nc, int K, int softmax
 
 constexpr int kCols = 32, kRows = 8;
 
-// Column sums of d and d * lhat over all tokens, in double, fixed order (as chunk_moments).
-__global__ void norm_colsums_kernel(i64 T, i64 n, const float* lhat, const float* d, double* out) {
+// Column sums of d and d * lhat over one token chunk, in double, fixed order (as
+// chunk_moments): out[c] and out[n + c].
+__global__ void norm_colsums_kernel(i64 rows, i64 n, const float* lhat, const float* d, double* out) {
   __shared__ double part[2][kRows][kCols];
   const int tx = threadIdx.x, ty = threadIdx.y;
   const i64 c = static_cast<i64>(blockIdx.x) * kCols + tx;
   double s = 0, sx = 0;
   if (c < n)
-    for (i64 r = ty; r < T; r += kRows) {
+    for (i64 r = ty; r < rows; r += kRows) {
       s += d[r * n + c];
       sx += static_cast<double>(d[r * n + c]) * lhat[r * n + c];
     }
@@ -112,9 +113,18 @@ __global__ void norm_colsums_kernel(i64 T, i64 n, const float* lhat, const float
       a += part[0][i][tx];
       b += part[1][i][tx];
     }
-    out[c] = a / static_cast<double>(T);
-    out[n + c] = b / static_cast<double>(T);
+    out[c] = a;
+    out[n + c] = b;
   }
+}
+
+// Means over all T tokens from the chunk sums, added in chunk order: means[c], means[n + c].
+__global__ void norm_means_kernel(i64 chunks, i64 n, i64 T, const double* sums, double* means) {
+  const i64 c = static_cast<i64>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (c >= 2 * n) return;
+  double a = 0;
+  for (i64 k = 0; k < chunks; ++k) a += sums[k * 2 * n + c];
+  means[c] = a / static_cast<double>(T);
 }
 
 __global__ void norm_apply_kernel(i64 T, i64 n, int train, const float* lhat, const float* rstd, const double* means,
@@ -154,16 +164,28 @@ Status route_scores_backward(const Config& cfg, i64 T, const i32* ids, const flo
   return Status::Ok();
 }
 
-Status route_norm_backward(const Config& cfg, Mode mode, i64 T, const float* lhat, const float* rstd, float* d,
-                           double* colsums, cudaStream_t stream) {
+Status route_norm_colsums(const Config& cfg, i64 rows, const float* lhat, const float* d, double* sums,
+                          cudaStream_t stream) {
+  const i64 n = cfg.grid_rows + cfg.grid_cols;
+  norm_colsums_kernel<<<ceil_div(n, kCols), dim3(kCols, kRows), 0, stream>>>(rows, n, lhat, d, sums);
+  OMNIMOE_CUDA_LAUNCH_CHECK("route norm_colsums_kernel");
+  return Status::Ok();
+}
+
+Status route_norm_means(const Config& cfg, i64 chunks, i64 T, const double* sums, double* means,
+                        cudaStream_t stream) {
+  const i64 n = cfg.grid_rows + cfg.grid_cols;
+  norm_means_kernel<<<ceil_div(2 * n, 256), 256, 0, stream>>>(chunks, n, T, sums, means);
+  OMNIMOE_CUDA_LAUNCH_CHECK("route norm_means_kernel");
+  return Status::Ok();
+}
+
+Status route_norm_apply(const Config& cfg, Mode mode, i64 rows, const float* lhat, const float* rstd,
+                        const double* means, float* d, cudaStream_t stream) {
   if (cfg.router_norm == RouterNorm::none) return Status::Ok();
   const i64 n = cfg.grid_rows + cfg.grid_cols;
-  const bool train = mode == Mode::training;
-  if (train) {
-    norm_colsums_kernel<<<ceil_div(n, kCols), dim3(kCols, kRows), 0, stream>>>(T, n, lhat, d, colsums);
-    OMNIMOE_CUDA_LAUNCH_CHECK("route norm_colsums_kernel");
-  }
-  norm_apply_kernel<<<ceil_div(T * n, 256), 256, 0, stream>>>(T, n, train, lhat, rstd, colsums, d);
+  norm_apply_kernel<<<ceil_div(rows * n, 256), 256, 0, stream>>>(rows, n, mode == Mode::training, lhat, rstd, means,
+                                                                 d);
   OMNIMOE_CUDA_LAUNCH_CHECK("route norm_apply_kernel");
   return Status::Ok();
 }

@@ -13,5 +13,4 @@ set(OMNIMOE_CUDA_SOURCES
   cuda/route_backward.cu
   cuda/schedule.cu
   cuda/shared_mlp.cu
-  cuda/streams.cu
 )
