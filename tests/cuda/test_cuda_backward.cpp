@@ -298,7 +298,7 @@ TEST(CudaBackwardGraph, ReplaysOnNewInputs) {
 }
 
 // Gradients into views one element past a 256-byte boundary (x, grad_y and the expert
-// tables' gradients misaligned for 16-byte access): the same values as aligned buffers.
+// tables' gradients misaligned for 16-byte access): the values of aligned buffers.
 TEST(CudaBackwardMisaligned, ViewsOffsetByOneElement) {
   if (!have_gpu()) GTEST_SKIP() << "no CUDA device";
   for (DType dt : {DType::bf16, DType::f32}) {
@@ -352,8 +352,12 @@ TEST(CudaBackwardMisaligned, ViewsOffsetByOneElement) {
     for (auto [view, host] : {std::pair{gv.expert_in, &got.expert_in}, {gv.expert_out, &got.expert_out}})
       ASSERT_EQ(cudaMemcpy(host->data(), view.data, host->bytes(), cudaMemcpyDeviceToHost), cudaSuccess);
     for (void* b : blocks) cudaFree(b);
-    EXPECT_TRUE(got.expert_in.bitwise_equal(want.expert_in)) << dtype_name(dt);
-    EXPECT_TRUE(got.expert_out.bitwise_equal(want.expert_out)) << dtype_name(dt);
+    // Not bitwise: cuBLASLt may pick another kernel for the misaligned x (the recomputed
+    // router logits, hence the gates, can differ in the last bit).
+    const double tol = dt == DType::f32 ? 1e-6 : 1e-2;
+    EXPECT_EQ(got.expert_in.count_nonfinite(), 0);
+    EXPECT_LE(rel_error(got.expert_in.to_f64(), want.expert_in.to_f64()), tol) << dtype_name(dt);
+    EXPECT_LE(rel_error(got.expert_out.to_f64(), want.expert_out.to_f64()), tol) << dtype_name(dt);
   }
 }
 

@@ -4,6 +4,9 @@
 
 #include "bench_device.hpp"
 #include "bench_model.hpp"
+#ifdef OMNIMOE_HAVE_BASELINES
+#include "bench_paper.hpp"
+#endif
 #include "commands.hpp"
 #include "layer_tensors.hpp"
 #include "omnimoe/device.hpp"
@@ -18,9 +21,10 @@ constexpr const char* kBenchUsage =
     "Times the layer forward (inference, fresh random inputs) for each configuration of a\n"
     "suite: a progress line per configuration on stderr, then a table on stdout.\n"
     "  --device  cpu or cuda (default: cuda when a GPU is present)\n"
-    "  --suite   cpu (default on cpu), omnimoe (default on cuda), smoke\n"
+    "  --suite   cpu (default on cpu), omnimoe (default on cuda), smoke, or paper: every layer\n"
+    "            of DESIGN.md section 3 (baselines too; reduced sizes on cpu; docs/benchmarks.md)\n"
     "  --dtype   layer dtype (default: f32 on cpu, bf16 on cuda)\n"
-    "  --reps    timed calls per configuration (default: 9 on cpu, 20 on cuda)\n"
+    "  --reps    timed calls per configuration (default: 9 on cpu, 20 on cuda; paper: 3, 50)\n"
     "  --only    run only the configurations whose name contains this text\n"
     "  --backward  time forward + backward (training mode) instead of the forward\n"
     "  --sparse-grads  with --backward: the expert tables' gradients through backward_sparse\n"
@@ -59,8 +63,17 @@ int cmd_bench(Args& args) {
   const bool sparse_grads = args.flag("--sparse-grads");
   args.finish();
   if (sparse_grads && !train_step) throw UsageError("--sparse-grads needs --backward");
+  if (suite_name == "paper") {  // bench_paper.cpp
+#ifdef OMNIMOE_HAVE_BASELINES
+    if (train_step) throw UsageError("--backward: the paper suite times the forward only");
+    require_device(device);
+    return bench_paper({device, dtype, reps_text ? reps : 0, csv, only});
+#else
+    throw UsageError("--suite paper: this build has no baseline layers (configured with -DOMNIMOE_BASELINES=OFF)");
+#endif
+  }
   const std::vector<BenchConfig>* suite = find_suite(suite_name);
-  if (suite == nullptr) throw UsageError("--suite '" + suite_name + "': expected one of " + suite_names());
+  if (suite == nullptr) throw UsageError("--suite '" + suite_name + "': expected one of " + suite_names() + ", paper");
   require_device(device);
 
   std::fprintf(stderr, "omnimoe bench: suite %s, %s, %s, %d reps\n", suite_name.c_str(),

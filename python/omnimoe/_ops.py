@@ -1,0 +1,119 @@
+"""Python side of the torch ops: fake (meta) kernels for tracing and torch.compile, and the
+autograd formula of omnimoe::layer_forward (which calls omnimoe::layer_backward).
+
+The ops themselves (CPU and CUDA kernels) are defined in C++ (csrc/layer_ops.cpp) and
+registered when omnimoe._C is imported:
+
+    torch.ops.omnimoe.layer_forward(x, router_row, router_col, expert_in, expert_out,
+        gate, up, down, running_mean_row, running_var_row, running_mean_col, running_var_col,
+        top_k, router_norm, gate_fn, activation, training, return_routing)
+      -> (y, expert_ids, scores, gates, running_mean_row, running_var_row,
+          running_mean_col, running_var_col)
+
+x is [T, H]; expert_ids [T, K] int32; scores and gates [T, K] in the accumulation dtype
+(float64 for float64 layers, else float32), or [0, K] when return_routing is false. The
+forward is functional: the last four outputs are the running statistics after the call
+(updated in training mode, unchanged in inference mode; [0] without batchnorm), for the
+caller to copy into its buffers.
+
+    torch.ops.omnimoe.layer_backward(grad_y, x, router_row, router_col, expert_in, expert_out,
+        gate, up, down, running_mean_row, running_var_row, running_mean_col, running_var_col,
+        expert_ids, top_k, router_norm, gate_fn, activation, training)
+      -> (grad_x, grad_router_row, grad_router_col, grad_expert_in, grad_expert_out,
+          grad_gate, grad_up, grad_down)
+
+Without the shared MLP (gate, up, down None) the last three are [0, H], [0, H], [H, 0].
+"""
+
+import torch
+
+from . import _C  # noqa: F401  (registers torch.ops.omnimoe.*)
+
+_NUM_PARAMS = 8  # x, router_row, router_col, expert_in, expert_out, gate, up, down
+_NUM_STATS = 4  # running_mean_row, running_var_row, running_mean_col, running_var_col
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """dtype of the router statistics, scores and gates of a layer of `dtype`."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@torch.library.register_fake("omnimoe::layer_forward")
+def _layer_forward_fake(x, router_row, router_col, expert_in, expert_out, gate, up, down,
+                        running_mean_row, running_var_row, running_mean_col, running_var_col,
+                        top_k, router_norm, gate_fn, activation, training, return_routing):
+    torch._check(x.dim() == 2, lambda: f"omnimoe: x must be [T, H], got shape {tuple(x.shape)}")
+    torch._check(router_row.dim() == 2 and router_col.dim() == 2,
+                 lambda: "omnimoe: router_row and router_col must be [Nr, H] and [Nc, H]")
+    T, H = x.shape
+    acc = accumulation_dtype(x.dtype)
+    rows = T if return_routing else 0
+    y = x.new_empty((T, H))
+    ids = x.new_empty((T, top_k), dtype=torch.int32)
+    scores = x.new_empty((rows, top_k), dtype=acc)
+    gates = x.new_empty((rows, top_k), dtype=acc)
+    if router_norm == "batchnorm":
+        Nr, Nc = router_row.shape[0], router_col.shape[0]
+        stats = [x.new_empty((n,), dtype=acc) for n in (Nr, Nr, Nc, Nc)]
+    else:
+        stats = [x.new_empty((0,), dtype=acc) for _ in range(_NUM_STATS)]
+    return (y, ids, scores, gates, *stats)
+
+
+@torch.library.register_fake("omnimoe::layer_backward")
+def _layer_backward_fake(grad_y, x, router_row, router_col, expert_in, expert_out, gate, up, down,
+                         running_mean_row, running_var_row, running_mean_col, running_var_col,
+                         expert_ids, top_k, router_norm, gate_fn, activation, training):
+    H = x.shape[1]
+    I = gate.shape[0] if gate is not None else 0
+    return (torch.empty_like(x), torch.empty_like(router_row), torch.empty_like(router_col),
+            torch.empty_like(expert_in), torch.empty_like(expert_out),
+            x.new_empty((I, H)), x.new_empty((I, H)), x.new_empty((H, I)))
+
+
+def _forward_setup_context(ctx, inputs, output):
+    params = inputs[:_NUM_PARAMS]
+    top_k, router_norm, gate_fn, activation, training, _ = inputs[_NUM_PARAMS + _NUM_STATS:]
+    y, ids, scores, gates, *stats = output
+    ctx.mark_non_differentiable(ids, scores, gates, *stats)
+    # The backward reads the running statistics in inference mode (constants there) and
+    # ignores them in training mode (it recomputes the batch statistics from x). The returned
+    # copies are never modified afterwards, unlike the module's buffers.
+    if router_norm != "batchnorm":
+        stats = [None] * _NUM_STATS
+    ctx.save_for_backward(*params, *stats, ids)
+    ctx.config = (top_k, router_norm, gate_fn, activation, training)
+    ctx.has_shared = params[5] is not None
+
+
+def _forward_backward(ctx, grad_y, *unused_grads):
+    saved = ctx.saved_tensors
+    params = saved[:_NUM_PARAMS]
+    stats = saved[_NUM_PARAMS:_NUM_PARAMS + _NUM_STATS]
+    ids = saved[-1]
+    grads = torch.ops.omnimoe.layer_backward(grad_y, *params, *stats, ids, *ctx.config)
+    grads = list(grads)
+    if not ctx.has_shared:
+        grads[5:8] = [None, None, None]
+    for i, needed in enumerate(ctx.needs_input_grad[:_NUM_PARAMS]):
+        if not needed:
+            grads[i] = None
+    # No gradient for the running statistics and the non-tensor arguments.
+    return (*grads, *([None] * (_NUM_STATS + 6)))
+
+
+torch.library.register_autograd("omnimoe::layer_forward", _forward_backward,
+                                setup_context=_forward_setup_context)
+
+
+def _backward_setup_context(ctx, inputs, output):
+    pass
+
+
+def _backward_backward(ctx, *grads):
+    raise RuntimeError("omnimoe: double backward (gradients of gradients) is not supported")
+
+
+# Gradients of the gradients are not implemented: say so instead of returning wrong ones.
+torch.library.register_autograd("omnimoe::layer_backward", _backward_backward,
+                                setup_context=_backward_setup_context)

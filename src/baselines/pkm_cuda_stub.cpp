@@ -1,0 +1,12 @@
+// Stand-ins for the CUDA halves of pkm / peer in builds without a CUDA toolkit.
+#include "baselines/product_key.hpp"
+
+namespace omnimoe::baselines {
+namespace {
+Status no_cuda() {
+  return {StatusCode::unsupported, "device cuda: this build of omnimoe has no CUDA backend (no CUDA toolkit was found)"};
+}
+}  // namespace
+Status pkm_workspace_size_cuda(const BaselineConfig&, std::int64_t, DType, std::size_t*) { return no_cuda(); }
+Status pkm_forward_cuda(const ForwardArgs&) { return no_cuda(); }
+}  // namespace omnimoe::baselines
