@@ -34,7 +34,9 @@ BackwardPlan backward_plan(const Config& cfg, i64 T, DType dt) {
   BackwardPlan p;
   p.route_rows = std::clamp<i64>(route_bytes / (n * (12 + es)), 1, T);
   p.route_chunks = (T + p.route_rows - 1) / p.route_rows;
-  const i64 cols = mlp_bytes / (3 * T * es);
+  // At least 1024 columns (unless the budget is overridden): thinner slices re-read and
+  // re-write the fp32 dx once per slice, which costs more than their memory saves.
+  const i64 cols = std::max<i64>(mlp_bytes / (3 * T * es), std::getenv("OMNIMOE_CHUNK_BYTES") ? 1 : 1024);
   p.mlp_cols = std::clamp<i64>(cols >= 64 ? cols / 8 * 8 : cols, 1, std::max<i64>(cfg.intermediate, 1));
   return p;
 }
