@@ -11,7 +11,6 @@ list(APPEND OMNIMOE_BASELINE_CUDA_SOURCES
   baselines/gshard_schedule.cu
   baselines/grouped_gemm.cu
   baselines/gshard_combine.cu
-  baselines/swiglu.cu
 )
 list(APPEND OMNIMOE_BASELINE_CUDA_STUBS
   baselines/coarse_cuda_stub.cpp

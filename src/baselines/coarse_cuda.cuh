@@ -1,5 +1,6 @@
 // CUDA stages of the coarse baselines (dense, gshard, deepseekmoe), one launcher per file:
-//   swiglu.cu          dense SwiGLU through cuBLASLt (the dense layer, deepseekmoe's shared expert)
+//   (the dense SwiGLU of the dense layer and deepseekmoe's shared expert is the layer's own
+//   shared_mlp stage, src/cuda/shared_mlp.cu)
 //   gshard_route.cu    fused softmax + exact top-K + gates (a warp per token); caller ids
 //   gshard_schedule.cu tasks sorted by expert (CUB radix sort), segment and tile offsets
 //   grouped_gemm.cu    the per-expert products over the sorted tasks (tensor cores)
@@ -9,6 +10,7 @@
 #pragma once
 
 #include "cuda/common.cuh"
+#include "cuda/cuda.cuh"
 #include "cuda/gemm.cuh"
 
 namespace omnimoe::baselines::gpu {
@@ -16,22 +18,10 @@ namespace omnimoe::baselines::gpu {
 using cuda::i32;
 using cuda::i64;
 
-// ---- swiglu.cu ----------------------------------------------------------------------------
-// y = (silu(x gateᵀ) * (x upᵀ)) downᵀ for x [T, H], gate / up [I, H], down [H, I], in chunks
-// of `chunk_rows` tokens; u and v hold [chunk_rows, I] each. cuBLASLt products (fp32
-// accumulation), gate and up as one strided-batch product where their addresses allow.
-struct SwigluArgs {
-  DType dtype;
-  i64 T, H, I;
-  const void *x, *gate, *up, *down;
-  void* y;
-  i64 chunk_rows;
-  void *u, *v;
-  cuda::GemmWorkspace gemm;
-};
-Status swiglu_forward(const SwigluArgs& a, cudaStream_t stream);
-// Tokens per chunk whose u and v fit in `bytes` (at least 1, at most T).
-i64 swiglu_chunk_rows(i64 T, i64 I, DType dtype, std::size_t bytes);
+// ---- SwiGLU MLP: the layer's shared_mlp stage (src/cuda/shared_mlp.cu) ---------------------
+using cuda::SwigluArgs;
+using cuda::swiglu_chunk_rows;
+using cuda::swiglu_forward;
 
 // ---- gshard_route.cu ------------------------------------------------------------------------
 // Per token t: p = softmax(logits[t, :N]) in fp32; the K largest p (ties: smaller id) in

@@ -228,6 +228,23 @@ Status shared_mlp_swiglu_backward(DType dtype, void* u, void* v, void* dm, i64 n
 Status store_rows(DType dtype, const float* src, i64 T, i64 H, const int* bad, void* dst, cudaStream_t stream);
 
 // ---- shared_mlp -------------------------------------------------------------------------
+// y = (silu(x gateᵀ) * (x upᵀ)) downᵀ for x [T, H], gate / up [I, H], down [H, I], in chunks
+// of `chunk_rows` tokens; u and v hold [chunk_rows, I] each (v right after u). cuBLASLt
+// products (fp32 accumulation), gate and up as one strided-batch product where their
+// addresses allow. Used by the layer's shared MLP and the dense / shared baselines.
+struct SwigluArgs {
+  DType dtype;
+  i64 T, H, I;
+  const void *x, *gate, *up, *down;
+  void* y;
+  i64 chunk_rows;
+  void *u, *v;
+  GemmWorkspace gemm;
+};
+Status swiglu_forward(const SwigluArgs& a, cudaStream_t stream);
+// Tokens per chunk whose u and v fit in `bytes` (at least 1, at most T).
+i64 swiglu_chunk_rows(i64 T, i64 I, DType dtype, std::size_t bytes);
+
 // m = silu(u) * v in place of u, [n] elements of dtype.
 Status shared_mlp_swiglu(DType dtype, void* u, const void* v, i64 n, cudaStream_t stream);
 

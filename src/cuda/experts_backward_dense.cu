@@ -80,26 +80,6 @@ __global__ void zero_padding_kernel(const i32* __restrict__ count, i64 capacity,
   dw_in[i] = dw_out[i] = from_f32<S>(0.f);
 }
 
-GemmArgs product(bool ta, bool tb, i64 M, i64 N, i64 K, const void* A, i64 lda, const void* B, i64 ldb, void* C,
-                 i64 ldc, DType ab, DType c, float beta) {
-  GemmArgs g;
-  g.ta = ta;
-  g.tb = tb;
-  g.M = M;
-  g.N = N;
-  g.K = K;
-  g.A = A;
-  g.lda = lda;
-  g.B = B;
-  g.ldb = ldb;
-  g.C = C;
-  g.ldc = ldc;
-  g.ab = ab;
-  g.c = c;
-  g.beta = beta;
-  return g;
-}
-
 template <class S>
 Status run(const DenseBackwardArgs& a, cudaStream_t stream) {
   const Config& c = *a.cfg;
@@ -120,9 +100,9 @@ Status run(const DenseBackwardArgs& a, cudaStream_t stream) {
       const char* x = at(a.x, t0 * H, dt);
       const char* dy = at(a.dy, t0 * H, dt);
       OMNIMOE_RETURN_IF_ERROR(gemm(
-          product(false, true, rows, cols, H, x, H, at(a.w_in, e0 * H, dt), H, b.s, Ec, dt, dt, 0.f), b.gemm, stream));
+          gemm_args(false, true, rows, cols, H, x, H, at(a.w_in, e0 * H, dt), H, b.s, Ec, dt, dt, 0.f), b.gemm, stream));
       OMNIMOE_RETURN_IF_ERROR(gemm(
-          product(false, true, rows, cols, H, dy, H, at(a.w_out, e0 * H, dt), H, b.da, Ec, dt, dt, 0.f), b.gemm,
+          gemm_args(false, true, rows, cols, H, dy, H, at(a.w_out, e0 * H, dt), H, b.da, Ec, dt, dt, 0.f), b.gemm,
           stream));
       tasks_kernel<S, false><<<kTaskBlocks, kTaskThreads, 0, stream>>>(
           sc.tasks, sc.offsets, group, a.ids, a.gates, static_cast<const S*>(b.s), static_cast<const S*>(b.da),
@@ -130,10 +110,10 @@ Status run(const DenseBackwardArgs& a, cudaStream_t stream) {
       OMNIMOE_CUDA_LAUNCH_CHECK("experts_backward_dense tasks_kernel");
       const float beta = tc > 0 ? 1.f : 0.f;
       OMNIMOE_RETURN_IF_ERROR(
-          gemm(product(true, false, cols, H, rows, b.pdh, Ec, x, H, b.gin, H, dt, f32, beta), b.gemm, stream));
+          gemm(gemm_args(true, false, cols, H, rows, b.pdh, Ec, x, H, b.gin, H, dt, f32, beta), b.gemm, stream));
       OMNIMOE_RETURN_IF_ERROR(
-          gemm(product(true, false, cols, H, rows, b.pa, Ec, dy, H, b.gout, H, dt, f32, beta), b.gemm, stream));
-      OMNIMOE_RETURN_IF_ERROR(gemm(product(false, false, rows, H, cols, b.pdh, Ec, at(a.w_in, e0 * H, dt), H,
+          gemm(gemm_args(true, false, cols, H, rows, b.pa, Ec, dy, H, b.gout, H, dt, f32, beta), b.gemm, stream));
+      OMNIMOE_RETURN_IF_ERROR(gemm(gemm_args(false, false, rows, H, cols, b.pdh, Ec, at(a.w_in, e0 * H, dt), H,
                                            a.dx_acc + t0 * H, H, dt, f32, 1.f),
                                    b.gemm, stream));
       tasks_kernel<S, true><<<kTaskBlocks, kTaskThreads, 0, stream>>>(

@@ -36,4 +36,25 @@ struct GemmArgs {
 
 Status gemm(const GemmArgs& g, GemmWorkspace ws, cudaStream_t stream);
 
+// The common case in one expression: C = op(A) op(B) + beta C, no batch.
+inline GemmArgs gemm_args(bool ta, bool tb, i64 M, i64 N, i64 K, const void* A, i64 lda, const void* B, i64 ldb,
+                          void* C, i64 ldc, DType ab, DType c, float beta) {
+  GemmArgs g;
+  g.ta = ta;
+  g.tb = tb;
+  g.M = M;
+  g.N = N;
+  g.K = K;
+  g.A = A;
+  g.lda = lda;
+  g.B = B;
+  g.ldb = ldb;
+  g.C = C;
+  g.ldc = ldc;
+  g.ab = ab;
+  g.c = c;
+  g.beta = beta;
+  return g;
+}
+
 }  // namespace omnimoe::cuda

@@ -164,69 +164,13 @@ Status route(const Config& cfg, Mode mode, const TensorView& x, const Params& p,
   return Status::Ok();
 }
 
-// y = (silu(x gateᵀ) * (x upᵀ)) downᵀ, chunk by chunk of tokens; the experts stage adds the
-// routed branch afterwards. gate and up are one strided-batch product (x broadcast against
-// both weight matrices, the batch stride being the distance between the caller's two
-// tensors), then SwiGLU, then down into y.
+// y = (silu(x gateᵀ) * (x upᵀ)) downᵀ (swiglu_forward, chunk by chunk of tokens); the
+// experts stage adds the routed branch afterwards.
 Status shared_mlp(const Config& cfg, const TensorView& x, const Params& p, const TensorView& y,
                   const ForwardBuffers& b, cudaStream_t s) {
-  const DType dt = x.dtype;
-  const i64 T = x.shape[0], H = cfg.hidden, I = cfg.intermediate, es = static_cast<i64>(dtype_size(dt));
-  const Plan plan = plan_of(cfg, T, dt);
-  // Batch slot 0 is whichever of gate / up lies first in memory (strides must be >= 0).
-  const auto* gp = static_cast<const char*>(p.gate.data);
-  const auto* upp = static_cast<const char*>(p.up.data);
-  const bool gate_first = gp <= upp;
-  const i64 gap = gate_first ? upp - gp : gp - upp;
-  const bool one_product = gap % es == 0;
-  for (i64 t0 = 0; t0 < T; t0 += plan.mlp_rows) {
-    const i64 rows = std::min(plan.mlp_rows, T - t0);
-    GemmArgs g;
-    g.tb = true;
-    g.M = rows;
-    g.N = I;
-    g.K = H;
-    g.A = at(x.data, t0 * H, dt);
-    g.lda = H;
-    g.ldb = H;
-    g.ldc = I;
-    g.ab = g.c = dt;
-    // Slot 0 (b.u) takes the product with whichever weight lies first, slot 1 (b.v) the
-    // other; u and v are adjacent in the workspace, so every stride is positive.
-    void* gate_out = (one_product && !gate_first) ? b.v : b.u;  // [rows, I]
-    void* up_out = (one_product && !gate_first) ? b.u : b.v;    // [rows, I]
-    if (one_product) {
-      g.B = gate_first ? gp : upp;
-      g.C = b.u;
-      g.batch = 2;
-      g.stride_a = 0;
-      g.stride_b = gap / es;
-      g.stride_c = static_cast<i64>(static_cast<char*>(b.v) - static_cast<char*>(b.u)) / es;
-      OMNIMOE_RETURN_IF_ERROR(gemm(g, b.gemm, s));
-    } else {  // misaligned caller tensors: two products
-      g.B = gp;
-      g.C = gate_out;
-      OMNIMOE_RETURN_IF_ERROR(gemm(g, b.gemm, s));
-      g.B = upp;
-      g.C = up_out;
-      OMNIMOE_RETURN_IF_ERROR(gemm(g, b.gemm, s));
-    }
-    OMNIMOE_RETURN_IF_ERROR(shared_mlp_swiglu(dt, gate_out, up_out, rows * I, s));
-    GemmArgs d;
-    d.tb = true;
-    d.M = rows;
-    d.N = H;
-    d.K = I;
-    d.A = gate_out;
-    d.lda = I;
-    d.B = p.down.data;
-    d.ldb = I;
-    d.C = const_cast<char*>(at(y.data, t0 * H, dt));
-    d.ldc = H;
-    d.ab = d.c = dt;
-    OMNIMOE_RETURN_IF_ERROR(gemm(d, b.gemm, s));
-  }
-  return Status::Ok();
+  const SwigluArgs a{x.dtype, x.shape[0], cfg.hidden, cfg.intermediate, x.data,  p.gate.data, p.up.data,
+                     p.down.data, y.data, plan_of(cfg, x.shape[0], x.dtype).mlp_rows, b.u, b.v, b.gemm};
+  return swiglu_forward(a, s);
 }
 
 }  // namespace

@@ -153,25 +153,10 @@ Status experts_backward(const Config& cfg, const TensorView& x, const Params& p,
   return experts_backward_rows(r, s);
 }
 
-// C (+)= op(A) op(B), row-major, in one call.
+// C = op(A) op(B) + beta C, row-major, in one call.
 Status mm(const BackwardBuffers& b, cudaStream_t s, bool ta, bool tb, i64 M, i64 N, i64 K, const void* A, i64 lda,
           const void* B, i64 ldb, void* C, i64 ldc, DType ab, DType c, float beta) {
-  GemmArgs g;
-  g.ta = ta;
-  g.tb = tb;
-  g.M = M;
-  g.N = N;
-  g.K = K;
-  g.A = A;
-  g.lda = lda;
-  g.B = B;
-  g.ldb = ldb;
-  g.C = C;
-  g.ldc = ldc;
-  g.ab = ab;
-  g.c = c;
-  g.beta = beta;
-  return gemm(g, b.gemm, s);
+  return gemm(gemm_args(ta, tb, M, N, K, A, lda, B, ldb, C, ldc, ab, c, beta), b.gemm, s);
 }
 
 }  // namespace
