@@ -6,12 +6,18 @@
 The math runs in the omnimoe C++/CUDA library, called through the torch ops
 torch.ops.omnimoe.layer_forward / layer_backward (custom ops with fake kernels and autograd:
 they work under torch.compile(fullgraph=True)).
+
+The paper's baseline layers, omnimoe.Dense, GShard, DeepSeekMoE, PKM and PEER (and their
+functional form omnimoe.baseline_layer), run the library's baselines through
+torch.ops.omnimoe.baseline_forward. They are FORWARD ONLY (inference and benchmarks): the
+library has no backward for them, and backpropagating through one raises NotImplementedError.
 """
 
 import torch  # noqa: F401  (loads libtorch, which the extension links)
 
 from . import _C
 from ._ops import accumulation_dtype
+from .baselines import BASELINE_KINDS, DeepSeekMoE, Dense, GShard, PEER, PKM, baseline_layer
 from .functional import ACTIVATIONS, GATES, ROUTER_NORMS, Routing, omnimoe_layer
 from .modules import OmniMoE
 
@@ -29,4 +35,5 @@ def cuda_available() -> bool:
 __all__ = [
     "OmniMoE", "omnimoe_layer", "Routing", "accumulation_dtype", "cuda_built", "cuda_available",
     "ROUTER_NORMS", "GATES", "ACTIVATIONS",
+    "Dense", "GShard", "DeepSeekMoE", "PKM", "PEER", "baseline_layer", "BASELINE_KINDS",
 ]

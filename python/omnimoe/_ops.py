@@ -117,3 +117,53 @@ def _backward_backward(ctx, *grads):
 # Gradients of the gradients are not implemented: say so instead of returning wrong ones.
 torch.library.register_autograd("omnimoe::layer_backward", _backward_backward,
                                 setup_context=_backward_setup_context)
+
+
+# ---- baselines (csrc/baseline_ops.cpp) ---------------------------------------------------
+#
+#   torch.ops.omnimoe.baseline_forward(kind, x, gate, up, down, router, expert_gate, expert_up,
+#       expert_down, query, keys_row, keys_col, values, expert_in, expert_out, width,
+#       num_experts, grid_rows, grid_cols, top_k, shared_width, routed_ids=None, routed_gates=None)
+#     -> (y, expert_ids)
+#
+# The baseline layers of include/omnimoe/baselines.hpp: kind is 'dense', 'gshard',
+# 'deepseekmoe', 'pkm' or 'peer'; the parameters are the BaselineParams fields (None where
+# the kind does not use one); x and y are [T, H]; expert_ids [T, K] int32 ([T, 0] for dense).
+# With routed_ids [T, K] int32 and routed_gates [T, K] float32 the layer uses that routing
+# (BaselineForwardRouted) and returns routed_ids as its expert_ids. Forward only: the library
+# has no backward for the baselines, so the autograd formula below raises.
+
+BASELINE_KINDS = ("dense", "gshard", "deepseekmoe", "pkm", "peer")
+#: BaselineParams fields, in the op's order.
+BASELINE_PARAMS = ("gate", "up", "down", "router", "expert_gate", "expert_up", "expert_down", "query",
+                   "keys_row", "keys_col", "values", "expert_in", "expert_out")
+
+
+@torch.library.register_fake("omnimoe::baseline_forward")
+def _baseline_forward_fake(kind, x, gate, up, down, router, expert_gate, expert_up, expert_down, query, keys_row,
+                           keys_col, values, expert_in, expert_out, width, num_experts, grid_rows, grid_cols,
+                           top_k, shared_width, routed_ids=None, routed_gates=None):
+    torch._check(kind in BASELINE_KINDS, lambda: f"omnimoe: baseline kind must be one of {BASELINE_KINDS}, got {kind!r}")
+    torch._check(x.dim() == 2, lambda: f"omnimoe: x must be [T, H], got shape {tuple(x.shape)}")
+    T, H = x.shape
+    K = 0 if kind == "dense" else top_k
+    return x.new_empty((T, H)), x.new_empty((T, K), dtype=torch.int32)
+
+
+def _baseline_setup_context(ctx, inputs, output):
+    ctx.kind = inputs[0]
+    ctx.mark_non_differentiable(output[1])
+
+
+def _baseline_backward(ctx, grad_y, grad_ids):
+    raise NotImplementedError(
+        f"omnimoe: the baseline layer '{ctx.kind}' cannot be differentiated: the omnimoe library has only the "
+        "forward for baselines (include/omnimoe/baselines.hpp), no backward. The baseline modules are for "
+        "inference and benchmarks: run them under torch.no_grad() / torch.inference_mode(), or on inputs and "
+        "parameters that do not require grad.")
+
+
+# Raise instead of silently returning no (or wrong) gradients when something that requires
+# grad flows through a baseline.
+torch.library.register_autograd("omnimoe::baseline_forward", _baseline_backward,
+                                setup_context=_baseline_setup_context)
