@@ -3,7 +3,9 @@
 // log-probabilities, the gates, the shared MLP's activations), so the caller keeps only the
 // expert ids. The router is recomputed per token chunk and the shared MLP per slice of its
 // width, so their buffers do not grow with T. No host synchronisation, no allocation, no
-// float atomics: graph-capturable and bitwise deterministic.
+// float atomics on any output: graph-capturable and bitwise deterministic (the dense path's
+// chunk cells are added to atomically only where one token names an expert twice, and the
+// backward's gates for such duplicates are equal, so the sum is exact).
 #include <algorithm>
 #include <cstdlib>
 

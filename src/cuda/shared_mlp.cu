@@ -61,7 +61,9 @@ Status swiglu_forward(const SwigluArgs& a, cudaStream_t s) {
   const auto* upp = static_cast<const char*>(a.up);
   const bool gate_first = gp <= upp;
   const i64 gap = gate_first ? upp - gp : gp - upp;
-  const bool one_product = gap % es == 0 && static_cast<char*>(a.v) > static_cast<char*>(a.u);
+  // One strided-batch product needs a stride that keeps batch 1 as aligned as batch 0 (the
+  // alignment cuBLASLt is told is batch 0's): a gap of whole 16-byte units.
+  const bool one_product = gap % 16 == 0 && static_cast<char*>(a.v) > static_cast<char*>(a.u);
   void* gate_out = (one_product && !gate_first) ? a.v : a.u;
   void* up_out = (one_product && !gate_first) ? a.u : a.v;
   for (i64 t0 = 0; t0 < a.T; t0 += a.chunk_rows) {
