@@ -187,10 +187,13 @@ Status backward(const Config& cfg, Mode mode, const TensorView& x, const Params&
   const BackwardPlan& plan = b.plan;
   const i64 K = cfg.top_k, R = plan.route_rows;
   const bool batch_stats = mode == Mode::training && cfg.router_norm == RouterNorm::batchnorm;
-  // Router logits of tokens [t0, t0 + rows), normalised in place, and their log-probs.
+  // Router logits of tokens [t0, t0 + rows) into b.logits.
+  auto router_logits = [&](i64 t0, i64 rows) {
+    return mm(b, s, false, true, rows, n, H, at(x.data, t0 * H, dt), H, b.wcat, H, b.logits, n, dt, DType::f32, 0.f);
+  };
+  // ... normalised in place, and their log-probs.
   auto route_chunk = [&](i64 t0, i64 rows) -> Status {
-    OMNIMOE_RETURN_IF_ERROR(mm(b, s, false, true, rows, n, H, at(x.data, t0 * H, dt), H, b.wcat, H, b.logits, n, dt,
-                               DType::f32, 0.f));
+    OMNIMOE_RETURN_IF_ERROR(router_logits(t0, rows));
     return route_log_probs(cfg, rows, b.logits, b.mean, b.rstd, b.logp, s);
   };
   // ... and the gradient w.r.t. its log-probs from the gates' gradient.
@@ -206,8 +209,7 @@ Status backward(const Config& cfg, Mode mode, const TensorView& x, const Params&
   if (batch_stats)
     for (i64 k = 0; k < plan.route_chunks; ++k) {
       const i64 t0 = k * R, rows = std::min(R, T - t0);
-      OMNIMOE_RETURN_IF_ERROR(mm(b, s, false, true, rows, n, H, at(x.data, t0 * H, dt), H, b.wcat, H, b.logits, n,
-                                 dt, DType::f32, 0.f));
+      OMNIMOE_RETURN_IF_ERROR(router_logits(t0, rows));
       OMNIMOE_RETURN_IF_ERROR(route_chunk_moments(b.logits, rows, n, b.partial + k * 2 * n, s));
     }
   RouteStatsArgs st{&cfg, mode, T, R, b.partial, p.running_mean_row.as<float>(), p.running_var_row.as<float>(),

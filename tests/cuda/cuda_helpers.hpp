@@ -4,6 +4,8 @@
 
 #include <cuda_runtime.h>
 
+#include <vector>
+
 #include "cpu/test_helpers.hpp"
 #include "omnimoe/device.hpp"
 
@@ -102,6 +104,35 @@ class DeviceWorkspace {
  private:
   void* ptr_ = nullptr;
   std::size_t bytes_ = 0;
+};
+
+// Device copies of host tensors placed one element past a 256-byte boundary (misaligned for
+// 16-byte access), freed with the object: views as a caller's slice of a larger buffer.
+class MisalignedCopies {
+ public:
+  MisalignedCopies() = default;
+  MisalignedCopies(const MisalignedCopies&) = delete;
+  MisalignedCopies& operator=(const MisalignedCopies&) = delete;
+  ~MisalignedCopies() {
+    for (void* b : blocks_) cudaFree(b);
+  }
+  TensorView copy(const HostTensor& h) {
+    void* base = nullptr;
+    EXPECT_EQ(cudaMalloc(&base, h.bytes() + 256), cudaSuccess);
+    blocks_.push_back(base);
+    void* at = static_cast<char*>(base) + dtype_size(h.dtype());
+    EXPECT_EQ(cudaMemcpy(at, h.data(), h.bytes(), cudaMemcpyHostToDevice), cudaSuccess);
+    TensorView v = h.view();
+    v.data = at;
+    v.device = Device::cuda;
+    return v;
+  }
+  static void download(const TensorView& v, HostTensor& h) {
+    ASSERT_EQ(cudaMemcpy(h.data(), v.data, h.bytes(), cudaMemcpyDeviceToHost), cudaSuccess);
+  }
+
+ private:
+  std::vector<void*> blocks_;
 };
 
 inline bool have_gpu() { return cuda_available(); }

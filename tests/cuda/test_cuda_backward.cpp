@@ -173,12 +173,7 @@ TEST_P(CudaBackward, MatchesFloat64Reference) {
 // that routing, bitwise reproducible, sparse form consistent.
 TEST(CudaBackwardHot, SplitSegmentsMatchReference) {
   if (!have_gpu()) GTEST_SKIP() << "no CUDA device";
-  Config cfg;
-  cfg.hidden = 96;
-  cfg.intermediate = 32;
-  cfg.grid_rows = 8;
-  cfg.grid_cols = 8;
-  cfg.top_k = 4;
+  const Config cfg = make_config(96, 32, 8, 8, 4);
   const std::int64_t T = 300, K = cfg.top_k, N = cfg.num_experts();
   const DType dt = DType::bf16;
   const Problem stored = convert_problem(make_problem(cfg, T, DType::f64, test_seed()), dt);
@@ -302,12 +297,7 @@ TEST(CudaBackwardGraph, ReplaysOnNewInputs) {
 TEST(CudaBackwardMisaligned, ViewsOffsetByOneElement) {
   if (!have_gpu()) GTEST_SKIP() << "no CUDA device";
   for (DType dt : {DType::bf16, DType::f32}) {
-    Config cfg;
-    cfg.hidden = 256;
-    cfg.intermediate = 64;
-    cfg.grid_rows = 16;
-    cfg.grid_cols = 16;
-    cfg.top_k = 8;
+    const Config cfg = make_config(256, 64, 16, 16, 8);
     const std::int64_t T = 40;
     const Problem p = make_problem(cfg, T, dt, test_seed(static_cast<int>(dt) + 20));
     Problem fwd = convert_problem(p, DType::f64);
@@ -328,30 +318,17 @@ TEST(CudaBackwardMisaligned, ViewsOffsetByOneElement) {
     ASSERT_TRUE(synchronize(Device::cuda).ok());
     dg.download(want);
 
-    const std::size_t es = dtype_size(dt);
-    std::vector<void*> blocks;
-    auto shifted = [&](const HostTensor& h) {
-      void* base = nullptr;
-      EXPECT_EQ(cudaMalloc(&base, h.bytes() + 256), cudaSuccess);
-      blocks.push_back(base);
-      void* at = static_cast<char*>(base) + es;
-      EXPECT_EQ(cudaMemcpy(at, h.data(), h.bytes(), cudaMemcpyHostToDevice), cudaSuccess);
-      TensorView v = h.view();
-      v.data = at;
-      v.device = Device::cuda;
-      return v;
-    };
+    MisalignedCopies shifted;
     got.poison();
     Gradients gv = dg.view();
-    gv.expert_in = shifted(got.expert_in);
-    gv.expert_out = shifted(got.expert_out);
-    const TensorView x = shifted(p.x), gy = shifted(dy);
+    gv.expert_in = shifted.copy(got.expert_in);
+    gv.expert_out = shifted.copy(got.expert_out);
+    const TensorView x = shifted.copy(p.x), gy = shifted.copy(dy);
     const Status st = backward(cfg, Mode::training, x, dev.params(), dids.view(), gy, gv, ws.ws());
     ASSERT_TRUE(st.ok()) << st.message();
     ASSERT_TRUE(synchronize(Device::cuda).ok());
-    for (auto [view, host] : {std::pair{gv.expert_in, &got.expert_in}, {gv.expert_out, &got.expert_out}})
-      ASSERT_EQ(cudaMemcpy(host->data(), view.data, host->bytes(), cudaMemcpyDeviceToHost), cudaSuccess);
-    for (void* b : blocks) cudaFree(b);
+    MisalignedCopies::download(gv.expert_in, got.expert_in);
+    MisalignedCopies::download(gv.expert_out, got.expert_out);
     // Not bitwise: cuBLASLt may pick another kernel for the misaligned x (the recomputed
     // router logits, hence the gates, can differ in the last bit).
     const double tol = dt == DType::f32 ? 1e-6 : 1e-2;

@@ -396,32 +396,19 @@ TEST(CudaForwardMisaligned, ViewsOffsetByOneElement) {
     dy.download(want);
 
     // The same tensors again, each one element past a 256-byte boundary.
-    const std::size_t es = dtype_size(dt);
-    std::vector<void*> blocks;
-    auto shifted = [&](const HostTensor& h) {
-      void* base = nullptr;
-      EXPECT_EQ(cudaMalloc(&base, h.bytes() + 256), cudaSuccess);
-      blocks.push_back(base);
-      void* at = static_cast<char*>(base) + es;
-      EXPECT_EQ(cudaMemcpy(at, h.data(), h.bytes(), cudaMemcpyHostToDevice), cudaSuccess);
-      TensorView v = h.view();
-      v.data = at;
-      v.device = Device::cuda;
-      return v;
-    };
+    MisalignedCopies shifted;
     Params q = aligned.params();
-    const TensorView x = shifted(p.x);
-    q.expert_in = shifted(p.expert_in);
-    q.expert_out = shifted(p.expert_out);
-    q.gate = shifted(p.gate);
-    q.down = shifted(p.down);
+    const TensorView x = shifted.copy(p.x);
+    q.expert_in = shifted.copy(p.expert_in);
+    q.expert_out = shifted.copy(p.expert_out);
+    q.gate = shifted.copy(p.gate);
+    q.down = shifted.copy(p.down);
     got.poison();
-    const TensorView y = shifted(got);
+    const TensorView y = shifted.copy(got);
     const Status st = forward_routed(cfg, x, q, dids.view(), dg.view(), y, ws.ws());
     ASSERT_TRUE(st.ok()) << st.message();
     ASSERT_TRUE(synchronize(Device::cuda).ok());
-    ASSERT_EQ(cudaMemcpy(got.data(), y.data, got.bytes(), cudaMemcpyDeviceToHost), cudaSuccess);
-    for (void* b : blocks) cudaFree(b);
+    MisalignedCopies::download(y, got);
     EXPECT_EQ(got.count_nonfinite(), 0);
     EXPECT_LE(rel_error(got.to_f64(), want.to_f64()), dt == DType::f32 ? 1e-6 : 1e-2) << dtype_name(dt);
   }
