@@ -1,5 +1,5 @@
-// Layer configuration: the letters of DESIGN.md section 1 (H, I, Nr, Nc, K) and the
-// three switches (router norm, gate, activation).
+// Layer configuration: the letters of DESIGN.md section 1 (H, I, Nr, Nc, K), the three
+// switches of the math (router norm, gate, activation) and the execution schedule.
 #pragma once
 
 #include <cstdint>
@@ -13,6 +13,12 @@ namespace omnimoe {
 enum class RouterNorm : std::uint8_t { batchnorm, none };
 enum class GateKind : std::uint8_t { exp, softmax };
 enum class Activation : std::uint8_t { silu, gelu, relu };
+// How the CUDA backend runs the experts stage (DESIGN.md section 2). expert_centric: tasks
+// sorted by expert group, tensor-core tile products (an expert row is read once per token
+// chunk, not once per token that chose it); token_centric: one warp per token gathers its K
+// expert rows (the paper's ablation "without expert-centric scheduling"); automatic: chosen
+// from (T, K, N, H, dtype).
+enum class Schedule : std::uint8_t { automatic, expert_centric, token_centric };
 // Training: batchnorm uses the batch statistics and updates the running ones.
 // Inference: batchnorm uses the running statistics.
 enum class Mode : std::uint8_t { inference, training };
@@ -30,6 +36,12 @@ struct Config {
   RouterNorm router_norm = RouterNorm::batchnorm;  // normalisation of the router logits
   GateKind gate = GateKind::exp;                   // exp(S) or softmax over the K scores
   Activation activation = Activation::silu;        // expert activation
+  // Experts path of the CUDA forward and backward (and hence of their workspace sizes):
+  // expert-centric tile products or token-centric per-token gathers; automatic picks from
+  // (T, K, N, H, dtype). The CPU reference computes the same math one way and ignores it.
+  // Both schedules compute the same function, but they sum in different orders, so their
+  // results agree within rounding, not bitwise.
+  Schedule schedule = Schedule::automatic;
 
   std::int64_t num_experts() const { return grid_rows * grid_cols; }  // N
   bool has_shared_mlp() const { return intermediate > 0; }
@@ -42,8 +54,10 @@ const char* name(RouterNorm v);
 const char* name(GateKind v);
 const char* name(Activation v);
 const char* name(Mode v);
+const char* name(Schedule v);  // "auto", "expert", "token"
 std::optional<RouterNorm> parse_router_norm(std::string_view s);
 std::optional<GateKind> parse_gate(std::string_view s);
 std::optional<Activation> parse_activation(std::string_view s);
+std::optional<Schedule> parse_schedule(std::string_view s);  // the spellings of name(Schedule)
 
 }  // namespace omnimoe

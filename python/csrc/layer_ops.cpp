@@ -22,7 +22,7 @@ using OptTensor = std::optional<at::Tensor>;
 
 omnimoe::Config make_config(const Tensor& x, const Tensor& router_row, const Tensor& router_col, const OptTensor& gate,
                             int64_t top_k, c10::string_view router_norm, c10::string_view gate_fn,
-                            c10::string_view activation) {
+                            c10::string_view activation, c10::string_view schedule) {
   TORCH_CHECK_VALUE(x.dim() == 2, "omnimoe: x must be [T, H], got shape ", x.sizes());
   TORCH_CHECK_VALUE(router_row.dim() == 2 && router_col.dim() == 2, "omnimoe: router_row and router_col must be ",
                     "[Nr, H] and [Nc, H], got ", router_row.sizes(), " and ", router_col.sizes());
@@ -35,15 +35,19 @@ omnimoe::Config make_config(const Tensor& x, const Tensor& router_row, const Ten
   const std::string_view norm(router_norm.data(), router_norm.size());
   const std::string_view gk(gate_fn.data(), gate_fn.size());
   const std::string_view act(activation.data(), activation.size());
+  const std::string_view sch(schedule.data(), schedule.size());
   auto n = omnimoe::parse_router_norm(norm);
   auto g = omnimoe::parse_gate(gk);
   auto a = omnimoe::parse_activation(act);
+  auto sc = omnimoe::parse_schedule(sch);
   TORCH_CHECK_VALUE(n.has_value(), "omnimoe: router_norm must be 'batchnorm' or 'none', got '", norm, "'");
   TORCH_CHECK_VALUE(g.has_value(), "omnimoe: gate must be 'exp' or 'softmax', got '", gk, "'");
   TORCH_CHECK_VALUE(a.has_value(), "omnimoe: activation must be 'silu', 'gelu' or 'relu', got '", act, "'");
+  TORCH_CHECK_VALUE(sc.has_value(), "omnimoe: schedule must be 'auto', 'expert' or 'token', got '", sch, "'");
   cfg.router_norm = *n;
   cfg.gate = *g;
   cfg.activation = *a;
+  cfg.schedule = *sc;
   return cfg;
 }
 
@@ -82,8 +86,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layer
     const Tensor& expert_out, const OptTensor& gate, const OptTensor& up, const OptTensor& down,
     const OptTensor& running_mean_row, const OptTensor& running_var_row, const OptTensor& running_mean_col,
     const OptTensor& running_var_col, int64_t top_k, c10::string_view router_norm, c10::string_view gate_fn,
-    c10::string_view activation, bool training, bool return_routing) {
-  const omnimoe::Config cfg = make_config(x, router_row, router_col, gate, top_k, router_norm, gate_fn, activation);
+    c10::string_view activation, bool training, bool return_routing, c10::string_view schedule) {
+  const omnimoe::Config cfg =
+      make_config(x, router_row, router_col, gate, top_k, router_norm, gate_fn, activation, schedule);
   const c10::DeviceGuard guard(x.device());
   const bool bn = cfg.router_norm == omnimoe::RouterNorm::batchnorm;
   Inputs in{contiguous(x), contiguous(router_row), contiguous(router_col), contiguous(expert_in),
@@ -127,8 +132,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layer
     const Tensor& expert_in, const Tensor& expert_out, const OptTensor& gate, const OptTensor& up,
     const OptTensor& down, const OptTensor& running_mean_row, const OptTensor& running_var_row,
     const OptTensor& running_mean_col, const OptTensor& running_var_col, const Tensor& expert_ids, int64_t top_k,
-    c10::string_view router_norm, c10::string_view gate_fn, c10::string_view activation, bool training) {
-  const omnimoe::Config cfg = make_config(x, router_row, router_col, gate, top_k, router_norm, gate_fn, activation);
+    c10::string_view router_norm, c10::string_view gate_fn, c10::string_view activation, bool training,
+    c10::string_view schedule) {
+  const omnimoe::Config cfg =
+      make_config(x, router_row, router_col, gate, top_k, router_norm, gate_fn, activation, schedule);
   const c10::DeviceGuard guard(x.device());
   Inputs in{contiguous(x), contiguous(router_row), contiguous(router_col), contiguous(expert_in),
             contiguous(expert_out), contiguous(gate), contiguous(up), contiguous(down),
@@ -180,14 +187,16 @@ TORCH_LIBRARY(omnimoe, m) {
       "layer_forward(Tensor x, Tensor router_row, Tensor router_col, Tensor expert_in, Tensor expert_out, "
       "Tensor? gate, Tensor? up, Tensor? down, Tensor? running_mean_row, Tensor? running_var_row, "
       "Tensor? running_mean_col, Tensor? running_var_col, int top_k, str router_norm, str gate_fn, "
-      "str activation, bool training, bool return_routing) -> (Tensor y, Tensor expert_ids, Tensor scores, "
+      "str activation, bool training, bool return_routing, str schedule=\"auto\") -> (Tensor y, "
+      "Tensor expert_ids, Tensor scores, "
       "Tensor gates, Tensor running_mean_row, Tensor running_var_row, Tensor running_mean_col, "
       "Tensor running_var_col)");
   m.def(
       "layer_backward(Tensor grad_y, Tensor x, Tensor router_row, Tensor router_col, Tensor expert_in, "
       "Tensor expert_out, Tensor? gate, Tensor? up, Tensor? down, Tensor? running_mean_row, "
       "Tensor? running_var_row, Tensor? running_mean_col, Tensor? running_var_col, Tensor expert_ids, "
-      "int top_k, str router_norm, str gate_fn, str activation, bool training) -> (Tensor grad_x, "
+      "int top_k, str router_norm, str gate_fn, str activation, bool training, str schedule=\"auto\") -> "
+      "(Tensor grad_x, "
       "Tensor grad_router_row, Tensor grad_router_col, Tensor grad_expert_in, Tensor grad_expert_out, "
       "Tensor grad_gate, Tensor grad_up, Tensor grad_down)");
 }

@@ -9,8 +9,9 @@ they work under torch.compile(fullgraph=True)).
 
 The paper's baseline layers, omnimoe.Dense, GShard, DeepSeekMoE, PKM and PEER (and their
 functional form omnimoe.baseline_layer), run the library's baselines through
-torch.ops.omnimoe.baseline_forward. They are FORWARD ONLY (inference and benchmarks): the
-library has no backward for them, and backpropagating through one raises NotImplementedError.
+torch.ops.omnimoe.baseline_forward. They are trainable: the library has only their forward,
+and their backward (torch.ops.omnimoe.baseline_backward) is PyTorch autograd of a
+recomputation of the layer on the routing the library chose (see omnimoe.baselines).
 """
 
 import torch  # noqa: F401  (loads libtorch, which the extension links)
@@ -18,7 +19,7 @@ import torch  # noqa: F401  (loads libtorch, which the extension links)
 from . import _C
 from ._ops import accumulation_dtype
 from .baselines import BASELINE_KINDS, DeepSeekMoE, Dense, GShard, PEER, PKM, baseline_layer
-from .functional import ACTIVATIONS, GATES, ROUTER_NORMS, Routing, omnimoe_layer
+from .functional import ACTIVATIONS, GATES, ROUTER_NORMS, SCHEDULES, Routing, omnimoe_layer
 from .modules import OmniMoE
 
 __version__ = "0.1.0"
@@ -34,6 +35,6 @@ def cuda_available() -> bool:
 
 __all__ = [
     "OmniMoE", "omnimoe_layer", "Routing", "accumulation_dtype", "cuda_built", "cuda_available",
-    "ROUTER_NORMS", "GATES", "ACTIVATIONS",
+    "ROUTER_NORMS", "GATES", "ACTIVATIONS", "SCHEDULES",
     "Dense", "GShard", "DeepSeekMoE", "PKM", "PEER", "baseline_layer", "BASELINE_KINDS",
 ]

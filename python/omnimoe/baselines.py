@@ -2,11 +2,29 @@
 Dense, GShard, DeepSeekMoE, PKM and PEER, computed by the omnimoe library through the torch
 op torch.ops.omnimoe.baseline_forward.
 
-FORWARD ONLY. The library has no backward for the baselines: these modules are for inference
-and benchmarks. Run them under ``torch.no_grad()`` / ``torch.inference_mode()`` (or on inputs
-and parameters that do not require grad); backpropagating through one raises
-NotImplementedError rather than giving wrong (or no) gradients. Their parameters are still
-nn.Parameters (state_dict, ``.to()``, ``.cuda()`` and ``.half()`` work as usual).
+TRAINABLE: gradients flow to x and to every parameter (and to the gates of forward_routed).
+The library has only the forward of the baselines; the backward (torch.ops.omnimoe.
+baseline_backward, omnimoe/_baseline_backward.py) is PyTorch autograd of a recomputation of
+the layer in PyTorch ops on the routing the library's forward chose: the expert ids are
+constants (as for the OmniMoE layer, the router learns through the gates), the gates and
+everything else are recomputed and differentiated. Details:
+
+* precision: the recomputation runs in float32 (float64 for float64 layers; bfloat16 and
+  float16 tensors are cast up) and each gradient is cast back to its tensor's dtype;
+* memory: the tokens are processed in chunks whose largest intermediates (for PEER the
+  [Tc, K, H] gather of expert_in; for GShard / DeepSeekMoE the chosen experts' activations)
+  stay under omnimoe._baseline_backward.CHUNK_BYTES = 128 MiB, so the backward needs that
+  plus float32 copies of x, grad_y, the parameters and (twice) their gradients (the sums of
+  PKM / PEER go through F.embedding_bag; GShard / DeepSeekMoE loop over the experts with
+  index_select / index_add_, never gathering a weight matrix per token);
+* determinism: as deterministic as PyTorch's index / scatter ops (index_add_, the backward of
+  index_select and gather, embedding_bag's backward) are: deterministic on the CPU, and on
+  CUDA under ``torch.use_deterministic_algorithms(True)``;
+* torch.compile: the backward is one opaque op in the compiled graph (fullgraph works with
+  gradients); double backward (gradients of gradients) raises.
+
+The parameters are nn.Parameters (state_dict, ``.to()``, ``.cuda()`` and ``.half()`` work as
+usual); under ``torch.no_grad()`` / ``torch.inference_mode()`` nothing is recorded.
 
 Each maps x [..., H] to y [..., H]; SwiGLU(x; G, U, D) = D (silu(G x) * (U x)):
 
@@ -49,11 +67,12 @@ def baseline_layer(
     gates: Optional[Tensor] = None,
     return_expert_ids: bool = False,
 ):
-    """y = baseline(x) for x [..., H] (forward only). `params` maps BaselineParams field names
-    to tensors (missing or None: unused by the kind); the ints are the BaselineConfig fields
-    (0 where the kind does not use one). With `expert_ids` and `gates` ([..., K]) the layer
-    uses that routing instead of its router (forward_routed; not for 'dense'). Returns y, or
-    (y, expert_ids [..., K] int32) with return_expert_ids=True."""
+    """y = baseline(x) for x [..., H], differentiable in x and the tensors of `params` (and
+    `gates`; see the module docstring). `params` maps BaselineParams field names to tensors
+    (missing or None: unused by the kind); the ints are the BaselineConfig fields (0 where the
+    kind does not use one). With `expert_ids` and `gates` ([..., K]) the layer uses that
+    routing instead of its router (forward_routed; not for 'dense'). Returns y, or (y,
+    expert_ids [..., K] int32) with return_expert_ids=True."""
     unknown = set(params) - set(BASELINE_PARAMS)
     if unknown:
         raise ValueError(f"omnimoe: unknown baseline parameters {sorted(unknown)}; known: {BASELINE_PARAMS}")
@@ -104,7 +123,7 @@ class _Baseline(nn.Module):
     def forward(self, x: Tensor, return_expert_ids: bool = False):
         """y [..., H] for x [..., H]; with return_expert_ids=True, (y, expert_ids [..., K]
         int32, the chosen experts in descending score order; K = 0 for Dense).
-        Forward only: see the module docstring."""
+        Differentiable: see the module docstring."""
         return baseline_layer(self.kind, x, self._params(), return_expert_ids=return_expert_ids, **self.config())
 
 
@@ -112,13 +131,14 @@ class _Routed(_Baseline):
     def forward_routed(self, x: Tensor, expert_ids: Tensor, gates: Tensor) -> Tensor:
         """y [..., H] with the routing given: expert_ids [..., K] (ids in [0, N)) and gates
         [..., K], used as given (converted to int32 and float32), as the benchmark's
-        "random ids" series does. Forward only."""
+        "random ids" series does. Differentiable in x, the parameters the experts use and the
+        gates (the router, query and keys take no part and get no gradient)."""
         return baseline_layer(self.kind, x, self._params(), expert_ids=expert_ids, gates=gates, **self.config())
 
 
 class Dense(_Baseline):
-    """Dense SwiGLU MLP: y = down (silu(gate x) * (up x)). Forward only (inference and
-    benchmarks; see omnimoe.baselines).
+    """Dense SwiGLU MLP: y = down (silu(gate x) * (up x)). Trainable (the backward is PyTorch
+    autograd of a recomputation, in token chunks; see omnimoe.baselines).
 
     Parameters: gate [I, H], up [I, H], down [H, I], initialised as nn.Linear weights
     (U(-1/sqrt(fan_in), 1/sqrt(fan_in)))."""
@@ -194,7 +214,9 @@ class _Coarse(_Routed):
 
 class GShard(_Coarse):
     """GShard MoE: softmax router over N SwiGLU experts of width W, top-K, gates renormalised
-    over the K chosen. Forward only (inference and benchmarks; see omnimoe.baselines).
+    over the K chosen. Trainable: the backward is PyTorch autograd of a recomputation on the
+    library's routing (the router learns through the gates), bounded in memory; see
+    omnimoe.baselines.
 
     Parameters: router [N, H], expert_gate [N W, H], expert_up [N W, H], expert_down [N H, W]
     (expert e: rows e W.. of expert_gate / expert_up, rows e H.. of expert_down), initialised
@@ -210,7 +232,8 @@ class GShard(_Coarse):
 class DeepSeekMoE(_Coarse):
     """DeepSeekMoE: as GShard but the gates are the softmax probabilities themselves (no
     renormalisation over the K chosen), plus an always-on shared SwiGLU expert of width
-    ``shared_width`` (0: none). Forward only (inference and benchmarks; see omnimoe.baselines).
+    ``shared_width`` (0: none). Trainable: the backward is PyTorch autograd of a recomputation
+    on the library's routing, bounded in memory; see omnimoe.baselines.
 
     Parameters: those of GShard, and (shared_width > 0) gate [S, H], up [S, H], down [H, S]."""
 
@@ -223,8 +246,9 @@ class DeepSeekMoE(_Coarse):
 
 class PKM(_Routed):
     """Product-key memory (Lample et al. 2019), single head, no query batchnorm: N = Nr x Nc
-    value rows addressed by the exact top-K of s1[i] + s2[j]. Forward only (inference and
-    benchmarks; see omnimoe.baselines).
+    value rows addressed by the exact top-K of s1[i] + s2[j]. Trainable: the backward is
+    PyTorch autograd of a recomputation on the library's routing (query and keys learn through
+    the softmax weights), bounded in memory; see omnimoe.baselines.
 
     Args:
         hidden_size: H (even: the query splits into two halves).
@@ -288,8 +312,9 @@ class PKM(_Routed):
 
 class PEER(PKM):
     """PEER (He 2024), single head: product-key retrieval as PKM over N single-neuron experts,
-    y = sum_k w_k gelu(expert_in[e_k] . x) expert_out[e_k] (exact erf GELU). Forward only
-    (inference and benchmarks; see omnimoe.baselines).
+    y = sum_k w_k gelu(expert_in[e_k] . x) expert_out[e_k] (exact erf GELU). Trainable: the
+    backward is PyTorch autograd of a recomputation on the library's routing, in token chunks
+    that bound its [Tc, K, H] gathers; see omnimoe.baselines.
 
     Parameters: query, keys_row, keys_col as PKM; expert_in [N, H] and expert_out [N, H]
     (U(-1/sqrt(H), 1/sqrt(H)), as OmniMoE's experts)."""

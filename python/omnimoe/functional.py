@@ -11,6 +11,8 @@ from . import _ops  # noqa: F401  (registers the ops, their fake kernels and aut
 ROUTER_NORMS = ("batchnorm", "none")
 GATES = ("exp", "softmax")
 ACTIVATIONS = ("silu", "gelu", "relu")
+#: Execution schedules of the CUDA experts stage (Config::schedule); the CPU ignores them.
+SCHEDULES = ("auto", "expert", "token")
 
 
 class Routing(NamedTuple):
@@ -42,6 +44,7 @@ def omnimoe_layer(
     activation: str = "silu",
     training: bool = False,
     return_routing: bool = False,
+    schedule: str = "auto",
 ):
     """y = OmniMoE(x) for x [..., H]; returns y (shaped like x), or (y, Routing) with
     return_routing=True.
@@ -54,12 +57,19 @@ def omnimoe_layer(
     and the running statistics are updated in place, like torch.nn.functional.batch_norm.
     Every tensor must share x's dtype (float32, bfloat16, float16; float64 on the CPU) and
     device (CPU or CUDA).
+
+    schedule picks how the CUDA experts stage runs, forward and backward: 'expert'
+    (expert-centric: tasks sorted by expert group, tensor-core tile products), 'token'
+    (token-centric: one warp per token gathers its K expert rows; the paper's ablation
+    without expert-centric scheduling) or 'auto' (chosen from T, K, N, H and the dtype). The
+    CPU computes the same math one way and ignores it. The schedules agree within rounding,
+    not bitwise.
     """
     H = x.shape[-1]
     stats = (running_mean_row, running_var_row, running_mean_col, running_var_col)
     y, ids, scores, gates, *new_stats = torch.ops.omnimoe.layer_forward(
         x.reshape(-1, H), router_row, router_col, expert_in, expert_out, gate, up, down, *stats,
-        top_k, router_norm, gate_fn, activation, training, return_routing)
+        top_k, router_norm, gate_fn, activation, training, return_routing, schedule)
     if training and router_norm == "batchnorm":
         with torch.no_grad():
             for buf, new in zip(stats, new_stats):

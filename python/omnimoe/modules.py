@@ -7,7 +7,7 @@ import torch
 from torch import Tensor, nn
 
 from ._ops import accumulation_dtype
-from .functional import ACTIVATIONS, GATES, ROUTER_NORMS, omnimoe_layer
+from .functional import ACTIVATIONS, GATES, ROUTER_NORMS, SCHEDULES, omnimoe_layer
 
 _STATS = ("running_mean_row", "running_var_row", "running_mean_col", "running_var_col")
 
@@ -39,6 +39,11 @@ class OmniMoE(nn.Module):
         gate: 'exp' (g = exp(S), default) or 'softmax' (over the K chosen scores). Stored as
             ``gate_fn``: the attribute ``gate`` is the shared MLP's parameter.
         activation: 'silu' (default), 'gelu' (exact) or 'relu'.
+        schedule: how the CUDA experts stage runs, forward and backward: 'auto' (default:
+            chosen from T, K, N, H and the dtype), 'expert' (expert-centric tile products) or
+            'token' (token-centric per-token gathers: the paper's ablation without
+            expert-centric scheduling). The CPU ignores it. Schedules agree within rounding,
+            not bitwise.
 
     Parameters: router_row [Nr, H], router_col [Nc, H], expert_in [N, H], expert_out [N, H],
     and (I > 0) gate [I, H], up [I, H], down [H, I]. Buffers (batchnorm): running_mean_row,
@@ -57,6 +62,7 @@ class OmniMoE(nn.Module):
         router_norm: str = "batchnorm",
         gate: str = "exp",
         activation: str = "silu",
+        schedule: str = "auto",
         *,
         grid: Optional[Tuple[int, int]] = None,
         device=None,
@@ -94,6 +100,7 @@ class OmniMoE(nn.Module):
         self.router_norm = _choice("router_norm", router_norm, ROUTER_NORMS)
         self.gate_fn = _choice("gate", gate, GATES)
         self.activation = _choice("activation", activation, ACTIVATIONS)
+        self.schedule = _choice("schedule", schedule, SCHEDULES)
 
         f = {"device": device, "dtype": dtype}
         H, I, Nr, Nc, N = hidden_size, intermediate_size, self.grid_rows, self.grid_cols, self.num_experts
@@ -133,7 +140,7 @@ class OmniMoE(nn.Module):
             x, self.router_row, self.router_col, self.expert_in, self.expert_out, self.gate, self.up, self.down,
             self.running_mean_row, self.running_var_row, self.running_mean_col, self.running_var_col,
             top_k=self.top_k, router_norm=self.router_norm, gate_fn=self.gate_fn, activation=self.activation,
-            training=self.training, return_routing=return_routing)
+            training=self.training, return_routing=return_routing, schedule=self.schedule)
 
     def _apply(self, fn, recurse=True):
         # Running statistics follow the module's device but keep the accumulation dtype
@@ -151,4 +158,4 @@ class OmniMoE(nn.Module):
     def extra_repr(self) -> str:
         return (f"hidden_size={self.hidden_size}, intermediate_size={self.intermediate_size}, "
                 f"grid=({self.grid_rows}, {self.grid_cols}), top_k={self.top_k}, router_norm={self.router_norm!r}, "
-                f"gate={self.gate_fn!r}, activation={self.activation!r}")
+                f"gate={self.gate_fn!r}, activation={self.activation!r}, schedule={self.schedule!r}")

@@ -42,6 +42,9 @@ Status validate(const Config& c) {
   if (c.gate != GateKind::exp && c.gate != GateKind::softmax) return invalid_argument("config.gate: unknown value");
   if (c.activation != Activation::silu && c.activation != Activation::gelu && c.activation != Activation::relu)
     return invalid_argument("config.activation: unknown value");
+  if (c.schedule != Schedule::automatic && c.schedule != Schedule::expert_centric &&
+      c.schedule != Schedule::token_centric)
+    return invalid_argument("config.schedule: unknown value");
   return Status::Ok();
 }
 
@@ -56,6 +59,14 @@ const char* name(Activation v) {
   return "?";
 }
 const char* name(Mode v) { return v == Mode::training ? "training" : "inference"; }
+const char* name(Schedule v) {
+  switch (v) {
+    case Schedule::automatic: return "auto";
+    case Schedule::expert_centric: return "expert";
+    case Schedule::token_centric: return "token";
+  }
+  return "?";
+}
 
 std::optional<RouterNorm> parse_router_norm(std::string_view s) {
   if (s == "batchnorm") return RouterNorm::batchnorm;
@@ -71,6 +82,12 @@ std::optional<Activation> parse_activation(std::string_view s) {
   if (s == "silu") return Activation::silu;
   if (s == "gelu") return Activation::gelu;
   if (s == "relu") return Activation::relu;
+  return std::nullopt;
+}
+std::optional<Schedule> parse_schedule(std::string_view s) {
+  if (s == "auto") return Schedule::automatic;
+  if (s == "expert") return Schedule::expert_centric;
+  if (s == "token") return Schedule::token_centric;
   return std::nullopt;
 }
 

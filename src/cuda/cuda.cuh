@@ -212,10 +212,11 @@ struct DenseBackwardArgs {
 };
 Status experts_backward_dense(const DenseBackwardArgs& a, cudaStream_t stream);
 
-// Experts path, chosen from sizes known on the host (never from device values): the gather
-// streams 2 T K H elements of expert rows, the dense path does 4 T N H flops on tensor cores.
-// OMNIMOE_EXPERTS_PATH=gather|dense overrides (tests, benchmarks). Forward and backward
-// take the same path.
+// Experts path: config.schedule (expert_centric: dense, token_centric: gather), or under
+// Schedule::automatic chosen from sizes known on the host (never from device values): the
+// gather streams 2 T K H elements of expert rows, the dense path does 4 T N H flops on
+// tensor cores. OMNIMOE_EXPERTS_PATH=gather|dense overrides both (a test switch, not API).
+// Forward, backward and their workspace plans all ask here, so they take the same path.
 enum class ExpertsPath { gather, dense };
 ExpertsPath choose_path(const Config& cfg, i64 T, DType dtype);
 // The (token chunk, expert chunk) schedule's buffers, carved from `a`.

@@ -176,14 +176,25 @@ Status shared_mlp(const Config& cfg, const TensorView& x, const Params& p, const
 }  // namespace
 
 ExpertsPath choose_path(const Config& cfg, i64 T, DType dtype) {
+  // The test override comes first so that the path suites (tests/cuda/CMakeLists.txt) force
+  // every case, whatever schedule it configures.
   if (const char* env = std::getenv("OMNIMOE_EXPERTS_PATH")) {
     if (std::string(env) == "dense") return ExpertsPath::dense;
     if (std::string(env) == "gather") return ExpertsPath::gather;
+  }
+  switch (cfg.schedule) {
+    case Schedule::expert_centric: return ExpertsPath::dense;
+    case Schedule::token_centric: return ExpertsPath::gather;
+    case Schedule::automatic: break;
   }
   // Rates: round figures for an H100 (bf16 / f16; fp32 products run on CUDA cores).
   const double gather_s = 2.0 * T * cfg.top_k * cfg.hidden * dtype_size(dtype) / 2.5e12;
   const double dense_s = 4.0 * T * cfg.num_experts() * cfg.hidden / (dtype == DType::f32 ? 40e12 : 550e12);
   return dense_s < gather_s ? ExpertsPath::dense : ExpertsPath::gather;
+}
+
+Schedule experts_schedule(const Config& cfg, i64 tokens, DType dtype) {
+  return choose_path(cfg, tokens, dtype) == ExpertsPath::dense ? Schedule::expert_centric : Schedule::token_centric;
 }
 
 Status check_supported(const Config& cfg, DType dtype, i64 T) {

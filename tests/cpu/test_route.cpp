@@ -4,6 +4,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <numeric>
+#include <random>
 #include <set>
 
 #include "cpu/naive_reference.hpp"
@@ -319,6 +321,80 @@ TEST(Route, F32RoundingTiesGoToSmallerExpert) {
   }
   EXPECT_GT(ties, 0) << "the construction produced no rounding tie";
   std::printf("[ INFO     ] equal fp32 scores of e = 0, 1 in %d of %d cases\n", ties, cases);
+}
+
+// The grid Nr = 1, Nc = N is a dense N-way softmax router (the training example's ablation):
+// the single row's log-probability is 0, so S(e) = log_softmax over the N column logits.
+// Computed here directly in that form: ids are exactly its top K (descending, ties by the
+// smaller id), scores those log-probabilities, exp gates the softmax over all N at those ids.
+// The row router gets no gradient (a one-entry log_softmax is constant).
+TEST(Route, SingleRowGridIsDenseSoftmaxRouter) {
+  const std::int64_t H = 64, N = 4096, K = 32, T = 64;
+  int compared = 0, skipped = 0;
+  for (NormMode nm : {NormMode::none, NormMode::bn_inference, NormMode::bn_training}) {
+    const Config c = make_config(H, 16, 1, N, K, norm_of(nm), GateKind::exp);
+    const Problem p = make_problem(c, T, DType::f64, test_seed(static_cast<std::uint64_t>(nm)));
+    Outputs out = make_outputs(c, T, DType::f64);
+    const Status st = run_forward(p, mode_of(nm), out);
+    ASSERT_TRUE(st.ok()) << st.message();
+
+    // Column logits and their normalisation, from the spec.
+    const auto x = p.x.to_f64(), w = p.router_col.to_f64();
+    std::vector<double> l(static_cast<std::size_t>(T * N), 0.0), mean(N, 0.0), var(N, 1.0 - kBatchnormEps);
+    for (std::int64_t t = 0; t < T; ++t)
+      for (std::int64_t j = 0; j < N; ++j)
+        for (std::int64_t h = 0; h < H; ++h) l[t * N + j] += x[t * H + h] * w[j * H + h];
+    if (nm == NormMode::bn_inference) {
+      mean = p.running_mean_col.to_f64();
+      var = p.running_var_col.to_f64();
+    } else if (nm == NormMode::bn_training) {
+      for (std::int64_t j = 0; j < N; ++j) {
+        double m = 0, v = 0;
+        for (std::int64_t t = 0; t < T; ++t) m += l[t * N + j] / T;
+        for (std::int64_t t = 0; t < T; ++t) v += (l[t * N + j] - m) * (l[t * N + j] - m) / T;
+        mean[j] = m;
+        var[j] = v;
+      }
+    }
+    for (std::int64_t t = 0; t < T; ++t) {
+      std::vector<double> lp(N);
+      double mx = -INFINITY, sum = 0;
+      for (std::int64_t j = 0; j < N; ++j) {
+        lp[j] = (l[t * N + j] - mean[j]) / std::sqrt(var[j] + kBatchnormEps);
+        mx = std::max(mx, lp[j]);
+      }
+      for (std::int64_t j = 0; j < N; ++j) sum += std::exp(lp[j] - mx);
+      for (std::int64_t j = 0; j < N; ++j) lp[j] -= mx + std::log(sum);
+      std::vector<std::int64_t> order(N);
+      std::iota(order.begin(), order.end(), 0);
+      std::stable_sort(order.begin(), order.end(), [&](auto a, auto b) { return lp[a] > lp[b]; });
+      // Rounding decides between scores closer than this; random data essentially never is.
+      bool near_tie = false;
+      for (std::int64_t k = 0; k < K; ++k) near_tie |= lp[order[k]] - lp[order[k + 1]] < 1e-9;
+      if (near_tie) {
+        ++skipped;
+        continue;
+      }
+      ++compared;
+      for (std::int64_t k = 0; k < K; ++k) {
+        const std::int64_t e = order[k];
+        ASSERT_EQ(out.ids.get_int(t * K + k), e) << name(nm) << " t=" << t << " k=" << k;
+        EXPECT_NEAR(out.scores.get(t * K + k), lp[e], 1e-10) << name(nm) << " t=" << t << " k=" << k;
+        const double softmax = std::exp(lp[e]);  // softmax over all N columns at e
+        EXPECT_NEAR(out.gates.get(t * K + k), softmax, 1e-10 * softmax) << name(nm) << " t=" << t << " k=" << k;
+      }
+    }
+
+    HostTensor dy(DType::f64, {T, H});
+    std::mt19937_64 rng(test_seed(40 + static_cast<std::uint64_t>(nm)));
+    fill_normal(dy, rng, 1.0);
+    Grads g = make_grads(c, T, DType::f64);
+    ASSERT_TRUE(run_backward(p, mode_of(nm), out.ids, dy, g).ok());
+    EXPECT_LE(max_abs_diff(g.router_row.to_f64(), std::vector<double>(H, 0.0)), 1e-12) << name(nm);
+    EXPECT_GT(max_abs_diff(g.router_col.to_f64(), std::vector<double>(N * H, 0.0)), 1e-6) << name(nm);
+  }
+  EXPECT_LE(skipped, 1);
+  EXPECT_GE(compared, 3 * T - 1);
 }
 
 // The id dtype does not change the routing, and optional scores / gates may be omitted.

@@ -5,9 +5,11 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <numeric>
 #include <set>
 
+#include "core/backend.hpp"
 #include "cuda/cuda_helpers.hpp"
 
 namespace omt {
@@ -21,6 +23,7 @@ struct Case {
   GateKind gate;
   Activation act;
   DType dtype;
+  Schedule schedule = Schedule::automatic;
 };
 
 Config config_of(const Case& c) {
@@ -33,6 +36,7 @@ Config config_of(const Case& c) {
   cfg.router_norm = c.norm;
   cfg.gate = c.gate;
   cfg.activation = c.act;
+  cfg.schedule = c.schedule;
   return cfg;
 }
 
@@ -65,11 +69,8 @@ void check_routing_invariants(const Config& cfg, const Outputs& o) {
   }
 }
 
-class CudaForward : public ::testing::TestWithParam<Case> {};
-
-TEST_P(CudaForward, MatchesFloat64Reference) {
-  if (!have_gpu()) GTEST_SKIP() << "no CUDA device";
-  const Case c = GetParam();
+// The CUDA forward of case c against the float64 CPU forward on the same values.
+void expect_forward_matches_reference(const Case& c) {
   const Config cfg = config_of(c);
   const std::int64_t T = c.T, K = c.K, N = cfg.num_experts(), H = c.H;
   const Problem stored = convert_problem(make_problem(cfg, T, DType::f64, test_seed()), c.dtype);
@@ -149,6 +150,13 @@ TEST_P(CudaForward, MatchesFloat64Reference) {
   }
 }
 
+class CudaForward : public ::testing::TestWithParam<Case> {};
+
+TEST_P(CudaForward, MatchesFloat64Reference) {
+  if (!have_gpu()) GTEST_SKIP() << "no CUDA device";
+  expect_forward_matches_reference(GetParam());
+}
+
 using RN = RouterNorm;
 using GK = GateKind;
 using AC = Activation;
@@ -173,6 +181,46 @@ const Case kCases[] = {
     {"wide_h4104_bf16", 4104, 32, 8, 8, 6, 9, RN::none, Mode::inference, GK::exp, AC::relu, DType::bf16},
 };
 INSTANTIATE_TEST_SUITE_P(Cases, CudaForward, ::testing::ValuesIn(kCases),
+                         [](const auto& info) { return std::string(info.param.name); });
+
+// config.schedule decides the experts path: each case forces the path that the automatic
+// rule would not take at its sizes and dtype (checked first, so the case really runs that
+// path because of the config), and still matches the float64 reference. Kept out of the
+// OMNIMOE_EXPERTS_PATH suites of CMakeLists.txt: that variable overrides the config.
+class CudaScheduleForward : public ::testing::TestWithParam<Case> {};
+
+TEST_P(CudaScheduleForward, ForcedPathMatchesFloat64Reference) {
+  if (std::getenv("OMNIMOE_EXPERTS_PATH") != nullptr) GTEST_SKIP() << "OMNIMOE_EXPERTS_PATH overrides config.schedule";
+  // The path decision is host code: checked with or without a GPU.
+  const Case c = GetParam();
+  Config automatic = config_of(c);
+  automatic.schedule = Schedule::automatic;
+  ASSERT_EQ(omnimoe::cuda::experts_schedule(config_of(c), c.T, c.dtype), c.schedule) << "config.schedule ignored";
+  ASSERT_NE(omnimoe::cuda::experts_schedule(automatic, c.T, c.dtype), c.schedule)
+      << "the automatic rule takes this path anyway: the case would not show that the config decides";
+  if (!have_gpu()) GTEST_SKIP() << "no CUDA device";
+  expect_forward_matches_reference(c);
+}
+
+constexpr Schedule kExpert = Schedule::expert_centric, kToken = Schedule::token_centric;
+// The automatic rule takes the dense (expert-centric) path when N < 32 K in f32 and N < 220 K
+// in bf16 / f16 (round H100 rates): the cases below sit on the other side of it.
+const Case kScheduleCases[] = {
+    {"token_f32_bn_train", 64, 48, 16, 16, 16, 80, RN::batchnorm, Mode::training, GK::exp, AC::silu, DType::f32,
+     kToken},
+    {"token_bf16_none_softmax", 64, 32, 16, 16, 4, 70, RN::none, Mode::inference, GK::softmax, AC::gelu, DType::bf16,
+     kToken},
+    {"expert_f32_bn_infer_gelu", 64, 48, 24, 24, 8, 60, RN::batchnorm, Mode::inference, GK::softmax, AC::gelu,
+     DType::f32, kExpert},
+    {"expert_bf16_no_mlp", 128, 0, 64, 64, 8, 50, RN::batchnorm, Mode::training, GK::exp, AC::relu, DType::bf16,
+     kExpert},
+    // The grid 1 x 4096: a dense 4096-way softmax router (the training example's ablation).
+    {"grid1x4096_expert_f32", 64, 64, 1, 4096, 32, 64, RN::batchnorm, Mode::training, GK::exp, AC::silu, DType::f32,
+     kExpert},
+    {"grid1x4096_token_bf16", 64, 64, 1, 4096, 32, 64, RN::batchnorm, Mode::training, GK::exp, AC::silu, DType::bf16,
+     kToken},
+};
+INSTANTIATE_TEST_SUITE_P(Schedules, CudaScheduleForward, ::testing::ValuesIn(kScheduleCases),
                          [](const auto& info) { return std::string(info.param.name); });
 
 // Captured once, replayed on new inputs written into the same buffers: same result as an

@@ -39,11 +39,11 @@ CASES = [
 ]
 
 
-def make_module(case, dtype=torch.float32, device="cpu", seed=0):
+def make_module(case, dtype=torch.float32, device="cpu", seed=0, schedule="auto"):
     """A random OmniMoE of `case`; random (non-trivial) running statistics."""
     g = torch.Generator().manual_seed(seed)
     m = omnimoe.OmniMoE(case.hidden, case.intermediate, case.grid, case.top_k, case.router_norm, case.gate,
-                        case.activation)
+                        case.activation, schedule=schedule)
     with torch.no_grad():
         for p in m.parameters():
             # Spread the expert rows wider than the default init so the routed branch is not

@@ -40,7 +40,38 @@ def test_cuda_backend_was_built():
 @pytest.mark.parametrize("case", GPU_CASES, ids=str)
 def test_cuda_matches_reference(case, dtype, training, path, monkeypatch):
     monkeypatch.setenv("OMNIMOE_EXPERTS_PATH", path)  # the library's two experts paths
-    m = make_module(case, dtype, "cuda").train(training)
+    check_cuda_against_reference(make_module(case, dtype, "cuda").train(training), case, dtype)
+
+
+# The grid 1 x 4096: a dense 4096-way softmax router (the training example's ablation).
+SCHEDULE_CASES = GPU_CASES[-2:] + [Case("grid-1x4096", 64, 64, (1, 4096), 32)]
+TOKENS["grid-1x4096"] = (64,)
+
+
+@pytest.mark.parametrize("schedule", ["token", "expert"])
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("case", SCHEDULE_CASES, ids=str)
+def test_cuda_schedule_matches_reference(case, dtype, training, schedule, monkeypatch):
+    # The experts path chosen through the module's schedule argument, not the test variable.
+    monkeypatch.delenv("OMNIMOE_EXPERTS_PATH", raising=False)
+    check_cuda_against_reference(make_module(case, dtype, "cuda", schedule=schedule).train(training), case, dtype)
+
+
+def test_cuda_schedule_reaches_the_library(monkeypatch):
+    # Both schedules compute the same function in different summation orders: equal within
+    # rounding, and not bit for bit, which shows the argument changed the path that ran.
+    monkeypatch.delenv("OMNIMOE_EXPERTS_PATH", raising=False)
+    case = GPU_CASES[-2]
+    x = random_x(case, tokens=TOKENS[case.name], dtype=torch.float32, device="cuda")
+    ys = [make_module(case, torch.float32, "cuda", schedule=s).eval()(x) for s in ("token", "expert")]
+    assert_close(ys[0], ys[1], 1e-5, "token vs expert")
+    assert not torch.equal(ys[0], ys[1]), "token and expert schedules gave bitwise equal y: was the schedule ignored?"
+
+
+def check_cuda_against_reference(m, case, dtype):
+    """Forward, routing, running statistics and every gradient of CUDA module m against the
+    float64 reference on the library's own routing."""
     ref = reference_of(m, case)
     x = random_x(case, tokens=TOKENS.get(case.name, (3, 5)), dtype=dtype, device="cuda").requires_grad_(True)
     y, routing = m(x, return_routing=True)

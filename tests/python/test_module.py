@@ -223,6 +223,51 @@ def test_argument_errors():
         m(torch.randint(0, 3, (3, 8)))
 
 
+@pytest.mark.parametrize("schedule", ["token", "expert"])
+def test_schedules_give_the_same_results_on_cpu(schedule):
+    # The CPU computes the layer one way whatever the schedule: the same y, routing, running
+    # statistics and gradients as 'auto', bit for bit, through the module and the functional form.
+    case = CASES[1]
+    outs = []
+    for s in ("auto", schedule):
+        m = make_module(case, schedule=s).train()
+        assert m.schedule == s and f"schedule={s!r}" in repr(m)
+        x = random_x(case).requires_grad_(True)
+        y, routing = m(x, return_routing=True)
+        (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+        outs.append((y.detach(), routing, x.grad, [getattr(m, n).grad for n in PARAM_NAMES],
+                     [getattr(m, n) for n in STAT_NAMES]))
+    (y0, r0, gx0, gp0, st0), (y1, r1, gx1, gp1, st1) = outs
+    assert torch.equal(y1, y0)
+    for a, b in zip(r1, r0):
+        assert torch.equal(a, b)
+    assert torch.equal(gx1, gx0)
+    for n, a, b in zip(PARAM_NAMES, gp1, gp0):
+        assert torch.equal(a, b), f"grad {n}"
+    for n, a, b in zip(STAT_NAMES, st1, st0):
+        assert torch.equal(a, b), n
+    m = make_module(case).eval()
+    x = random_x(case)
+    y_fn = omnimoe.omnimoe_layer(
+        x, *(getattr(m, n) for n in PARAM_NAMES), *(getattr(m, n) for n in STAT_NAMES), top_k=case.top_k,
+        router_norm=case.router_norm, gate_fn=case.gate, activation=case.activation, schedule=schedule)
+    assert torch.equal(y_fn, m(x))
+
+
+def test_bad_schedule_is_refused():
+    with pytest.raises(ValueError, match="schedule"):
+        omnimoe.OmniMoE(8, 8, 4, 2, schedule="fast")
+    with pytest.raises(ValueError, match="schedule"):
+        omnimoe.OmniMoE(8, 8, 4, 2, schedule="expert_centric")  # the C++ enumerator is not a spelling
+    assert omnimoe.SCHEDULES == ("auto", "expert", "token")
+    # The op checks its own argument (the functional form passes it through unchecked).
+    case = CASES[0]
+    m = make_module(case).eval()
+    with pytest.raises(ValueError, match="schedule must be 'auto', 'expert' or 'token', got 'dense'"):
+        omnimoe.omnimoe_layer(random_x(case), *(getattr(m, n) for n in PARAM_NAMES),
+                              *(getattr(m, n) for n in STAT_NAMES), top_k=case.top_k, schedule="dense")
+
+
 def test_double_backward_is_refused():
     case = CASES[0]
     m = make_module(case).eval()

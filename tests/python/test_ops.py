@@ -45,6 +45,21 @@ def test_opcheck_layer_backward(case, training):
     torch.library.opcheck(torch.ops.omnimoe.layer_backward.default, bargs)
 
 
+@pytest.mark.parametrize("schedule", ["auto", "expert", "token"])
+def test_opcheck_with_schedule(schedule):
+    # The trailing schedule argument, given explicitly: schema, fake kernels and autograd
+    # (which hands the forward's schedule to the backward op).
+    case = CASES[1]
+    m = make_module(case).train()
+    args = (*op_args(m, case, random_x(case), True, True, True), schedule)
+    torch.library.opcheck(torch.ops.omnimoe.layer_forward.default, args)
+    fargs = (*op_args(m, case, random_x(case), True, False, False), schedule)
+    y, ids, _, _, *new_stats = torch.ops.omnimoe.layer_forward(*fargs)
+    bargs = (torch.randn_like(y), *fargs[:8], *new_stats, ids, case.top_k, case.router_norm, case.gate,
+             case.activation, True, schedule)
+    torch.library.opcheck(torch.ops.omnimoe.layer_backward.default, bargs)
+
+
 def test_forward_op_does_not_mutate_its_inputs():
     case = CASES[0]
     m = make_module(case).train()

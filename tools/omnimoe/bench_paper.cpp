@@ -481,13 +481,14 @@ int bench_paper(const PaperBenchOptions& o) {
   const int warmup = cpu ? 1 : 5;
   const Sizes sizes = cpu ? cpu_sizes() : paper_sizes();
   std::vector<Point> points = build_points(sizes);
+  for (Point& p : points) p.cfg.schedule = o.schedule;
   if (!o.only.empty())
     points.erase(std::remove_if(points.begin(), points.end(),
                                 [&](const Point& p) { return p.name().find(o.only) == std::string::npos; }),
                  points.end());
-  std::fprintf(stderr, "omnimoe bench: suite paper (%s sizes), %s, %s, %d reps, %zu points\n",
+  std::fprintf(stderr, "omnimoe bench: suite paper (%s sizes), %s, %s, %d reps, %zu points, schedule %s\n",
                cpu ? "reduced cpu" : "DESIGN.md section 3", device_description(o.device).c_str(),
-               dtype_name(o.dtype), reps, points.size());
+               dtype_name(o.dtype), reps, points.size(), name(o.schedule));
   Runner runner(o, warmup, reps);
   for (std::size_t i = 0; i < points.size(); ++i) runner.run(points[i], i, points.size());
   runner.finish();

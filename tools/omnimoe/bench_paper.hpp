@@ -7,6 +7,7 @@
 #include <optional>
 #include <string>
 
+#include "omnimoe/config.hpp"
 #include "omnimoe/tensor.hpp"
 
 namespace omnimoe::tool {
@@ -17,6 +18,7 @@ struct PaperBenchOptions {
   int reps = 0;                 // timed calls per point (0: 50 on cuda, 3 on cpu)
   std::optional<std::string> csv;
   std::string only;             // run only the points whose name contains this text
+  Schedule schedule = Schedule::automatic;  // experts path of the OmniMoE points (baselines: n/a)
 };
 
 // Runs the suite: progress on stderr, the table on stdout, the CSV when asked. Returns the

@@ -71,6 +71,12 @@ DType float_dtype_option(const std::string& text) {
   throw UsageError("--dtype '" + text + "': expected f32, bf16, f16 or f64");
 }
 
+Schedule schedule_option(const std::optional<std::string>& text) {
+  if (!text) return Schedule::automatic;
+  if (auto s = parse_schedule(*text)) return *s;
+  throw UsageError("--schedule '" + *text + "': expected auto, expert or token");
+}
+
 Device best_device() { return cuda_available() ? Device::cuda : Device::cpu; }
 
 std::string cuda_unavailable_reason() {

@@ -9,6 +9,7 @@
 #include <string_view>
 #include <vector>
 
+#include "omnimoe/config.hpp"
 #include "omnimoe/status.hpp"
 #include "omnimoe/tensor.hpp"
 
@@ -44,6 +45,8 @@ std::optional<std::int64_t> parse_decimal(std::string_view s);
 std::int64_t positive_option(std::string_view option, const std::string& text);
 Device device_option(const std::string& text);
 DType float_dtype_option(const std::string& text);
+// --schedule auto|expert|token (Config::schedule); automatic when the option is absent.
+Schedule schedule_option(const std::optional<std::string>& text);
 // Default device for check and bench: cuda when this build has it and a GPU is present.
 Device best_device();
 // Why --device cuda cannot run here ("" when it can).

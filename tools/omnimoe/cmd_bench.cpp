@@ -17,6 +17,7 @@ namespace {
 
 constexpr const char* kBenchUsage =
     "usage: omnimoe bench [--device cpu|cuda] [--suite NAME] [--dtype f32|bf16|f16|f64] [--reps N] [--csv FILE]\n"
+    "                     [--schedule auto|expert|token]\n"
     "\n"
     "Times the layer forward (inference, fresh random inputs) for each configuration of a\n"
     "suite: a progress line per configuration on stderr, then a table on stdout.\n"
@@ -29,6 +30,10 @@ constexpr const char* kBenchUsage =
     "  --backward  time forward + backward (training mode) instead of the forward\n"
     "  --sparse-grads  with --backward: the expert tables' gradients through backward_sparse\n"
     "              (active rows only) instead of dense [N, H] tables\n"
+    "  --schedule  experts path of the OmniMoE layer on cuda: auto (default: chosen from the\n"
+    "            sizes), expert (expert-centric tile products) or token (token-centric per-token\n"
+    "            gathers, the paper's ablation without expert-centric scheduling); the CPU\n"
+    "            ignores it\n"
     "  --csv     also write the table to FILE as CSV\n"
     "Columns: ms is the median and min ms the fastest call; TFLOP/s and GB/s use the work\n"
     "model of README.md; floor ms is that work at this device's measured peak rates and\n"
@@ -61,13 +66,14 @@ int cmd_bench(Args& args) {
   // --backward: a training step, forward then backward (training mode), per configuration.
   const bool train_step = args.flag("--backward");
   const bool sparse_grads = args.flag("--sparse-grads");
+  const Schedule schedule = schedule_option(args.value("--schedule"));
   args.finish();
   if (sparse_grads && !train_step) throw UsageError("--sparse-grads needs --backward");
   if (suite_name == "paper") {  // bench_paper.cpp
 #ifdef OMNIMOE_HAVE_BASELINES
     if (train_step) throw UsageError("--backward: the paper suite times the forward only");
     require_device(device);
-    return bench_paper({device, dtype, reps_text ? reps : 0, csv, only});
+    return bench_paper({device, dtype, reps_text ? reps : 0, csv, only, schedule});
 #else
     throw UsageError("--suite paper: this build has no baseline layers (configured with -DOMNIMOE_BASELINES=OFF)");
 #endif
@@ -76,8 +82,8 @@ int cmd_bench(Args& args) {
   if (suite == nullptr) throw UsageError("--suite '" + suite_name + "': expected one of " + suite_names() + ", paper");
   require_device(device);
 
-  std::fprintf(stderr, "omnimoe bench: suite %s, %s, %s, %d reps\n", suite_name.c_str(),
-               device_description(device).c_str(), dtype_name(dtype), reps);
+  std::fprintf(stderr, "omnimoe bench: suite %s, %s, %s, %d reps, schedule %s\n", suite_name.c_str(),
+               device_description(device).c_str(), dtype_name(dtype), reps, name(schedule));
   const Ceilings ceil = bench_ceilings(device, dtype);
   if (ceil.known())
     std::fprintf(stderr, "ceilings: %.2f TFLOP/s products, %.1f GB/s copy\n", ceil.flops_per_s * 1e-12,
@@ -93,8 +99,10 @@ int cmd_bench(Args& args) {
     const BenchConfig& b = (*suite)[n];
     if (!only.empty() && b.name.find(only) == std::string::npos) continue;
     const std::int64_t set_bytes = b.T * b.H * static_cast<std::int64_t>(dtype_size(dtype));
+    Config cfg = b.config();
+    cfg.schedule = schedule;
     LayerTensors l =
-        random_layer(b.config(), b.T, dtype, device, n + 1, input_sets(device, set_bytes), /*with_grad_y=*/train_step);
+        random_layer(cfg, b.T, dtype, device, n + 1, input_sets(device, set_bytes), /*with_grad_y=*/train_step);
     ForwardBuffers out = forward_buffers(l, DType::i32);
     Buffer ws = workspace(l, /*backward=*/false);
     Buffer bws = train_step ? workspace(l, /*backward=*/true) : Buffer{};

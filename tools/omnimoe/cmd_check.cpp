@@ -10,7 +10,7 @@ namespace omnimoe::tool {
 namespace {
 
 constexpr const char* kCheckUsage =
-    "usage: omnimoe check [--device cpu|cuda] [--seed S]\n"
+    "usage: omnimoe check [--device cpu|cuda] [--seed S] [--schedule auto|expert|token]\n"
     "\n"
     "Self-check on small random layers. On the CPU, for several router-norm / gate /\n"
     "activation combinations: finite-difference gradients (float64) for x and every\n"
@@ -20,7 +20,10 @@ constexpr const char* kCheckUsage =
     "CUDA forward in float32 and bf16 against the CPU float64 forward; these are skipped,\n"
     "with the reason, when CUDA is unavailable. Prints PASS / FAIL / SKIP per check and exits\n"
     "1 if any check fails.\n"
-    "  --seed S  base seed of the random inputs (default 1)\n";
+    "  --seed S  base seed of the random inputs (default 1)\n"
+    "  --schedule auto|expert|token  experts path of the CUDA checks (default auto: chosen\n"
+    "            from the sizes; expert: expert-centric tile products; token: token-centric\n"
+    "            per-token gathers); the CPU checks ignore it\n";
 
 Config config(std::int64_t H, std::int64_t I, std::int64_t Nr, std::int64_t Nc, std::int64_t K, RouterNorm norm,
               GateKind gate, Activation act) {
@@ -53,15 +56,21 @@ std::vector<CheckCase> cpu_cases(std::int64_t H, std::int64_t I, std::int64_t Nr
   };
 }
 
-// Both scheduling regimes of DESIGN.md section 2: many tokens per expert, and about one.
-std::vector<CheckCase> cuda_cases() {
+// Both scheduling regimes of DESIGN.md section 2: many tokens per expert, and about one;
+// `schedule` forces one experts path for both (automatic: each regime's own choice).
+std::vector<CheckCase> cuda_cases(Schedule schedule) {
   const Mode tr = Mode::training, inf = Mode::inference;
-  return {
+  std::vector<CheckCase> cases = {
       {"dense-batchnorm-exp-silu/training",
        config(128, 256, 32, 32, 64, RouterNorm::batchnorm, GateKind::exp, Activation::silu), tr, 256},
       {"sparse-batchnorm-softmax-gelu/inference",
        config(128, 256, 64, 64, 4, RouterNorm::batchnorm, GateKind::softmax, Activation::gelu), inf, 64},
   };
+  for (CheckCase& c : cases) {
+    c.cfg.schedule = schedule;
+    if (schedule != Schedule::automatic) c.name += std::string("/schedule=") + name(schedule);
+  }
+  return cases;
 }
 
 class Report {
@@ -98,6 +107,7 @@ int cmd_check(Args& args) {
   const Device device = device_option(args.value("--device").value_or(device_name(best_device())));
   const auto seed_text = args.value("--seed");
   const std::uint64_t seed = seed_text ? static_cast<std::uint64_t>(positive_option("--seed", *seed_text)) : 1;
+  const Schedule schedule = schedule_option(args.value("--schedule"));
   args.finish();
   std::printf("omnimoe check on %s, seed %llu\n", device_description(device).c_str(),
               static_cast<unsigned long long>(seed));
@@ -111,7 +121,7 @@ int cmd_check(Args& args) {
       report.run(std::string("forward-") + dtype_name(dt) + " " + c.name, [&] { return check_forward(c, dt, ++s); });
   if (device == Device::cuda)
     for (DType dt : {DType::f32, DType::bf16})
-      for (const CheckCase& c : cuda_cases())
+      for (const CheckCase& c : cuda_cases(schedule))
         report.run(std::string("cuda-forward-") + dtype_name(dt) + " " + c.name,
                    [&] { return check_cuda_forward(c, dt, ++s); });
 

@@ -12,13 +12,16 @@ namespace {
 
 constexpr const char* kRunUsage =
     "usage: omnimoe run --in IN.safetensors --out OUT.safetensors [--device cpu|cuda] [--train] [--backward]\n"
+    "                   [--schedule auto|expert|token]\n"
     "\n"
     "Runs the layer on the tensors of IN (config in its __metadata__; see README.md, 'File\n"
     "format') and writes y, expert_ids (I64), scores and gates to OUT, plus the updated running\n"
     "statistics with --train and batchnorm, and the gradients with --backward.\n"
     "  --device    cpu (default) or cuda\n"
     "  --train     training mode: batchnorm uses batch statistics and updates the running ones\n"
-    "  --backward  also compute the gradients of <grad_y, y> (IN must hold grad_y)\n";
+    "  --backward  also compute the gradients of <grad_y, y> (IN must hold grad_y)\n"
+    "  --schedule  CUDA experts path: auto (default: chosen from the sizes), expert (expert-centric\n"
+    "              tile products) or token (token-centric per-token gathers); the CPU ignores it\n";
 
 // A file tensor holding `v`'s values converted to `dtype`.
 io::StTensor file_tensor(const std::string& name, const TensorView& v, DType dtype) {
@@ -44,6 +47,7 @@ int cmd_run(Args& args) {
   const Device device = device_option(args.value("--device").value_or("cpu"));
   const Mode mode = args.flag("--train") ? Mode::training : Mode::inference;
   const bool backward = args.flag("--backward");
+  const Schedule schedule = schedule_option(args.value("--schedule"));
   args.finish();
   require_device(device);
 
@@ -52,6 +56,7 @@ int cmd_run(Args& args) {
   RunInput in = load_run_input(file, device, mode, backward);
   file = io::StFile{};  // the staged copies are all that is needed from here on
   LayerTensors& l = in.layer;
+  l.cfg.schedule = schedule;  // an execution choice of this run, not part of the file's layer
 
   ForwardBuffers fwd = forward_buffers(l);
   GradientBuffers grads;
@@ -67,7 +72,7 @@ int cmd_run(Args& args) {
   out.metadata = {{"top_k", std::to_string(l.cfg.top_k)},       {"grid_rows", std::to_string(l.cfg.grid_rows)},
                   {"grid_cols", std::to_string(l.cfg.grid_cols)}, {"router_norm", name(l.cfg.router_norm)},
                   {"gate", name(l.cfg.gate)},                     {"activation", name(l.cfg.activation)},
-                  {"mode", name(mode)}};
+                  {"mode", name(mode)},                           {"schedule", name(l.cfg.schedule)}};
   out.tensors.push_back(file_tensor("y", fwd.y.view(), l.dtype));
   out.tensors.push_back(file_tensor("expert_ids", fwd.expert_ids.view(), DType::i64));
   out.tensors.push_back(file_tensor("scores", fwd.scores.view(), l.dtype));
