@@ -174,6 +174,12 @@ def main(argv=None):
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     # bfloat16 FFNs on the GPU (the library's fast path; float32 master weights), float32 on the CPU.
     compute_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if device.type == "cuda":
+        # The baselines' backward (PyTorch recomputation, omnimoe/_baseline_backward.py) works
+        # through the tokens in chunks of at most CHUNK_BYTES of intermediates: 1 GiB instead of
+        # 128 MiB on the GPU, so PEER's backward runs in a few chunks, not dozens.
+        import omnimoe._baseline_backward as bb
+        bb.CHUNK_BYTES = 1 << 30
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     logf = open(out / "log.txt", "w")
