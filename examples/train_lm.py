@@ -157,6 +157,8 @@ def main(argv=None):
     ap.add_argument("--ffn", default="all",
                     help="comma-separated FFNs: " + ", ".join(ffns.FFNS + ffns.ABLATIONS) + " (default: all)")
     ap.add_argument("--device", default="", help="cpu or cuda (default: cuda if available)")
+    ap.add_argument("--dtype", choices=["", "float32", "bfloat16"], default="",
+                    help="FFN compute dtype (default: bfloat16 on cuda, float32 on cpu)")
     ap.add_argument("--steps", type=int, default=0, help="override the preset's step count")
     ap.add_argument("--corpus", default="", help=f"fortunes directory (default $OMNIMOE_CORPUS or {data.DEFAULT_CORPUS})")
     ap.add_argument("--out", default="out/lm", help="output directory")
@@ -174,6 +176,8 @@ def main(argv=None):
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     # bfloat16 FFNs on the GPU (the library's fast path; float32 master weights), float32 on the CPU.
     compute_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if args.dtype:
+        compute_dtype = getattr(torch, args.dtype)
     if device.type == "cuda":
         # The baselines' backward (PyTorch recomputation, omnimoe/_baseline_backward.py) works
         # through the tokens in chunks of at most CHUNK_BYTES of intermediates: 1 GiB instead of
