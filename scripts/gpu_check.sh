@@ -31,13 +31,11 @@ if want tests || want sanitize || want bench || want bench_backward || want prof
 fi
 # The PyTorch package with CUDA, built as pip builds it (library build kept in build-python/lib).
 site=$PWD/build-python/site
-build_python() {
-  [[ -f $site/.built ]] && return 0
+build_python() {  # each call reinstalls from the tree; the CMake build in build-python/lib is incremental
   rm -rf "$site"
   OMNIMOE_CUDA=1 MAX_JOBS=16 OMNIMOE_PYTHON_BUILD_DIR=$PWD/build-python/lib python3 -m pip install --quiet \
     --root-user-action=ignore --no-build-isolation --no-deps --target "$site" ./python >"$OUT/python_build.log" 2>&1 ||
     { tail -30 "$OUT/python_build.log"; exit 1; }
-  touch "$site/.built"
 }
 
 if want tests; then
