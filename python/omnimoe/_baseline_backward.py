@@ -209,6 +209,14 @@ def baseline_backward(kind: str, grad_y: Tensor, x: Tensor, params: List[Optiona
     out = [x.new_empty(0) for _ in range(len(BASELINE_PARAMS) + 2)]
     if not (needs_x or wanted or needs_gates):
         return out
+    if kind != "dense" and expert_ids.numel():
+        # The GPU forward cannot report ids outside [0, N) of forward_routed (it writes NaN rows
+        # instead); the recomputation would index out of range, so say what is wrong here.
+        n_experts = config[1]
+        lo, hi = int(expert_ids.min()), int(expert_ids.max())
+        if lo < 0 or hi >= n_experts:
+            raise ValueError(f"omnimoe: baseline '{kind}' backward: expert ids span [{lo}, {hi}], outside "
+                             f"[0, {n_experts}) (forward_routed was given invalid ids)")
     # The recomputation's inputs in the compute dtype; leaves for the differentiated ones.
     leaves = {}
     for n in used_params(kind, routed, named):

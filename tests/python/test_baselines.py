@@ -690,6 +690,25 @@ def test_opcheck_baseline_backward(case, monkeypatch):
             assert (g.numel() > 0) == (name in bbw.used_params(kind, True, entries(m)))
 
 
+@pytest.mark.parametrize("case", ROUTED, ids=str)
+def test_backward_refuses_ids_out_of_range(case):
+    """Ids outside [0, N) reach the backward only from the GPU's forward_routed (which writes
+    NaN rows instead of failing); the backward names the problem instead of indexing out of
+    range."""
+    m = make(case)
+    x = random_x(case).reshape(-1, case.hidden)
+    kind, _, *rest = op_args(m, x)
+    params, cfg = list(rest[:len(PARAMS)]), list(rest[len(PARAMS):])
+    with torch.no_grad():
+        _, ids = torch.ops.omnimoe.baseline_forward(*op_args(m, x))
+    n = len(PARAMS) + 2
+    for bad in (-1, cfg[1]):
+        wrong = ids.clone()
+        wrong[0, 0] = bad
+        with pytest.raises(ValueError, match="outside"):
+            torch.ops.omnimoe.baseline_backward(kind, torch.ones_like(x), x, params, None, wrong, cfg, [True] * n)
+
+
 @pytest.mark.parametrize("backend", ["inductor", "aot_eager"])
 @pytest.mark.parametrize("case", [CASES[0], CASES[3], CASES[5], CASES[7]], ids=str)
 def test_compile_fullgraph_matches_eager(case, backend):
