@@ -340,7 +340,7 @@ class Runner {
       : o_(o), warmup_(warmup), reps_(reps), device_(csv_safe(device_description(o.device))), date_(today()),
         table_({"point", "layer", "sweep", "routing", "device", "dtype", "T", "H", "K", "N", "width", "shared width",
                 "activated params", "total params", "ms", "min ms", "eager ms", "weights MB", "peak MB", "extra MB",
-                "workspace MB", "measured MB", "date", "note"}) {}
+                "workspace MB", "measured MB", "date", "note", "schedule"}) {}
 
   void run(const Point& p, std::size_t index, std::size_t count) {
     const std::vector<std::string> series =
@@ -463,7 +463,8 @@ class Runner {
                 shared, strfmt("%.0f", p.activated()), strfmt("%.0f", p.total()), num("%.3f", m.ms),
                 num("%.3f", m.min_ms), num("%.3f", m.eager_ms), num("%.1f", f.weights / mb), num("%.1f", peak / mb),
                 num("%.1f", (peak - f.weights) / mb), num("%.1f", f.workspace / mb),
-                o_.device == Device::cuda ? num("%.1f", static_cast<double>(f.measured) / mb) : "", date_, note});
+                o_.device == Device::cuda ? num("%.1f", static_cast<double>(f.measured) / mb) : "", date_, note,
+                p.omni ? name(p.cfg.schedule) : ""});
   }
 
   PaperBenchOptions o_;

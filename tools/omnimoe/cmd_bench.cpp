@@ -93,7 +93,7 @@ int cmd_bench(Args& args) {
   const bool gpu = device == Device::cuda;
   Table table({"config", "routing", "device", "dtype", "T", "H", "I", "N", "K", "ms", "min ms", "eager ms",
                "workspace MB", "mem goal MB", "TFLOP/s", "GB/s", "floor ms", "ratio", "dense ms", "mlp ms",
-               "fwd/mlp"});
+               "fwd/mlp", "schedule"});
   std::vector<std::string> verdicts;
   for (std::size_t n = 0; n < suite->size(); ++n) {
     const BenchConfig& b = (*suite)[n];
@@ -194,7 +194,7 @@ int cmd_bench(Args& args) {
                  std::to_string(b.K), strfmt("%.3f", med), strfmt("%.3f", best), strfmt("%.3f", median(eager)),
                  strfmt("%.1f", ws_bytes / (1 << 20)), strfmt("%.1f", mem_goal),
                  strfmt("%.3g", flops / (med * 1e-3) * 1e-12), strfmt("%.3g", bytes / (med * 1e-3) * 1e-9), floor_ms,
-                 ratio, dense_ms, mlp_ms, fwd_over_mlp});
+                 ratio, dense_ms, mlp_ms, fwd_over_mlp, name(schedule)});
       const std::string extra = mlp_ms.empty() ? "" : ", shared-MLP products " + mlp_ms + " ms";
       std::fprintf(stderr, "[%zu/%zu] %s (%s): %.3f ms (min %.3f)%s\n", n + 1, suite->size(), b.name.c_str(),
                    step_name, med, best, extra.c_str());
