@@ -6,6 +6,7 @@
 
 #include <vector>
 
+#include "core/backend.hpp"
 #include "cpu/test_helpers.hpp"
 #include "omnimoe/device.hpp"
 
@@ -136,5 +137,19 @@ class MisalignedCopies {
 };
 
 inline bool have_gpu() { return cuda_available(); }
+
+// The config.schedule cases: the config must take the experts path `want`, and the
+// automatic rule must not (else the case would not show that the config decides). Host code:
+// checked with or without a GPU.
+inline constexpr Schedule kExpert = Schedule::expert_centric, kToken = Schedule::token_centric;
+inline ::testing::AssertionResult schedule_decides_path(Config cfg, std::int64_t T, DType dtype, Schedule want) {
+  if (omnimoe::cuda::experts_schedule(cfg, T, dtype) != want)
+    return ::testing::AssertionFailure() << "config.schedule ignored";
+  cfg.schedule = Schedule::automatic;
+  if (omnimoe::cuda::experts_schedule(cfg, T, dtype) == want)
+    return ::testing::AssertionFailure()
+           << "the automatic rule takes this path anyway: the case would not show that the config decides";
+  return ::testing::AssertionSuccess();
+}
 
 }  // namespace omt

@@ -95,3 +95,30 @@ TOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 5e-3, torch.bfl
 @pytest.fixture(params=CASES, ids=str)
 def case(request):
     return request.param
+
+
+def check_current_stream_and_graph_capture(m, x, x2):
+    """An inference module m on CUDA: called on a side stream it queues on torch's current
+    stream (same result), and it captures into a CUDA graph that, replayed on new input x2,
+    gives m(x2) bitwise (capture fails if anything runs on another stream or synchronises)."""
+    with torch.no_grad():
+        want = m(x)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # the op must queue on torch's current stream
+            got = m(x)
+        torch.cuda.current_stream().wait_stream(side)
+        assert torch.equal(got, want)
+        static_x = x.clone()
+        warm = torch.cuda.Stream()
+        warm.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(warm):
+            m(static_x)
+        torch.cuda.current_stream().wait_stream(warm)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_y = m(static_x)
+        static_x.copy_(x2)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(static_y, m(x2))

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 import omnimoe
-from conftest import CASES, Case, assert_close, make_module, random_x, reference_of
+from conftest import (CASES, Case, assert_close, check_current_stream_and_graph_capture, make_module, random_x,
+                      reference_of)
 from test_module import PARAM_NAMES, STAT_NAMES, check_routing
 
 HAS_GPU = torch.cuda.is_available()
@@ -133,29 +134,8 @@ def test_cuda_current_stream_and_graph_capture():
     case = GPU_CASES[-2]
     m = make_module(case, torch.bfloat16, "cuda").eval()
     x = random_x(case, tokens=(256,), dtype=torch.bfloat16, device="cuda")
-    with torch.no_grad():
-        want = m(x)
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # the op must queue on torch's current stream
-            got = m(x)
-        torch.cuda.current_stream().wait_stream(side)
-        assert torch.equal(got, want)
-        # Capture fails if anything runs on another stream or synchronises with the host.
-        static_x = x.clone()
-        warm = torch.cuda.Stream()
-        warm.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(warm):
-            m(static_x)
-        torch.cuda.current_stream().wait_stream(warm)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            static_y = m(static_x)
-        x2 = random_x(case, tokens=(256,), dtype=torch.bfloat16, device="cuda", seed=9)
-        static_x.copy_(x2)
-        graph.replay()
-        torch.cuda.synchronize()
-        assert torch.equal(static_y, m(x2))
+    x2 = random_x(case, tokens=(256,), dtype=torch.bfloat16, device="cuda", seed=9)
+    check_current_stream_and_graph_capture(m, x, x2)
 
 
 def test_cuda_and_cpu_agree():
