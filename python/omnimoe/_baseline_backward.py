@@ -213,7 +213,7 @@ def baseline_backward(kind: str, grad_y: Tensor, x: Tensor, params: List[Optiona
         # The GPU forward cannot report ids outside [0, N) of forward_routed (it writes NaN rows
         # instead); the recomputation would index out of range, so say what is wrong here.
         n_experts = config[1]
-        lo, hi = int(expert_ids.min()), int(expert_ids.max())
+        lo, hi = torch.stack(torch.aminmax(expert_ids)).tolist()  # one host synchronisation
         if lo < 0 or hi >= n_experts:
             raise ValueError(f"omnimoe: baseline '{kind}' backward: expert ids span [{lo}, {hi}], outside "
                              f"[0, {n_experts}) (forward_routed was given invalid ids)")
