@@ -42,6 +42,11 @@ PRESETS = {
 }
 
 
+def mean_last(xs, n):
+    tail = xs[-n:]
+    return sum(tail) / len(tail)
+
+
 def wsd(step: int, steps: int, warmup: float = 0.1, decay: float = 0.2) -> float:
     """Warmup-stable-decay: linear warmup over the first 10 % of the steps, constant, then a
     linear decay to zero over the last 20 %."""
@@ -119,11 +124,11 @@ def train_one(name, cfg, splits, device, compute_dtype, log, curves):
         if step % cfg["eval_every"] == 0 or step == cfg["steps"]:
             v = evaluate(model, windows, cfg["batch"], device)
             curves.append((name, step, "val", v))
-            log(f"[{name}] step {step}: train loss {sum(recent[-cfg['eval_every']:]) / len(recent[-cfg['eval_every']:]):.4f}"
+            log(f"[{name}] step {step}: train loss {mean_last(recent, cfg['eval_every']):.4f}"
                 f", val loss {v:.4f}, {1e3 * t_train / step:.1f} ms/step")
     final_val = evaluate(model, windows, cfg["batch"], device, collect=True)
     row = {"ffn": name, **{k: int(v) for k, v in c.items()}, "steps": cfg["steps"],
-           "tokens": cfg["steps"] * cfg["batch"] * cfg["seq"], "train_loss": sum(recent[-20:]) / len(recent[-20:]),
+           "tokens": cfg["steps"] * cfg["batch"] * cfg["seq"], "train_loss": mean_last(recent, 20),
            "val_loss_start": first_val, "val_loss": final_val, "val_ppl": metrics.perplexity(final_val),
            "step_ms": 1e3 * t_train / cfg["steps"]}
     if c["experts"]:

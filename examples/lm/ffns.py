@@ -87,11 +87,10 @@ def build(name: str, s: Sizes) -> nn.Module:
 def counts(m: nn.Module) -> Dict[str, float]:
     """Activated and total parameters of one FFN module, and its experts (0 for Dense)."""
     H = m.hidden_size
+    total = sum(p.numel() for p in m.parameters())
     if isinstance(m, omnimoe.OmniMoE):
-        total = sum(p.numel() for p in m.parameters())
         act = omnimoe_activated(H, m.grid_rows, m.grid_cols, m.top_k, m.intermediate_size)
         return {"activated": act, "total": total, "experts": m.num_experts, "top_k": m.top_k}
-    total = sum(p.numel() for p in m.parameters())
     if isinstance(m, omnimoe.Dense):
         return {"activated": total, "total": total, "experts": 0, "top_k": 0}
     if isinstance(m, (omnimoe.GShard, omnimoe.DeepSeekMoE)):
