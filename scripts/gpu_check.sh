@@ -83,10 +83,14 @@ if want profile; then
   : >"$OUT/profile.log"
   for cfg in ${PROFILE_ONLY:-lm-1024x1024-t4096 paper-k512-t4096}; do
     echo "=== $cfg" >>"$OUT/profile.log"
-    ncu --metrics gpu__time_duration.sum --print-summary per-kernel \
+    # Clocks as found and caches left warm: the times match a graph replay's kernels.
+    ncu --clock-control none --cache-control none --metrics gpu__time_duration.sum --print-summary per-kernel \
       build-gpu/omnimoe bench --device cuda --suite omnimoe --only "$cfg" --reps 2 >>"$OUT/profile.log" 2>&1
+    echo "=== $cfg backward" >>"$OUT/profile.log"
+    ncu --clock-control none --cache-control none --metrics gpu__time_duration.sum --print-summary per-kernel \
+      build-gpu/omnimoe bench --device cuda --suite omnimoe --backward --only "$cfg" --reps 2 >>"$OUT/profile.log" 2>&1
   done
-  grep -E "^===|^  [a-zA-Z_].*\(|gpu__time_duration.sum" "$OUT/profile.log" | head -80
+  grep -E "^===|^  [a-zA-Z_].*\(|gpu__time_duration.sum" "$OUT/profile.log" >"$OUT/profile_summary.txt"
 fi
 if want python; then
   build_python

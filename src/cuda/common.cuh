@@ -66,6 +66,70 @@ __device__ __forceinline__ void store16(S* p, const float (&in)[Vec<S>::kN]) {
   *reinterpret_cast<uint4*>(p) = raw;
 }
 
+// 16 bytes as loaded (one uint4) to V floats, and its dot product with another such vector.
+template <class S>
+__device__ __forceinline__ void unpack16(const uint4& raw, float (&out)[Vec<S>::kN]) {
+  const S* v = reinterpret_cast<const S*>(&raw);
+#pragma unroll
+  for (int i = 0; i < Vec<S>::kN; ++i) out[i] = to_f32(v[i]);
+}
+template <class S>
+__device__ __forceinline__ float dot16(const uint4& a, const uint4& b) {
+  float fa[Vec<S>::kN], fb[Vec<S>::kN], s = 0.f;
+  unpack16<S>(a, fa);
+  unpack16<S>(b, fb);
+#pragma unroll
+  for (int i = 0; i < Vec<S>::kN; ++i) s = fmaf(fa[i], fb[i], s);
+  return s;
+}
+
+// Several warps per token (W of a block's warps, consecutive): each sums a share of the
+// token's tasks into acc[VPL][V] (lane owns vectors lane + 32 j of the row), then the
+// partial rows meet in shared memory and the token's first warp (sub = 0) adds the others'
+// in warp order: deterministic. Every warp of the block must call it (block barrier); red
+// holds blockDim.x / 32 rows of 32 * VPL * V floats.
+template <int W, int VPL, int V>
+__device__ __forceinline__ void reduce_token_warps(float (&acc)[VPL][V], float* red, int sub) {
+  if constexpr (W > 1) {
+    constexpr int kRow = 32 * VPL * V;
+    const int lane = threadIdx.x & 31, wi = threadIdx.x >> 5;
+    if (sub != 0) {
+      float4* mine = reinterpret_cast<float4*>(red + wi * kRow);
+#pragma unroll
+      for (int j = 0; j < VPL; ++j)
+#pragma unroll
+        for (int i = 0; i < V / 4; ++i)
+          mine[((j * 32 + lane) * V) / 4 + i] =
+              make_float4(acc[j][4 * i], acc[j][4 * i + 1], acc[j][4 * i + 2], acc[j][4 * i + 3]);
+    }
+    __syncthreads();
+    if (sub == 0)
+#pragma unroll
+      for (int w = 1; w < W; ++w) {
+        const float4* other = reinterpret_cast<const float4*>(red + (wi + w) * kRow);
+#pragma unroll
+        for (int j = 0; j < VPL; ++j)
+#pragma unroll
+          for (int i = 0; i < V / 4; ++i) {
+            const float4 o = other[((j * 32 + lane) * V) / 4 + i];
+            acc[j][4 * i] += o.x;
+            acc[j][4 * i + 1] += o.y;
+            acc[j][4 * i + 2] += o.z;
+            acc[j][4 * i + 3] += o.w;
+          }
+      }
+  }
+}
+
+// Two warp sums in one shuffle tree (their latencies overlap).
+__device__ __forceinline__ void warp_sum2(float& a, float& b) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) {
+    a += __shfl_xor_sync(0xffffffffu, a, o);
+    b += __shfl_xor_sync(0xffffffffu, b, o);
+  }
+}
+
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);

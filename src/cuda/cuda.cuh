@@ -15,9 +15,16 @@ namespace omnimoe::cuda {
 Status check_supported(const Config& cfg, DType dtype, i64 T);
 
 // ---- route ------------------------------------------------------------------------------
-// Router statistics of one token chunk for training batchnorm: per column of logits
-// [rows, n], the chunk mean and sum of squared deviations (double), written to
-// partial[chunk * 2n ...]: [n means][n M2].
+// Column statistics run over blocks of kStatBlockRows tokens, one thread block per (32
+// columns, row block), so a router of few columns still fills the GPU; the blocks' results
+// are merged in a fixed order afterwards (deterministic). A token chunk of `rows` tokens
+// has stat_blocks(chunk_rows) slots of 2n doubles reserved, of which stat_blocks(rows) are
+// written.
+inline constexpr i64 kStatBlockRows = 256;
+__host__ __device__ inline i64 stat_blocks(i64 rows) { return (rows + kStatBlockRows - 1) / kStatBlockRows; }
+// Router statistics of one token chunk for training batchnorm: per row block and column of
+// logits [rows, n], the block mean and sum of squared deviations (double), written to
+// partial[block * 2n ...]: [n means][n M2].
 Status route_chunk_moments(const float* logits, i64 rows, i64 n, double* partial, cudaStream_t stream);
 // Per column mean and 1/sqrt(var + eps) used by the norm: from the chunk moments (training;
 // also updates the running statistics), from the running statistics (inference), or 0 / 1
@@ -27,7 +34,7 @@ struct RouteStatsArgs {
   Mode mode;
   i64 T;                  // tokens in the whole batch
   i64 chunk_rows;         // tokens per chunk (the last chunk may be shorter)
-  const double* partial;  // [chunks][2n] chunk moments (training batchnorm)
+  const double* partial;  // [chunks][stat_blocks(chunk_rows)][2n] block moments (training batchnorm)
   float *running_mean_row, *running_var_row, *running_mean_col, *running_var_col;
   float* mean;  // [n] out
   float* rstd;  // [n] out
@@ -54,8 +61,9 @@ struct RouteTopkArgs {
   bool ids_out_i64;
   float* scores_out;  // may be null
   float* gates_out;   // may be null
-  int* fallback_flags;  // [rows] scratch for the small-K warp kernel (null: block kernel only)
-  const int* fallback;  // set by route_topk: tokens the block kernel must still serve
+  int* fallback_flags;  // [rows] scratch: tokens the small-K warp kernel leaves to the block
+                        // kernel (null: block kernel only)
+  int* fallback_count;  // [1] scratch: their number
 };
 Status route_topk(RouteTopkArgs a, cudaStream_t stream);
 
@@ -91,6 +99,13 @@ struct ExpertsArgs {
   bool add = false;  // y += routed (y holds the shared branch) instead of y = routed
 };
 Status experts_gather(const ExpertsArgs& a, cudaStream_t stream);
+// Warps per token of the gather kernels (forward and backward): enough that about 16 K warps
+// stream rows at once, at most 8 and at most K (a power of two). From sizes alone.
+inline int token_warps(i64 T, i64 K) {
+  int w = 1;
+  while (w < 8 && 2 * w <= K && T * 2 * w <= 16384) w *= 2;
+  return w;
+}
 // Dense regime: per (token chunk, expert chunk), S = x w_inᵀ (cuBLASLt), P = g * act(S) at
 // the chosen (t, e) and 0 elsewhere, y += P w_out (cuBLASLt): tensor-core products over
 // expert chunks, no T x N buffer, deterministic (no atomics). Buffers from DenseBuffers.
@@ -121,16 +136,18 @@ Status route_scores_backward(const Config& cfg, i64 T, const i32* ids, const flo
                              const float* logp, float* dlogp, cudaStream_t stream);
 // Through the norm, in place over d [rows, n], token chunk by token chunk. Training
 // batchnorm needs the column means of d and d * lhat over all T tokens first: the sums of
-// each chunk (route_norm_colsums into sums[chunk * 2n ...]), then their means added in chunk
-// order (route_norm_means into means [2n]). Then route_norm_apply per chunk: none: identity;
-// inference: * rstd; training: rstd (d - mean(d) - lhat mean(d lhat)).
+// each row block of each chunk (route_norm_colsums into sums[(chunk * stat_blocks(chunk_rows)
+// + block) * 2n ...]), then their means added in order (route_norm_means into means [2n]).
+// Then route_norm_apply per chunk: none: identity; inference: * rstd; training:
+// rstd (d - mean(d) - lhat mean(d lhat)).
 Status route_norm_colsums(const Config& cfg, i64 rows, const float* lhat, const float* d, double* sums,
                           cudaStream_t stream);
-Status route_norm_means(const Config& cfg, i64 chunks, i64 T, const double* sums, double* means, cudaStream_t stream);
+Status route_norm_means(const Config& cfg, i64 chunk_rows, i64 T, const double* sums, double* means,
+                        cudaStream_t stream);
 Status route_norm_apply(const Config& cfg, Mode mode, i64 rows, const float* lhat, const float* rstd,
                         const double* means, float* d, cudaStream_t stream);
 // Per task: a = g act(h), dg = da act(h), dh = da g act'(h) (h = x . w_in[e], da = dy . w_out[e]),
-// and dx_acc[t] += sum_k dh w_in[e] (fp32, one warp per token). Tasks with an id < 0 are
+// and dx_acc[t] = sum_k dh w_in[e] (fp32, one warp per token; written, not added to). Tasks with an id < 0 are
 // skipped and their token flagged in bad[t].
 Status experts_backward_tokens(const ExpertsArgs& a, const void* dy, float* act_out, float* dgates, float* dh,
                                float* dx_acc, int* bad, cudaStream_t stream);

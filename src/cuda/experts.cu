@@ -2,6 +2,7 @@
 // output row in registers and streams the K chosen expert rows with 16-byte loads; with
 // about one token per expert every row is read once, which is the floor of this regime.
 #include <cstdint>
+#include <type_traits>
 
 #include "core/math.hpp"
 #include "cuda/cuda.cuh"
@@ -11,16 +12,21 @@ namespace {
 
 constexpr int kWarpsPerBlock = 8;
 
-// VPL: 16-byte vectors per lane (H = 32 * VPL * V at most, V elements per vector).
-template <class S, int VPL>
+// VPL: 16-byte vectors per lane (H = 32 * VPL * V at most, V elements per vector). W warps
+// per token (1, 2, 4 or 8), each taking tasks k = sub, sub + W, ..: few tokens (T = 1024)
+// would leave each SM a handful of warps walking K rows one after the other; the partial
+// rows are added in warp order (reduce_token_warps).
+template <class S, int VPL, int W>
 __global__ void __launch_bounds__(kWarpsPerBlock * 32)
     gather_kernel(i64 T, int H, int K, Activation act, const S* __restrict__ x, const S* __restrict__ w_in,
                   const S* __restrict__ w_out, const i32* __restrict__ ids, const float* __restrict__ gates,
                   S* __restrict__ y, bool add) {
   constexpr int V = Vec<S>::kN;
-  const int lane = threadIdx.x & 31;
-  const i64 t = static_cast<i64>(blockIdx.x) * kWarpsPerBlock + (threadIdx.x >> 5);
-  if (t >= T) return;
+  __shared__ __align__(16) float red[W > 1 ? kWarpsPerBlock : 1][W > 1 ? 32 * VPL * V : 4];
+  __shared__ int bad_s[kWarpsPerBlock];
+  const int lane = threadIdx.x & 31, wi = threadIdx.x >> 5, sub = wi % W;
+  const i64 t = static_cast<i64>(blockIdx.x) * (kWarpsPerBlock / W) + wi / W;
+  const bool live = t < T;  // no early return: the warps of a block meet at a barrier
   const int nvec = H / V;
   float xr[VPL][V], acc[VPL][V];
 #pragma unroll
@@ -28,7 +34,7 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32)
     const int v = j * 32 + lane;
 #pragma unroll
     for (int i = 0; i < V; ++i) acc[j][i] = 0.f;
-    if (v < nvec) load16(x + t * H + v * V, xr[j]);
+    if (live && v < nvec) load16(x + t * H + v * V, xr[j]);
     else
 #pragma unroll
       for (int i = 0; i < V; ++i) xr[j][i] = 0.f;
@@ -36,14 +42,14 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32)
   const i32* tid = ids + t * K;
   const float* tg = gates + t * K;
   bool bad = false;  // an id outside [0, N) (caller routing): the token's row becomes NaN
-  for (int k = 0; k < K; ++k) {
+  for (int k = sub; live && k < K; k += W) {
     const i64 e = tid[k];
     if (e < 0) {
       bad = true;
       continue;
     }
-    const S* wi = w_in + e * H;
-    const S* wo = w_out + e * H;
+    const S* wi_row = w_in + e * H;
+    const S* wo_row = w_out + e * H;
     // Issue the output row's loads before the reduction so both rows are in flight.
     float wor[VPL][V];
     float h = 0.f;
@@ -52,8 +58,8 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32)
       const int v = j * 32 + lane;
       if (v < nvec) {
         float wir[V];
-        load16(wi + v * V, wir);
-        load16(wo + v * V, wor[j]);
+        load16(wi_row + v * V, wir);
+        load16(wo_row + v * V, wor[j]);
 #pragma unroll
         for (int i = 0; i < V; ++i) h = fmaf(xr[j][i], wir[i], h);
       }
@@ -66,6 +72,13 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32)
 #pragma unroll
         for (int i = 0; i < V; ++i) acc[j][i] = fmaf(a, wor[j][i], acc[j][i]);
   }
+  if constexpr (W > 1) {
+    if (lane == 0) bad_s[wi] = bad;
+    reduce_token_warps<W, VPL, V>(acc, &red[0][0], sub);  // its barrier also publishes bad_s
+    if (sub != 0 || !live) return;
+    for (int w = 1; w < W; ++w) bad |= bad_s[wi + w] != 0;
+  }
+  if (!live) return;
 #pragma unroll
   for (int j = 0; j < VPL; ++j) {
     const int v = j * 32 + lane;
@@ -160,18 +173,28 @@ Status launch_gather(const ExpertsArgs& a, cudaStream_t stream) {
     return Status::Ok();
   }
   const int vpl = static_cast<int>((H / vec_elems<S>() + 31) / 32);
-  const unsigned blocks = ceil_div(a.T, kWarpsPerBlock);
+  const int w = vpl <= 4 ? token_warps(a.T, c.top_k) : 1;  // rows of <= 32 KB of fp32 partials per block
+  const unsigned blocks = ceil_div(a.T * w, kWarpsPerBlock);
   const auto args = [&](auto kernel) {
     kernel<<<blocks, kWarpsPerBlock * 32, 0, stream>>>(a.T, H, static_cast<int>(c.top_k), c.activation,
                                                        static_cast<const S*>(a.x), static_cast<const S*>(a.w_in),
                                                        static_cast<const S*>(a.w_out), a.ids, a.gates,
                                                        static_cast<S*>(a.y), a.add);
   };
-  if (vpl <= 1) args(gather_kernel<S, 1>);
-  else if (vpl <= 2) args(gather_kernel<S, 2>);
-  else if (vpl <= 4) args(gather_kernel<S, 4>);
-  else if (vpl <= 8) args(gather_kernel<S, 8>);
-  else args(gather_kernel<S, 16>);
+  const auto by_w = [&](auto vpl_c) {
+    constexpr int P = decltype(vpl_c)::value;
+    if constexpr (P <= 4) {
+      if (w == 8) return args(gather_kernel<S, P, 8>);
+      if (w == 4) return args(gather_kernel<S, P, 4>);
+      if (w == 2) return args(gather_kernel<S, P, 2>);
+    }
+    args(gather_kernel<S, P, 1>);
+  };
+  if (vpl <= 1) by_w(std::integral_constant<int, 1>{});
+  else if (vpl <= 2) by_w(std::integral_constant<int, 2>{});
+  else if (vpl <= 4) by_w(std::integral_constant<int, 4>{});
+  else if (vpl <= 8) by_w(std::integral_constant<int, 8>{});
+  else by_w(std::integral_constant<int, 16>{});
   OMNIMOE_CUDA_LAUNCH_CHECK("experts gather_kernel");
   return Status::Ok();
 }

@@ -19,6 +19,8 @@ namespace {
 
 constexpr int kWarps = 8;
 
+// Any H (rows not whole 16-byte vectors, or unaligned views): lane-strided scalar loads.
+// dx[t] is written, not added to: the token's row is cleared first.
 template <class S>
 __global__ void __launch_bounds__(kWarps * 32)
     tokens_kernel(i64 T, int H, int K, Activation act, const S* __restrict__ x, const S* __restrict__ w_in,
@@ -28,6 +30,7 @@ __global__ void __launch_bounds__(kWarps * 32)
   const int lane = threadIdx.x & 31;
   const i64 t = static_cast<i64>(blockIdx.x) * kWarps + (threadIdx.x >> 5);
   if (t >= T) return;
+  for (int i = lane; i < H; i += 32) dx[t * H + i] = 0.f;
   int bad_id = 0;
   for (int k = 0; k < K; ++k) {
     const i64 task = t * K + k, e = ids[task];
@@ -50,6 +53,91 @@ __global__ void __launch_bounds__(kWarps * 32)
       dh_out[task] = dh;
     }
     for (int i = lane; i < H; i += 32) dx[t * H + i] = fmaf(dh, to_f32(w_in[e * H + i]), dx[t * H + i]);
+  }
+  if (lane == 0) bad[t] = bad_id;
+}
+
+// Rows of whole 16-byte vectors, H <= 32 * VPL * V: lane l owns vectors l, l + 32, .. of a
+// row. x[t] and dy[t] stay in registers (as loaded, converted at use), each task's two
+// expert rows are read once with 16-byte loads, and dx[t] is summed in registers and
+// written once: the scalar kernel above re-read x and dy and re-wrote dx for every task.
+// W warps per token share its tasks (k = sub, sub + W, ..) as in the forward gather.
+template <class S, int VPL, int W>
+__global__ void __launch_bounds__(kWarps * 32)
+    tokens_vec_kernel(i64 T, int H, int K, Activation act, const S* __restrict__ x, const S* __restrict__ w_in,
+                      const S* __restrict__ w_out, const i32* __restrict__ ids, const float* __restrict__ gates,
+                      const S* __restrict__ dy, float* __restrict__ a_out, float* __restrict__ dg_out,
+                      float* __restrict__ dh_out, float* __restrict__ dx, int* __restrict__ bad) {
+  constexpr int V = Vec<S>::kN;
+  __shared__ __align__(16) float red[W > 1 ? kWarps : 1][W > 1 ? 32 * VPL * V : 4];
+  __shared__ int bad_s[kWarps];
+  const int lane = threadIdx.x & 31, wi = threadIdx.x >> 5, sub = wi % W;
+  const i64 t = static_cast<i64>(blockIdx.x) * (kWarps / W) + wi / W;
+  const bool live = t < T;  // no early return: the warps of a block meet at a barrier
+  const int nvec = H / V;
+  uint4 xr[VPL], dyr[VPL];
+  float acc[VPL][V];
+#pragma unroll
+  for (int j = 0; j < VPL; ++j) {
+    const int v = j * 32 + lane;
+    xr[j] = dyr[j] = make_uint4(0, 0, 0, 0);
+    if (live && v < nvec) {
+      xr[j] = *reinterpret_cast<const uint4*>(x + t * H + v * V);
+      dyr[j] = *reinterpret_cast<const uint4*>(dy + t * H + v * V);
+    }
+#pragma unroll
+    for (int i = 0; i < V; ++i) acc[j][i] = 0.f;
+  }
+  int bad_id = 0;
+  for (int k = sub; live && k < K; k += W) {
+    const i64 task = t * K + k, e = ids[task];
+    if (e < 0) {
+      if (lane == 0) a_out[task] = dg_out[task] = dh_out[task] = 0.f;
+      bad_id = 1;
+      continue;
+    }
+    uint4 wir[VPL];
+    float h = 0.f, da = 0.f;
+#pragma unroll
+    for (int j = 0; j < VPL; ++j) {
+      const int v = j * 32 + lane;
+      wir[j] = make_uint4(0, 0, 0, 0);
+      if (v < nvec) {
+        wir[j] = *reinterpret_cast<const uint4*>(w_in + e * H + v * V);
+        const uint4 wor = *reinterpret_cast<const uint4*>(w_out + e * H + v * V);
+        h += dot16<S>(xr[j], wir[j]);
+        da += dot16<S>(dyr[j], wor);
+      }
+    }
+    warp_sum2(h, da);
+    const float g = gates[task], s = activate(act, h), dh = da * g * activate_grad(act, h);
+    if (lane == 0) {
+      a_out[task] = g * s;
+      dg_out[task] = da * s;
+      dh_out[task] = dh;
+    }
+#pragma unroll
+    for (int j = 0; j < VPL; ++j) {
+      float w[V];
+      unpack16<S>(wir[j], w);
+#pragma unroll
+      for (int i = 0; i < V; ++i) acc[j][i] = fmaf(dh, w[i], acc[j][i]);
+    }
+  }
+  if constexpr (W > 1) {
+    if (lane == 0) bad_s[wi] = bad_id;
+    reduce_token_warps<W, VPL, V>(acc, &red[0][0], sub);  // its barrier also publishes bad_s
+    if (sub != 0) return;
+    for (int w = 1; w < W; ++w) bad_id |= bad_s[wi + w];
+  }
+  if (!live) return;
+#pragma unroll
+  for (int j = 0; j < VPL; ++j) {
+    const int v = j * 32 + lane;
+    if (v >= nvec) continue;
+    float4* out = reinterpret_cast<float4*>(dx + t * H + v * V);
+#pragma unroll
+    for (int i = 0; i < V / 4; ++i) out[i] = make_float4(acc[j][4 * i], acc[j][4 * i + 1], acc[j][4 * i + 2], acc[j][4 * i + 3]);
   }
   if (lane == 0) bad[t] = bad_id;
 }
@@ -92,32 +180,39 @@ struct RowSlice {
   }
 };
 
-// Sums tasks [begin, end) of the sorted list into gi / go for the slice starting at c0.
-template <class S, bool kVec>
+// Sums tasks [begin, end) of the sorted list into gi / go for NS slices starting at c0 (a
+// task's x and dy rows are read once for all NS slices: NS independent loads in flight).
+template <class S, bool kVec, int NS>
 __device__ __forceinline__ void sum_tasks(i32 begin, i32 end, const i32* __restrict__ tasks, int K, int H, int c0,
                                           int lane, const S* __restrict__ x, const S* __restrict__ dy,
                                           const float* __restrict__ a, const float* __restrict__ dh,
-                                          float (&gi)[RowSlice<S, kVec>::V], float (&go)[RowSlice<S, kVec>::V]) {
+                                          float (&gi)[NS][RowSlice<S, kVec>::V],
+                                          float (&go)[NS][RowSlice<S, kVec>::V]) {
   using R = RowSlice<S, kVec>;
   for (i32 i = begin; i < end; ++i) {
     const i32 task = tasks[i];
     const i64 t = task / K;
     const float w = dh[task], v = a[task];
-    float xr[R::V], dr[R::V];
-    R::load(x + t * H, c0, lane, H, xr);
-    R::load(dy + t * H, c0, lane, H, dr);
+    float xr[NS][R::V], dr[NS][R::V];
 #pragma unroll
-    for (int j = 0; j < R::V; ++j) {
-      gi[j] = fmaf(w, xr[j], gi[j]);
-      go[j] = fmaf(v, dr[j], go[j]);
+    for (int q = 0; q < NS; ++q) {
+      R::load(x + t * H, c0 + q * R::kWidth, lane, H, xr[q]);
+      R::load(dy + t * H, c0 + q * R::kWidth, lane, H, dr[q]);
     }
+#pragma unroll
+    for (int q = 0; q < NS; ++q)
+#pragma unroll
+      for (int j = 0; j < R::V; ++j) {
+        gi[q][j] = fmaf(w, xr[q][j], gi[q][j]);
+        go[q][j] = fmaf(v, dr[q][j], go[q][j]);
+      }
   }
 }
 
 // Stage 1 of a long segment (more than `piece` tasks): one warp per piece of `piece`
 // consecutive tasks writes its partial rows (fp32) to partial[p] = [2][H]. Pieces are
 // numbered expert by expert (pstart, an exclusive scan); warps past the last piece exit.
-template <class S, bool kVec>
+template <class S, bool kVec, int NS>
 __global__ void __launch_bounds__(kWarps * 32)
     pieces_kernel(i64 N, int H, int K, int piece, const S* __restrict__ x, const S* __restrict__ dy,
                   const i32* __restrict__ tasks, const i32* __restrict__ offsets, const i32* __restrict__ pstart,
@@ -135,18 +230,21 @@ __global__ void __launch_bounds__(kWarps * 32)
   const i32 begin = offsets[lo] + static_cast<i32>(p - pstart[lo]) * piece;
   const i32 end = min(begin + piece, offsets[lo + 1]);
   float* out = partial + p * 2 * H;
-  for (int c0 = 0; c0 < H; c0 += R::kWidth) {
-    float gi[R::V] = {}, go[R::V] = {};
-    sum_tasks<S, kVec>(begin, end, tasks, K, H, c0, lane, x, dy, a, dh, gi, go);
-    R::store(out, c0, lane, H, gi);
-    R::store(out + H, c0, lane, H, go);
+  for (int c0 = 0; c0 < H; c0 += NS * R::kWidth) {
+    float gi[NS][R::V] = {}, go[NS][R::V] = {};
+    sum_tasks<S, kVec, NS>(begin, end, tasks, K, H, c0, lane, x, dy, a, dh, gi, go);
+#pragma unroll
+    for (int q = 0; q < NS; ++q) {
+      R::store(out, c0 + q * R::kWidth, lane, H, gi[q]);
+      R::store(out + H, c0 + q * R::kWidth, lane, H, go[q]);
+    }
   }
 }
 
 // Stage 2: one warp per output row. Dense output: row e of the [N, H] tables; sparse: slot
 // s holds expert slot_ids[s] (-1: padding, a zero row). A segment of at most `piece` tasks is
 // summed directly; a longer one sums its pieces' partial rows in order (deterministic).
-template <class S, bool kVec>
+template <class S, bool kVec, int NS>
 __global__ void __launch_bounds__(kWarps * 32)
     rows_kernel(i64 rows, int H, int K, int piece, const S* __restrict__ x, const S* __restrict__ dy,
                 const i32* __restrict__ tasks, const i32* __restrict__ offsets, const i32* __restrict__ pstart,
@@ -159,25 +257,30 @@ __global__ void __launch_bounds__(kWarps * 32)
   const i64 e = slot_ids != nullptr ? slot_ids[r] : r;
   const i32 begin = e >= 0 ? offsets[e] : 0, end = e >= 0 ? offsets[e + 1] : 0;
   const bool split = end - begin > piece;
-  for (int c0 = 0; c0 < H; c0 += R::kWidth) {
-    float gi[R::V] = {}, go[R::V] = {};
+  for (int c0 = 0; c0 < H; c0 += NS * R::kWidth) {
+    float gi[NS][R::V] = {}, go[NS][R::V] = {};
     if (!split) {
-      sum_tasks<S, kVec>(begin, end, tasks, K, H, c0, lane, x, dy, a, dh, gi, go);
+      sum_tasks<S, kVec, NS>(begin, end, tasks, K, H, c0, lane, x, dy, a, dh, gi, go);
     } else {
       for (i32 p = pstart[e]; p < pstart[e + 1]; ++p) {
         const float* in = partial + static_cast<i64>(p) * 2 * H;
 #pragma unroll
-        for (int j = 0; j < R::V; ++j) {
-          const int c = R::col(c0, lane, j);
-          if (c < H) {
-            gi[j] += in[c];
-            go[j] += in[H + c];
+        for (int q = 0; q < NS; ++q)
+#pragma unroll
+          for (int j = 0; j < R::V; ++j) {
+            const int c = R::col(c0 + q * R::kWidth, lane, j);
+            if (c < H) {
+              gi[q][j] += in[c];
+              go[q][j] += in[H + c];
+            }
           }
-        }
       }
     }
-    R::store(dw_in + r * H, c0, lane, H, gi);
-    R::store(dw_out + r * H, c0, lane, H, go);
+#pragma unroll
+    for (int q = 0; q < NS; ++q) {
+      R::store(dw_in + r * H, c0 + q * R::kWidth, lane, H, gi[q]);
+      R::store(dw_out + r * H, c0 + q * R::kWidth, lane, H, go[q]);
+    }
   }
 }
 
@@ -226,10 +329,32 @@ Status experts_backward_tokens(const ExpertsArgs& a, const void* dy, float* act_
   const Config& c = *a.cfg;
   return by_dtype(a.dtype, [&](auto tag) {
     using S = decltype(tag);
-    tokens_kernel<S><<<ceil_div(a.T, kWarps), kWarps * 32, 0, stream>>>(
-        a.T, static_cast<int>(c.hidden), static_cast<int>(c.top_k), c.activation, static_cast<const S*>(a.x),
-        static_cast<const S*>(a.w_in), static_cast<const S*>(a.w_out), a.ids, a.gates, static_cast<const S*>(dy),
-        act_out, dgates, dh, dx_acc, bad);
+    const int H = static_cast<int>(c.hidden);
+    const auto aligned = [](const void* p) { return reinterpret_cast<std::uintptr_t>(p) % 16 == 0; };
+    const int vpl = (H / Vec<S>::kN + 31) / 32;
+    const bool vec = H % Vec<S>::kN == 0 && vpl <= 8 && aligned(a.x) && aligned(a.w_in) && aligned(a.w_out) &&
+                     aligned(dy) && aligned(dx_acc);
+    const int w = vec && vpl <= 4 ? token_warps(a.T, c.top_k) : 1;
+    const auto go = [&](auto kernel) {
+      kernel<<<ceil_div(a.T * w, kWarps), kWarps * 32, 0, stream>>>(
+          a.T, H, static_cast<int>(c.top_k), c.activation, static_cast<const S*>(a.x),
+          static_cast<const S*>(a.w_in), static_cast<const S*>(a.w_out), a.ids, a.gates, static_cast<const S*>(dy),
+          act_out, dgates, dh, dx_acc, bad);
+    };
+    const auto by_w = [&](auto vpl_c) {
+      constexpr int P = decltype(vpl_c)::value;
+      if constexpr (P <= 4) {
+        if (w == 8) return go(tokens_vec_kernel<S, P, 8>);
+        if (w == 4) return go(tokens_vec_kernel<S, P, 4>);
+        if (w == 2) return go(tokens_vec_kernel<S, P, 2>);
+      }
+      go(tokens_vec_kernel<S, P, 1>);
+    };
+    if (!vec) go(tokens_kernel<S>);
+    else if (vpl <= 1) by_w(std::integral_constant<int, 1>{});
+    else if (vpl <= 2) by_w(std::integral_constant<int, 2>{});
+    else if (vpl <= 4) by_w(std::integral_constant<int, 4>{});
+    else by_w(std::integral_constant<int, 8>{});
     OMNIMOE_CUDA_LAUNCH_CHECK("experts_backward tokens_kernel");
     return Status::Ok();
   });
@@ -314,19 +439,28 @@ Status experts_backward_rows(const RowsArgs& r, cudaStream_t stream) {
   const i64 rows = r.sparse != nullptr ? r.sparse->capacity : N;
   return by_dtype(r.dtype, [&](auto tag) {
     using S = decltype(tag);
-    auto launch = [&](auto vec) {
+    auto launch_ns = [&](auto vec, auto ns) {
       constexpr bool kVec = decltype(vec)::value;
-      pieces_kernel<S, kVec><<<ceil_div(s.max_pieces, kWarps), kWarps * 32, 0, stream>>>(
+      constexpr int NS = decltype(ns)::value;
+      pieces_kernel<S, kVec, NS><<<ceil_div(s.max_pieces, kWarps), kWarps * 32, 0, stream>>>(
           N, H, K, s.piece, static_cast<const S*>(r.x), static_cast<const S*>(r.dy), r.tasks, r.offsets, s.pstart,
           r.act_out, r.dh, s.partial);
       OMNIMOE_CUDA_LAUNCH_CHECK("experts_backward pieces_kernel");
-      rows_kernel<S, kVec><<<ceil_div(rows, kWarps), kWarps * 32, 0, stream>>>(
+      rows_kernel<S, kVec, NS><<<ceil_div(rows, kWarps), kWarps * 32, 0, stream>>>(
           rows, H, K, s.piece, static_cast<const S*>(r.x), static_cast<const S*>(r.dy), r.tasks, r.offsets, s.pstart,
           s.partial, r.act_out, r.dh, r.sparse != nullptr ? r.sparse->ids : nullptr,
           static_cast<S*>(r.sparse != nullptr ? r.sparse->dw_in : r.dw_in),
           static_cast<S*>(r.sparse != nullptr ? r.sparse->dw_out : r.dw_out));
       OMNIMOE_CUDA_LAUNCH_CHECK("experts_backward rows_kernel");
       return Status::Ok();
+    };
+    // Slices of a row summed together: up to 4 (H <= 1024 in 16-bit storage in one pass).
+    auto launch = [&](auto vec) {
+      constexpr int kWidth = RowSlice<S, decltype(vec)::value>::kWidth;
+      const int slices = (H + kWidth - 1) / kWidth;
+      if (slices <= 1) return launch_ns(vec, std::integral_constant<int, 1>{});
+      if (slices <= 2) return launch_ns(vec, std::integral_constant<int, 2>{});
+      return launch_ns(vec, std::integral_constant<int, 4>{});
     };
     // 16-byte loads and stores need rows of whole vectors and 16-byte aligned tensors (a
     // caller's view into a larger buffer may not be).

@@ -39,13 +39,13 @@ constexpr i64 kDenseTokens = 2048, kDenseExperts = 4096;  // chunk extents of th
 struct ForwardBuffers {
   GemmWorkspace gemm;
   void* wcat;          // [Nr + Nc, H] router weights side by side: one product for both axes
-  double* partial;     // [chunks, 2 (Nr + Nc)] chunk moments (training batchnorm)
+  double* partial;     // [chunks, stat_blocks(route_rows), 2 (Nr + Nc)] block moments (training batchnorm)
   float *mean, *rstd;  // [Nr + Nc]
   i32* ids32;          // [T, K]
   float* gates32;      // [T, K]
   // The three phases run one after the other and share one region:
   float* logits;       // route: [route_rows, Nr + Nc]
-  int* flags;          // route: [route_rows] tokens left to the block top-K kernel
+  int* flags;          // route: [route_rows + 1] tokens left to the block top-K kernel, their count
   DenseBuffers dense;  // experts, dense path
   void *u, *v;         // shared_mlp: [mlp_rows, I]
 };
@@ -57,7 +57,7 @@ ForwardBuffers carve_forward(Arena& a, const Config& cfg, i64 T, DType dtype) {
   ForwardBuffers b{};
   b.gemm = {a.take<char>(kLayerGemmBytes), kLayerGemmBytes};
   b.wcat = a.take<char>(n * static_cast<std::size_t>(cfg.hidden) * es);
-  b.partial = a.take<double>(static_cast<std::size_t>(p.chunks) * 2 * n);
+  b.partial = a.take<double>(static_cast<std::size_t>(p.chunks * stat_blocks(p.route_rows)) * 2 * n);
   b.mean = a.take<float>(n);
   b.rstd = a.take<float>(n);
   b.ids32 = a.take<i32>(tk);
@@ -65,7 +65,7 @@ ForwardBuffers carve_forward(Arena& a, const Config& cfg, i64 T, DType dtype) {
   const std::size_t phase = a.mark();
 
   b.logits = a.take<float>(static_cast<std::size_t>(p.route_rows) * n);
-  b.flags = a.take<int>(static_cast<std::size_t>(p.route_rows));
+  b.flags = a.take<int>(static_cast<std::size_t>(p.route_rows) + 1);
   a.rewind(phase);
 
   if (choose_path(cfg, T, dtype) == ExpertsPath::dense) {
@@ -133,7 +133,8 @@ Status route(const Config& cfg, Mode mode, const TensorView& x, const Params& p,
     for (i64 k = 0; k < plan.chunks; ++k) {
       const i64 t0 = k * plan.route_rows, rows = std::min(plan.route_rows, T - t0);
       OMNIMOE_RETURN_IF_ERROR(router_product(cfg, dt, x, b, t0, rows, s));
-      OMNIMOE_RETURN_IF_ERROR(route_chunk_moments(b.logits, rows, n, b.partial + k * 2 * n, s));
+      OMNIMOE_RETURN_IF_ERROR(
+          route_chunk_moments(b.logits, rows, n, b.partial + k * stat_blocks(plan.route_rows) * 2 * n, s));
     }
   RouteStatsArgs st{&cfg, mode, T, plan.route_rows, b.partial, p.running_mean_row.as<float>(),
                     p.running_var_row.as<float>(), p.running_mean_col.as<float>(), p.running_var_col.as<float>(),
@@ -159,6 +160,7 @@ Status route(const Config& cfg, Mode mode, const TensorView& x, const Params& p,
     ta.scores_out = out.scores.defined() ? out.scores.as<float>() + t0 * K : nullptr;
     ta.gates_out = out.gates.defined() ? out.gates.as<float>() + t0 * K : nullptr;
     ta.fallback_flags = b.flags;
+    ta.fallback_count = b.flags + plan.route_rows;
     OMNIMOE_RETURN_IF_ERROR(route_topk(ta, s));
   }
   return Status::Ok();

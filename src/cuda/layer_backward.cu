@@ -47,8 +47,8 @@ struct BackwardBuffers {
   GemmWorkspace gemm;
   BackwardPlan plan;
   void* wcat;           // [n, H] router weights side by side (n = Nr + Nc)
-  double* partial;      // [route_chunks, 2n] batch moments per chunk (training batchnorm)
-  double* sums;         // [route_chunks, 2n] column sums of d and d * lhat per chunk
+  double* partial;      // [route_chunks, stat_blocks(route_rows), 2n] block moments (training batchnorm)
+  double* sums;         // [route_chunks, stat_blocks(route_rows), 2n] column sums of d and d * lhat
   double* means;        // [2n] their means over all T
   float *mean, *rstd;   // [n]
   float* gw;            // [n, H] fp32 router weight gradients, summed over token chunks
@@ -75,7 +75,7 @@ BackwardBuffers carve_backward(Arena& a, const Config& cfg, i64 T, DType dt) {
   const i64 N = cfg.num_experts(), H = cfg.hidden;
   BackwardBuffers b{};
   b.plan = backward_plan(cfg, T, dt);
-  const auto chunks = static_cast<std::size_t>(b.plan.route_chunks);
+  const auto chunks = static_cast<std::size_t>(b.plan.route_chunks * stat_blocks(b.plan.route_rows));
   b.gemm = {a.take<char>(kLayerGemmBytes), kLayerGemmBytes};
   b.wcat = a.take<char>(n * static_cast<std::size_t>(H) * es);
   b.partial = a.take<double>(chunks * 2 * n);
@@ -210,7 +210,7 @@ Status backward(const Config& cfg, Mode mode, const TensorView& x, const Params&
     for (i64 k = 0; k < plan.route_chunks; ++k) {
       const i64 t0 = k * R, rows = std::min(R, T - t0);
       OMNIMOE_RETURN_IF_ERROR(router_logits(t0, rows));
-      OMNIMOE_RETURN_IF_ERROR(route_chunk_moments(b.logits, rows, n, b.partial + k * 2 * n, s));
+      OMNIMOE_RETURN_IF_ERROR(route_chunk_moments(b.logits, rows, n, b.partial + k * stat_blocks(R) * 2 * n, s));
     }
   RouteStatsArgs st{&cfg, mode, T, R, b.partial, p.running_mean_row.as<float>(), p.running_var_row.as<float>(),
                     p.running_mean_col.as<float>(), p.running_var_col.as<float>(), b.mean, b.rstd};
@@ -223,8 +223,10 @@ Status backward(const Config& cfg, Mode mode, const TensorView& x, const Params&
     OMNIMOE_RETURN_IF_ERROR(route_gates_of(cfg, rows, b.logp, b.ids + t0 * K, b.gates + t0 * K, s));
   }
 
-  // experts: dgates, the experts' share of dx, each expert's rows once.
-  OMNIMOE_CUDA_TRY(cudaMemsetAsync(b.dx, 0, static_cast<std::size_t>(T * H) * sizeof(float), s));
+  // experts: dgates, the experts' share of dx, each expert's rows once. The gather path's
+  // token kernel writes dx; the dense path's products add to it.
+  if (b.path == ExpertsPath::dense)
+    OMNIMOE_CUDA_TRY(cudaMemsetAsync(b.dx, 0, static_cast<std::size_t>(T * H) * sizeof(float), s));
   OMNIMOE_RETURN_IF_ERROR(experts_backward(cfg, x, p, grad_y, g, sparse, b, s));
 
   // route backward, per chunk: gates -> scores -> log_softmax -> norm -> router weights, dx.
@@ -233,9 +235,9 @@ Status backward(const Config& cfg, Mode mode, const TensorView& x, const Params&
     for (i64 k = 0; k < plan.route_chunks; ++k) {
       const i64 t0 = k * R, rows = std::min(R, T - t0);
       OMNIMOE_RETURN_IF_ERROR(route_chunk_grad(t0, rows));
-      OMNIMOE_RETURN_IF_ERROR(route_norm_colsums(cfg, rows, b.logits, b.dlogp, b.sums + k * 2 * n, s));
+      OMNIMOE_RETURN_IF_ERROR(route_norm_colsums(cfg, rows, b.logits, b.dlogp, b.sums + k * stat_blocks(R) * 2 * n, s));
     }
-    OMNIMOE_RETURN_IF_ERROR(route_norm_means(cfg, plan.route_chunks, T, b.sums, b.means, s));
+    OMNIMOE_RETURN_IF_ERROR(route_norm_means(cfg, R, T, b.sums, b.means, s));
   }
   for (i64 k = 0; k < plan.route_chunks; ++k) {
     const i64 t0 = k * R, rows = std::min(R, T - t0);

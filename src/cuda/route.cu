@@ -15,28 +15,30 @@ namespace {
 
 constexpr int kStatCols = 32, kStatRows = 8;
 
-// One block per 32 columns; every thread walks a fixed set of rows, partial sums are combined
-// in a fixed order: deterministic. Two passes (mean, then squared deviations), in double.
+// One block per (32 columns, row block of kStatBlockRows); every thread walks a fixed set of
+// the block's rows, partial sums are combined in a fixed order: deterministic. Two passes
+// (mean, then squared deviations), in double.
 __global__ void chunk_moments_kernel(const float* __restrict__ l, i64 rows, i64 n, double* __restrict__ out) {
   __shared__ double part[kStatRows][kStatCols];
   __shared__ double mean_s[kStatCols];
   const int tx = threadIdx.x, ty = threadIdx.y;
   const i64 c = static_cast<i64>(blockIdx.x) * kStatCols + tx;
+  const i64 r0 = static_cast<i64>(blockIdx.y) * kStatBlockRows, r1 = min(rows, r0 + kStatBlockRows);
   double s = 0;
   if (c < n)
-    for (i64 r = ty; r < rows; r += kStatRows) s += l[r * n + c];
+    for (i64 r = r0 + ty; r < r1; r += kStatRows) s += l[r * n + c];
   part[ty][tx] = s;
   __syncthreads();
   if (ty == 0) {
     double tot = 0;
     for (int i = 0; i < kStatRows; ++i) tot += part[i][tx];
-    mean_s[tx] = tot / static_cast<double>(rows);
+    mean_s[tx] = tot / static_cast<double>(r1 - r0);
   }
   __syncthreads();
   const double m = mean_s[tx];
   double q = 0;
   if (c < n)
-    for (i64 r = ty; r < rows; r += kStatRows) {
+    for (i64 r = r0 + ty; r < r1; r += kStatRows) {
       const double d = l[r * n + c] - m;
       q += d * d;
     }
@@ -46,8 +48,9 @@ __global__ void chunk_moments_kernel(const float* __restrict__ l, i64 rows, i64 
   if (ty == 0 && c < n) {
     double tot = 0;
     for (int i = 0; i < kStatRows; ++i) tot += part[i][tx];
-    out[c] = m;
-    out[n + c] = tot;
+    double* o = out + static_cast<i64>(blockIdx.y) * 2 * n;
+    o[c] = m;
+    o[n + c] = tot;
   }
 }
 
@@ -68,13 +71,18 @@ __global__ void stats_kernel(RouteStatsArgs a, i64 Nr, i64 n, int norm, int trai
   double mean, var;
   if (train) {
     double cnt = 0, m = 0, m2 = 0;
+    const i64 blocks = stat_blocks(a.chunk_rows);
     for (i64 start = 0, k = 0; start < a.T; start += a.chunk_rows, ++k) {
-      const double nb = static_cast<double>(min(a.chunk_rows, a.T - start));
-      const double mb = a.partial[k * 2 * n + c], m2b = a.partial[k * 2 * n + n + c];
-      const double tot = cnt + nb, d = mb - m;
-      m += d * nb / tot;
-      m2 += m2b + d * d * cnt * nb / tot;
-      cnt = tot;
+      const i64 rows = min(a.chunk_rows, a.T - start);
+      for (i64 j = 0; j < stat_blocks(rows); ++j) {  // row blocks in order (Chan et al.)
+        const double nb = static_cast<double>(min(kStatBlockRows, rows - j * kStatBlockRows));
+        const double* p = a.partial + (k * blocks + j) * 2 * n;
+        const double mb = p[c], m2b = p[n + c];
+        const double tot = cnt + nb, d = mb - m;
+        m += d * nb / tot;
+        m2 += m2b + d * d * cnt * nb / tot;
+        cnt = tot;
+      }
     }
     mean = m;
     var = m2 / static_cast<double>(a.T);
@@ -192,13 +200,11 @@ __device__ __forceinline__ int prefix_count(float a, const unsigned long long* c
   return lo;
 }
 
+// The whole selection for token t, by one thread block.
 template <int THREADS, int AX, int SEL>
-__global__ void __launch_bounds__(THREADS) topk_kernel(RouteTopkArgs a, i64 Nr, i64 Nc, i64 K, int gate_softmax) {
+__device__ void topk_token(TopkSmem<THREADS, AX, SEL>& sm, const RouteTopkArgs& a, i64 t, i64 Nr, i64 Nc, i64 K,
+                           int gate_softmax) {
   using S = TopkSmem<THREADS, AX, SEL>;
-  extern __shared__ __align__(16) unsigned char smem_raw[];
-  S& sm = *reinterpret_cast<S*>(smem_raw);
-  const i64 t = blockIdx.x;
-  if (a.fallback != nullptr && a.fallback[t] == 0) return;  // served by the warp kernel
   const float* l = a.logits + t * (Nr + Nc);
   axis_sorted<THREADS, AX>(sm, l, a.mean, a.rstd, Nr, sm.rows);
   axis_sorted<THREADS, AX>(sm, l + Nr, a.mean + Nr, a.rstd + Nr, Nc, sm.cols);
@@ -349,13 +355,34 @@ __global__ void __launch_bounds__(THREADS) topk_kernel(RouteTopkArgs a, i64 Nr, 
   }
 }
 
+// One block per token; or, after the warp kernel, a fixed grid of blocks walking the list
+// of tokens it left (their number is known only on the device).
+constexpr i64 kFallbackBlocks = 1024;
+
+template <int THREADS, int AX, int SEL>
+__global__ void __launch_bounds__(THREADS) topk_kernel(RouteTopkArgs a, i64 Nr, i64 Nc, i64 K, int gate_softmax) {
+  using S = TopkSmem<THREADS, AX, SEL>;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  S& sm = *reinterpret_cast<S*>(smem_raw);
+  if (a.fallback_count == nullptr) {
+    topk_token<THREADS, AX, SEL>(sm, a, blockIdx.x, Nr, Nc, K, gate_softmax);
+    return;
+  }
+  const int count = *a.fallback_count;
+  for (int i = blockIdx.x; i < count; i += gridDim.x) {
+    topk_token<THREADS, AX, SEL>(sm, a, a.fallback_flags[i], Nr, Nc, K, gate_softmax);
+    __syncthreads();  // the next token reuses the shared memory
+  }
+}
+
 template <int THREADS, int AX, int SEL>
 Status launch_topk(const RouteTopkArgs& a, cudaStream_t stream) {
   const Config& c = *a.cfg;
   const auto kernel = topk_kernel<THREADS, AX, SEL>;
   const int bytes = static_cast<int>(sizeof(TopkSmem<THREADS, AX, SEL>));
   OMNIMOE_CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
-  kernel<<<static_cast<unsigned>(a.rows), THREADS, bytes, stream>>>(a, c.grid_rows, c.grid_cols, c.top_k,
+  const i64 blocks = a.fallback_count != nullptr ? std::min(a.rows, kFallbackBlocks) : a.rows;
+  kernel<<<static_cast<unsigned>(blocks), THREADS, bytes, stream>>>(a, c.grid_rows, c.grid_cols, c.top_k,
                                                                      c.gate == GateKind::softmax);
   OMNIMOE_CUDA_LAUNCH_CHECK("route topk_kernel");
   return Status::Ok();
@@ -403,16 +430,18 @@ __device__ __forceinline__ void warp_sort64(unsigned long long (&k)[2]) {
 }
 
 // Normalised log-probabilities of one axis (lane holds entries lane + 32 j), and the keys of
-// its best `keep` (<= 32) entries: lane r returns the r-th best (~0 beyond keep); the taken
-// entries' values become NaN so the caller can test the rest.
+// its best `keep` (<= 32) entries: lane r returns the r-th best (~0 beyond keep). `next`
+// gets the best value among the entries not taken (NaN skipped) and `has_next` whether
+// there is one, so the caller can test the rest without keeping the axis in registers.
 // Selection: the keep-th largest of the 32 lane maxima is a lower bound theta on the keep-th
 // best entry (the keep best lane maxima are entries >= it), so the answer lies among the
 // entries >= theta; when at most 64 of them exist (the usual case) one warp sort of those
 // candidates finishes, else `keep` rounds of a warp-wide minimum do.
 template <int VPL>
 __device__ unsigned long long warp_axis_best(const float* l, const float* mean, const float* rstd, int n, int keep,
-                                             float (&v)[VPL], unsigned long long* buf) {
+                                             float& next, bool& has_next, unsigned long long* buf) {
   const int lane = threadIdx.x & 31;
+  float v[VPL];
   float mx = -INFINITY;
 #pragma unroll
   for (int j = 0; j < VPL; ++j) {
@@ -490,16 +519,25 @@ __device__ unsigned long long warp_axis_best(const float* l, const float* mean, 
     kth = __shfl_sync(0xffffffffu, mine, keep - 1);
   }
   // The taken entries are exactly those with a key at or below the keep-th (ids are unique).
+  float nx = -INFINITY;
+  bool has = false;
 #pragma unroll
   for (int j = 0; j < VPL; ++j) {
     const int i = lane + 32 * j;
-    if (i < n && key_of(v[j], static_cast<unsigned>(i)) <= kth) v[j] = NAN;
+    if (i < n && !isnan(v[j]) && key_of(v[j], static_cast<unsigned>(i)) > kth) {
+      nx = fmaxf(nx, v[j]);
+      has = true;
+    }
   }
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) nx = fmaxf(nx, __shfl_xor_sync(0xffffffffu, nx, o));
+  next = nx;
+  has_next = __any_sync(0xffffffffu, has);
   return mine;
 }
 
 template <int VPL>
-__global__ void __launch_bounds__(kWarpTopkWarps * 32)
+__global__ void __launch_bounds__(kWarpTopkWarps * 32, 2)
     topk_warp_kernel(RouteTopkArgs a, int Nr, int Nc, int K, int gate_softmax) {
   __shared__ unsigned long long cells[kWarpTopkWarps][32];
   __shared__ unsigned long long cand[kWarpTopkWarps][64];  // axis candidates (warp_axis_best)
@@ -508,9 +546,11 @@ __global__ void __launch_bounds__(kWarpTopkWarps * 32)
   if (t >= a.rows) return;
   const float* l = a.logits + t * (Nr + Nc);
   const int rk = min(K, Nr), ck = min(K, Nc);
-  float rv[VPL], cv[VPL];
-  const unsigned long long rkey = warp_axis_best<VPL>(l, a.mean, a.rstd, Nr, rk, rv, cand[warp]);
-  const unsigned long long ckey = warp_axis_best<VPL>(l + Nr, a.mean + Nr, a.rstd + Nr, Nc, ck, cv, cand[warp]);
+  float rnext, cnext;  // best row / column value outside the candidate lists
+  bool rhas, chas;
+  const unsigned long long rkey = warp_axis_best<VPL>(l, a.mean, a.rstd, Nr, rk, rnext, rhas, cand[warp]);
+  const unsigned long long ckey =
+      warp_axis_best<VPL>(l + Nr, a.mean + Nr, a.rstd + Nr, Nc, ck, cnext, chas, cand[warp]);
   const float av = lane < rk ? key_value(rkey) : 0.f, bv = lane < ck ? key_value(ckey) : 0.f;
   const float amax = __shfl_sync(0xffffffffu, av, 0), bmax = __shfl_sync(0xffffffffu, bv, 0);
 
@@ -536,18 +576,16 @@ __global__ void __launch_bounds__(kWarpTopkWarps * 32)
     const float b = __shfl_sync(0xffffffffu, bv, q);
     if (lane < rk && ord(av + b) >= tau) ++ge;
   }
-  bool outside = false;
-#pragma unroll
-  for (int j = 0; j < VPL; ++j) {
-    outside |= !isnan(rv[j]) && lane + 32 * j < Nr && ord(rv[j] + bmax) >= tau;
-    outside |= !isnan(cv[j]) && lane + 32 * j < Nc && ord(amax + cv[j]) >= tau;
-  }
+  // A row or column outside the lists reaches tau iff its best one does (sums are monotone).
+  const bool outside = (rhas && ord(rnext + bmax) >= tau) || (chas && ord(amax + cnext) >= tau);
   int total = ge;
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) total += __shfl_xor_sync(0xffffffffu, total, o);
-  const bool simple = total == K && !__any_sync(0xffffffffu, outside);
-  if (lane == 0) a.fallback_flags[t] = simple ? 0 : 1;
-  if (!simple) return;
+  const bool simple = total == K && !outside;
+  if (!simple) {  // appended to the block kernel's list (its order does not matter)
+    if (lane == 0) a.fallback_flags[atomicAdd(a.fallback_count, 1)] = static_cast<int>(t);
+    return;
+  }
 
   // 3. Gather the K cells, sort them (descending score, ascending id), gates, outputs.
   int off = ge;  // inclusive scan over lanes
@@ -604,7 +642,8 @@ Status launch_topk_warp(const RouteTopkArgs& a, cudaStream_t stream) {
 }  // namespace
 
 Status route_chunk_moments(const float* logits, i64 rows, i64 n, double* partial, cudaStream_t stream) {
-  chunk_moments_kernel<<<ceil_div(n, kStatCols), dim3(kStatCols, kStatRows), 0, stream>>>(logits, rows, n, partial);
+  const dim3 grid(ceil_div(n, kStatCols), static_cast<unsigned>(stat_blocks(rows)));
+  chunk_moments_kernel<<<grid, dim3(kStatCols, kStatRows), 0, stream>>>(logits, rows, n, partial);
   OMNIMOE_CUDA_LAUNCH_CHECK("route chunk_moments_kernel");
   return Status::Ok();
 }
@@ -621,13 +660,15 @@ Status route_stats(const RouteStatsArgs& a, cudaStream_t stream) {
 Status route_topk(RouteTopkArgs a, cudaStream_t stream) {
   const Config& c = *a.cfg;
   const i64 axis = std::max(c.grid_rows, c.grid_cols), need = std::max(axis, c.top_k);
-  a.fallback = nullptr;
-  if (c.top_k <= 32 && axis <= 1024 && a.fallback_flags != nullptr) {
-    // Warp per token; the block kernel then serves only the tokens it flagged.
+  int* count = a.fallback_count;
+  a.fallback_count = nullptr;
+  if (c.top_k <= 32 && axis <= 1024 && a.fallback_flags != nullptr && count != nullptr) {
+    // Warp per token; the block kernel then serves only the tokens it listed.
+    OMNIMOE_CUDA_TRY(cudaMemsetAsync(count, 0, sizeof(int), stream));
+    a.fallback_count = count;
     Status s = axis <= 64 ? launch_topk_warp<2>(a, stream)
                : axis <= 256 ? launch_topk_warp<8>(a, stream) : launch_topk_warp<32>(a, stream);
     OMNIMOE_RETURN_IF_ERROR(s);
-    a.fallback = a.fallback_flags;
   }
   if (need <= 256) return launch_topk<128, 2, 2>(a, stream);
   if (c.top_k <= 1024) {

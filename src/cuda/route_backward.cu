@@ -92,15 +92,17 @@ __global__ void scores_backward_kernel(i64 T, int Nr, int Nc, int K, int softmax
 
 constexpr int kCols = 32, kRows = 8;
 
-// Column sums of d and d * lhat over one token chunk, in double, fixed order (as
-// chunk_moments): out[c] and out[n + c].
+// Column sums of d and d * lhat over one row block of one token chunk, in double, fixed
+// order (as chunk_moments): out[block * 2n + c] and out[block * 2n + n + c].
 __global__ void norm_colsums_kernel(i64 rows, i64 n, const float* lhat, const float* d, double* out) {
   __shared__ double part[2][kRows][kCols];
   const int tx = threadIdx.x, ty = threadIdx.y;
   const i64 c = static_cast<i64>(blockIdx.x) * kCols + tx;
+  const i64 r0 = static_cast<i64>(blockIdx.y) * kStatBlockRows, r1 = min(rows, r0 + kStatBlockRows);
+  out += static_cast<i64>(blockIdx.y) * 2 * n;
   double s = 0, sx = 0;
   if (c < n)
-    for (i64 r = ty; r < rows; r += kRows) {
+    for (i64 r = r0 + ty; r < r1; r += kRows) {
       s += d[r * n + c];
       sx += static_cast<double>(d[r * n + c]) * lhat[r * n + c];
     }
@@ -118,12 +120,14 @@ __global__ void norm_colsums_kernel(i64 rows, i64 n, const float* lhat, const fl
   }
 }
 
-// Means over all T tokens from the chunk sums, added in chunk order: means[c], means[n + c].
-__global__ void norm_means_kernel(i64 chunks, i64 n, i64 T, const double* sums, double* means) {
+// Means over all T tokens from the row blocks' sums, added in order: means[c], means[n + c].
+__global__ void norm_means_kernel(i64 chunk_rows, i64 n, i64 T, const double* sums, double* means) {
   const i64 c = static_cast<i64>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (c >= 2 * n) return;
+  const i64 blocks = stat_blocks(chunk_rows);
   double a = 0;
-  for (i64 k = 0; k < chunks; ++k) a += sums[k * 2 * n + c];
+  for (i64 start = 0, k = 0; start < T; start += chunk_rows, ++k)
+    for (i64 j = 0; j < stat_blocks(min(chunk_rows, T - start)); ++j) a += sums[(k * blocks + j) * 2 * n + c];
   means[c] = a / static_cast<double>(T);
 }
 
@@ -167,15 +171,16 @@ Status route_scores_backward(const Config& cfg, i64 T, const i32* ids, const flo
 Status route_norm_colsums(const Config& cfg, i64 rows, const float* lhat, const float* d, double* sums,
                           cudaStream_t stream) {
   const i64 n = cfg.grid_rows + cfg.grid_cols;
-  norm_colsums_kernel<<<ceil_div(n, kCols), dim3(kCols, kRows), 0, stream>>>(rows, n, lhat, d, sums);
+  const dim3 grid(ceil_div(n, kCols), static_cast<unsigned>(stat_blocks(rows)));
+  norm_colsums_kernel<<<grid, dim3(kCols, kRows), 0, stream>>>(rows, n, lhat, d, sums);
   OMNIMOE_CUDA_LAUNCH_CHECK("route norm_colsums_kernel");
   return Status::Ok();
 }
 
-Status route_norm_means(const Config& cfg, i64 chunks, i64 T, const double* sums, double* means,
+Status route_norm_means(const Config& cfg, i64 chunk_rows, i64 T, const double* sums, double* means,
                         cudaStream_t stream) {
   const i64 n = cfg.grid_rows + cfg.grid_cols;
-  norm_means_kernel<<<ceil_div(2 * n, 256), 256, 0, stream>>>(chunks, n, T, sums, means);
+  norm_means_kernel<<<ceil_div(2 * n, 256), 256, 0, stream>>>(chunk_rows, n, T, sums, means);
   OMNIMOE_CUDA_LAUNCH_CHECK("route norm_means_kernel");
   return Status::Ok();
 }

@@ -240,6 +240,10 @@ const BCase kBCases[] = {
     {"dense_bf16", 32, 16, 16, 16, 64, 128, RN::batchnorm, Mode::training, GK::softmax, AC::silu, DType::bf16},
     {"bn_train_f16", 48, 32, 9, 11, 6, 29, RN::batchnorm, Mode::training, GK::softmax, AC::silu, DType::f16},
     {"odd_h_f32", 7, 5, 4, 6, 5, 17, RN::batchnorm, Mode::training, GK::exp, AC::gelu, DType::f32},
+    // Wide rows: the token kernel's register tiles of 4 and 8 vectors per lane (H = 1024 in
+    // bf16, H = 1000 in f32: a partial last tile) and row sums over 4 slices at once.
+    {"wide_h1024_bf16", 1024, 64, 8, 8, 6, 40, RN::batchnorm, Mode::training, GK::exp, AC::silu, DType::bf16},
+    {"wide_h1000_f32", 1000, 32, 6, 9, 5, 33, RN::batchnorm, Mode::inference, GK::softmax, AC::gelu, DType::f32},
 };
 INSTANTIATE_TEST_SUITE_P(Cases, CudaBackward, ::testing::ValuesIn(kBCases),
                          [](const auto& info) { return std::string(info.param.name); });
