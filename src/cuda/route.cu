@@ -202,8 +202,8 @@ __device__ __forceinline__ int prefix_count(float a, const unsigned long long* c
 
 // The whole selection for token t, by one thread block.
 template <int THREADS, int AX, int SEL>
-__device__ void topk_token(TopkSmem<THREADS, AX, SEL>& sm, const RouteTopkArgs& a, i64 t, i64 Nr, i64 Nc, i64 K,
-                           int gate_softmax) {
+__device__ __forceinline__ void topk_token(TopkSmem<THREADS, AX, SEL>& sm, const RouteTopkArgs& a, i64 t, i64 Nr,
+                                           i64 Nc, i64 K, int gate_softmax) {
   using S = TopkSmem<THREADS, AX, SEL>;
   const float* l = a.logits + t * (Nr + Nc);
   axis_sorted<THREADS, AX>(sm, l, a.mean, a.rstd, Nr, sm.rows);
@@ -361,13 +361,16 @@ constexpr i64 kFallbackBlocks = 1024;
 
 template <int THREADS, int AX, int SEL>
 __global__ void __launch_bounds__(THREADS) topk_kernel(RouteTopkArgs a, i64 Nr, i64 Nc, i64 K, int gate_softmax) {
-  using S = TopkSmem<THREADS, AX, SEL>;
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  S& sm = *reinterpret_cast<S*>(smem_raw);
-  if (a.fallback_count == nullptr) {
-    topk_token<THREADS, AX, SEL>(sm, a, blockIdx.x, Nr, Nc, K, gate_softmax);
-    return;
-  }
+  topk_token<THREADS, AX, SEL>(*reinterpret_cast<TopkSmem<THREADS, AX, SEL>*>(smem_raw), a, blockIdx.x, Nr, Nc, K,
+                               gate_softmax);
+}
+
+template <int THREADS, int AX, int SEL>
+__global__ void __launch_bounds__(THREADS)
+    topk_list_kernel(RouteTopkArgs a, i64 Nr, i64 Nc, i64 K, int gate_softmax) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  auto& sm = *reinterpret_cast<TopkSmem<THREADS, AX, SEL>*>(smem_raw);
   const int count = *a.fallback_count;
   for (int i = blockIdx.x; i < count; i += gridDim.x) {
     topk_token<THREADS, AX, SEL>(sm, a, a.fallback_flags[i], Nr, Nc, K, gate_softmax);
@@ -378,10 +381,11 @@ __global__ void __launch_bounds__(THREADS) topk_kernel(RouteTopkArgs a, i64 Nr, 
 template <int THREADS, int AX, int SEL>
 Status launch_topk(const RouteTopkArgs& a, cudaStream_t stream) {
   const Config& c = *a.cfg;
-  const auto kernel = topk_kernel<THREADS, AX, SEL>;
+  const bool listed = a.fallback_count != nullptr;
+  const auto kernel = listed ? topk_list_kernel<THREADS, AX, SEL> : topk_kernel<THREADS, AX, SEL>;
   const int bytes = static_cast<int>(sizeof(TopkSmem<THREADS, AX, SEL>));
   OMNIMOE_CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
-  const i64 blocks = a.fallback_count != nullptr ? std::min(a.rows, kFallbackBlocks) : a.rows;
+  const i64 blocks = listed ? std::min(a.rows, kFallbackBlocks) : a.rows;
   kernel<<<static_cast<unsigned>(blocks), THREADS, bytes, stream>>>(a, c.grid_rows, c.grid_cols, c.top_k,
                                                                      c.gate == GateKind::softmax);
   OMNIMOE_CUDA_LAUNCH_CHECK("route topk_kernel");
@@ -439,29 +443,30 @@ __device__ __forceinline__ void warp_sort64(unsigned long long (&k)[2]) {
 // candidates finishes, else `keep` rounds of a warp-wide minimum do.
 template <int VPL>
 __device__ unsigned long long warp_axis_best(const float* l, const float* mean, const float* rstd, int n, int keep,
-                                             float& next, bool& has_next, unsigned long long* buf) {
+                                             float* vals, float& next, bool& has_next,
+                                             unsigned long long* buf) {
   const int lane = threadIdx.x & 31;
-  float v[VPL];
+  float* v = vals + lane;  // entry lane + 32 j is v[32 j]: each lane touches only its own
   float mx = -INFINITY;
 #pragma unroll
   for (int j = 0; j < VPL; ++j) {
     const int i = lane + 32 * j;
-    v[j] = i < n ? (l[i] - mean[i]) * rstd[i] : -INFINITY;
-    mx = fmaxf(mx, v[j]);
+    v[32 * j] = i < n ? (l[i] - mean[i]) * rstd[i] : -INFINITY;
+    mx = fmaxf(mx, v[32 * j]);
   }
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
   float sum = 0.f;
 #pragma unroll
   for (int j = 0; j < VPL; ++j)
-    if (lane + 32 * j < n) sum += expf(v[j] - mx);
+    if (lane + 32 * j < n) sum += expf(v[32 * j] - mx);
   sum = warp_sum(sum);
   const float lse = mx + logf(sum);
   unsigned best_ord = 0;  // this lane's best entry as ord (0: none)
 #pragma unroll
   for (int j = 0; j < VPL; ++j) {
-    v[j] -= lse;
-    if (lane + 32 * j < n) best_ord = max(best_ord, ord(v[j]));
+    v[32 * j] -= lse;
+    if (lane + 32 * j < n) best_ord = max(best_ord, ord(v[32 * j]));
   }
   // theta: the keep-th largest lane maximum (a descending bitonic sort of the 32 maxima).
   unsigned m = best_ord;
@@ -476,7 +481,7 @@ __device__ unsigned long long warp_axis_best(const float* l, const float* mean, 
   const unsigned theta = __shfl_sync(0xffffffffu, m, keep - 1);
   int count = 0;
 #pragma unroll
-  for (int j = 0; j < VPL; ++j) count += (lane + 32 * j < n && ord(v[j]) >= theta) ? 1 : 0;
+  for (int j = 0; j < VPL; ++j) count += (lane + 32 * j < n && ord(v[32 * j]) >= theta) ? 1 : 0;
   int off = count;  // inclusive scan over lanes
 #pragma unroll
   for (int o = 1; o < 32; o <<= 1) {
@@ -491,7 +496,7 @@ __device__ unsigned long long warp_axis_best(const float* l, const float* mean, 
 #pragma unroll
     for (int j = 0; j < VPL; ++j) {
       const int i = lane + 32 * j;
-      if (i < n && ord(v[j]) >= theta) buf[off++] = key_of(v[j], static_cast<unsigned>(i));
+      if (i < n && ord(v[32 * j]) >= theta) buf[off++] = key_of(v[32 * j], static_cast<unsigned>(i));
     }
     __syncwarp();
     unsigned long long k[2] = {lane < total ? buf[lane] : ~0ull, lane + 32 < total ? buf[lane + 32] : ~0ull};
@@ -507,7 +512,7 @@ __device__ unsigned long long warp_axis_best(const float* l, const float* mean, 
       for (int j = 0; j < VPL; ++j) {
         const int i = lane + 32 * j;
         if (i < n && !((taken >> j) & 1u)) {
-          const unsigned long long key = key_of(v[j], static_cast<unsigned>(i));
+          const unsigned long long key = key_of(v[32 * j], static_cast<unsigned>(i));
           best = key < best ? key : best;
         }
       }
@@ -524,8 +529,8 @@ __device__ unsigned long long warp_axis_best(const float* l, const float* mean, 
 #pragma unroll
   for (int j = 0; j < VPL; ++j) {
     const int i = lane + 32 * j;
-    if (i < n && !isnan(v[j]) && key_of(v[j], static_cast<unsigned>(i)) > kth) {
-      nx = fmaxf(nx, v[j]);
+    if (i < n && !isnan(v[32 * j]) && key_of(v[32 * j], static_cast<unsigned>(i)) > kth) {
+      nx = fmaxf(nx, v[32 * j]);
       has = true;
     }
   }
@@ -537,10 +542,13 @@ __device__ unsigned long long warp_axis_best(const float* l, const float* mean, 
 }
 
 template <int VPL>
-__global__ void __launch_bounds__(kWarpTopkWarps * 32, 2)
+__global__ void __launch_bounds__(kWarpTopkWarps * 32)
     topk_warp_kernel(RouteTopkArgs a, int Nr, int Nc, int K, int gate_softmax) {
   __shared__ unsigned long long cells[kWarpTopkWarps][32];
   __shared__ unsigned long long cand[kWarpTopkWarps][64];  // axis candidates (warp_axis_best)
+  // The axis being selected, in shared memory rather than registers: 32 VPL registers a
+  // thread would cap an SM at a few warps of this latency-bound kernel.
+  __shared__ float vals[kWarpTopkWarps][32 * VPL];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const i64 t = static_cast<i64>(blockIdx.x) * kWarpTopkWarps + warp;
   if (t >= a.rows) return;
@@ -548,9 +556,10 @@ __global__ void __launch_bounds__(kWarpTopkWarps * 32, 2)
   const int rk = min(K, Nr), ck = min(K, Nc);
   float rnext, cnext;  // best row / column value outside the candidate lists
   bool rhas, chas;
-  const unsigned long long rkey = warp_axis_best<VPL>(l, a.mean, a.rstd, Nr, rk, rnext, rhas, cand[warp]);
+  const unsigned long long rkey =
+      warp_axis_best<VPL>(l, a.mean, a.rstd, Nr, rk, vals[warp], rnext, rhas, cand[warp]);
   const unsigned long long ckey =
-      warp_axis_best<VPL>(l + Nr, a.mean + Nr, a.rstd + Nr, Nc, ck, cnext, chas, cand[warp]);
+      warp_axis_best<VPL>(l + Nr, a.mean + Nr, a.rstd + Nr, Nc, ck, vals[warp], cnext, chas, cand[warp]);
   const float av = lane < rk ? key_value(rkey) : 0.f, bv = lane < ck ? key_value(ckey) : 0.f;
   const float amax = __shfl_sync(0xffffffffu, av, 0), bmax = __shfl_sync(0xffffffffu, bv, 0);
 
