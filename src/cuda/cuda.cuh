@@ -3,6 +3,8 @@
 // Status; none synchronises with the host or allocates.
 #pragma once
 
+#include <algorithm>
+
 #include "cuda/common.cuh"
 #include "cuda/gemm.cuh"
 #include "core/workspace.hpp"
@@ -22,6 +24,13 @@ Status check_supported(const Config& cfg, DType dtype, i64 T);
 // written.
 inline constexpr i64 kStatBlockRows = 256;
 __host__ __device__ inline i64 stat_blocks(i64 rows) { return (rows + kStatBlockRows - 1) / kStatBlockRows; }
+// Router tokens per chunk for a budget of `rows`: whole row blocks (so the forward's and the
+// backward's chunks cut the same blocks and their statistics agree bitwise), at most
+// 65535 blocks (a grid dimension), at least 1 and at most T.
+inline i64 route_chunk_rows(i64 rows, i64 T) {
+  if (rows >= kStatBlockRows) rows = std::min<i64>(rows / kStatBlockRows, 65535) * kStatBlockRows;
+  return std::clamp<i64>(rows, 1, T);
+}
 // Router statistics of one token chunk for training batchnorm: per row block and column of
 // logits [rows, n], the block mean and sum of squared deviations (double), written to
 // partial[block * 2n ...]: [n means][n M2].

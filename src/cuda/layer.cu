@@ -26,7 +26,7 @@ struct Plan {
 Plan plan_of(const Config& cfg, i64 T, DType dtype) {
   const i64 n = cfg.grid_rows + cfg.grid_cols;
   Plan p;
-  p.route_rows = std::clamp<i64>(static_cast<i64>(kLogitBytes / (n * sizeof(float))), 1, T);
+  p.route_rows = route_chunk_rows(static_cast<i64>(kLogitBytes / (n * sizeof(float))), T);
   p.mlp_rows = cfg.intermediate > 0
                    ? std::clamp<i64>(static_cast<i64>(kMlpBytes / (2 * cfg.intermediate * dtype_size(dtype))), 1, T)
                    : T;

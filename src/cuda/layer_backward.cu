@@ -34,7 +34,7 @@ BackwardPlan backward_plan(const Config& cfg, i64 T, DType dt) {
   i64 route_bytes = static_cast<i64>(kRouteBytes), mlp_bytes = static_cast<i64>(kMlpBytes);
   if (const char* env = std::getenv("OMNIMOE_CHUNK_BYTES")) route_bytes = mlp_bytes = std::max(1L, std::atol(env));
   BackwardPlan p;
-  p.route_rows = std::clamp<i64>(route_bytes / (n * (12 + es)), 1, T);
+  p.route_rows = route_chunk_rows(route_bytes / (n * (12 + es)), T);
   p.route_chunks = (T + p.route_rows - 1) / p.route_rows;
   // At least 1024 columns (unless the budget is overridden): thinner slices re-read and
   // re-write the fp32 dx once per slice, which costs more than their memory saves.

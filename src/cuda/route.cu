@@ -74,9 +74,9 @@ __global__ void stats_kernel(RouteStatsArgs a, i64 Nr, i64 n, int norm, int trai
     const i64 blocks = stat_blocks(a.chunk_rows);
     for (i64 start = 0, k = 0; start < a.T; start += a.chunk_rows, ++k) {
       const i64 rows = min(a.chunk_rows, a.T - start);
-      for (i64 j = 0; j < stat_blocks(rows); ++j) {  // row blocks in order (Chan et al.)
-        const double nb = static_cast<double>(min(kStatBlockRows, rows - j * kStatBlockRows));
-        const double* p = a.partial + (k * blocks + j) * 2 * n;
+      for (i64 b = 0; b < stat_blocks(rows); ++b) {  // row blocks in order (Chan et al.)
+        const double nb = static_cast<double>(min(kStatBlockRows, rows - b * kStatBlockRows));
+        const double* p = a.partial + (k * blocks + b) * 2 * n;
         const double mb = p[c], m2b = p[n + c];
         const double tot = cnt + nb, d = mb - m;
         m += d * nb / tot;
