@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One device call does everything: build (Release, sm_90a), CUDA tests, compute-sanitizer,
-# the benchmark and a per-kernel profile; logs and CSVs go to $OUT (default ./out).
+# the benchmark and a per-kernel profile; CSVs go to $OUT (default ./out), the logs packed into
+# $OUT/logs.tar.gz at the end (the device tool returns at most 8 files).
 # Usage: scripts/gpu_check.sh [tests|sanitize|bench|bench_backward|profile|all|python|train]...
 #   (default: all = the five C++ steps; python = build the PyTorch package into
 #   build-python/site and run tests/python; train = build the package and run
@@ -91,6 +92,7 @@ if want profile; then
       build-gpu/omnimoe bench --device cuda --suite omnimoe --backward --only "$cfg" --reps 2 >>"$OUT/profile.log" 2>&1
   done
   grep -E "^===|^  [a-zA-Z_].*\(|gpu__time_duration.sum" "$OUT/profile.log" >"$OUT/profile_summary.txt"
+  head -80 "$OUT/profile_summary.txt"
 fi
 if want python; then
   build_python
@@ -103,4 +105,6 @@ if want train; then
     --out "$OUT/lm" ${TRAIN_ARGS:-} >"$OUT/train_stdout.log" 2>&1 || status=1
   grep -E "done:|train_lm:|Error|error" "$OUT/train_stdout.log" | tail -30
 fi
+# The device tool brings back at most 8 files: the logs travel as one archive, CSVs loose.
+(cd "$OUT" && logs=$(ls | grep -E '\.(log|txt)$') && [[ -n $logs ]] && tar -czf logs.tar.gz $logs && rm -f $logs)
 exit $status
