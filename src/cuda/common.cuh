@@ -8,6 +8,7 @@
 
 #include <cstdint>
 #include <string>
+#include <type_traits>
 
 #include "omnimoe/status.hpp"
 #include "omnimoe/tensor.hpp"
@@ -119,6 +120,28 @@ __device__ __forceinline__ void reduce_token_warps(float (&acc)[VPL][V], float* 
           }
       }
   }
+}
+
+// Host side: calls f(integral_constant<int, P>{}, integral_constant<int, W>{}) for the
+// register-tile kernels, P = 16-byte vectors per lane (vpl rounded up to a power of two, at
+// most MaxP) and W = warps per token (w where P <= 4, whose partial rows fit 32 KB of shared
+// memory per block, else 1).
+template <int P, int MaxP, class F>
+void dispatch_tile_from(int vpl, int w, F& f) {
+  if constexpr (P < MaxP) {
+    if (vpl > P) return dispatch_tile_from<2 * P, MaxP>(vpl, w, f);
+  }
+  using Pc = std::integral_constant<int, P>;
+  if constexpr (P <= 4) {
+    if (w == 8) return f(Pc{}, std::integral_constant<int, 8>{});
+    if (w == 4) return f(Pc{}, std::integral_constant<int, 4>{});
+    if (w == 2) return f(Pc{}, std::integral_constant<int, 2>{});
+  }
+  f(Pc{}, std::integral_constant<int, 1>{});
+}
+template <int MaxP, class F>
+void dispatch_tile(int vpl, int w, F&& f) {
+  dispatch_tile_from<1, MaxP>(vpl, w, f);
 }
 
 // Two warp sums in one shuffle tree (their latencies overlap).

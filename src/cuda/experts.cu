@@ -181,20 +181,7 @@ Status launch_gather(const ExpertsArgs& a, cudaStream_t stream) {
                                                        static_cast<const S*>(a.w_out), a.ids, a.gates,
                                                        static_cast<S*>(a.y), a.add);
   };
-  const auto by_w = [&](auto vpl_c) {
-    constexpr int P = decltype(vpl_c)::value;
-    if constexpr (P <= 4) {
-      if (w == 8) return args(gather_kernel<S, P, 8>);
-      if (w == 4) return args(gather_kernel<S, P, 4>);
-      if (w == 2) return args(gather_kernel<S, P, 2>);
-    }
-    args(gather_kernel<S, P, 1>);
-  };
-  if (vpl <= 1) by_w(std::integral_constant<int, 1>{});
-  else if (vpl <= 2) by_w(std::integral_constant<int, 2>{});
-  else if (vpl <= 4) by_w(std::integral_constant<int, 4>{});
-  else if (vpl <= 8) by_w(std::integral_constant<int, 8>{});
-  else by_w(std::integral_constant<int, 16>{});
+  dispatch_tile<16>(vpl, w, [&](auto p, auto wc) { args(gather_kernel<S, decltype(p)::value, decltype(wc)::value>); });
   OMNIMOE_CUDA_LAUNCH_CHECK("experts gather_kernel");
   return Status::Ok();
 }

@@ -341,20 +341,10 @@ Status experts_backward_tokens(const ExpertsArgs& a, const void* dy, float* act_
           static_cast<const S*>(a.w_in), static_cast<const S*>(a.w_out), a.ids, a.gates, static_cast<const S*>(dy),
           act_out, dgates, dh, dx_acc, bad);
     };
-    const auto by_w = [&](auto vpl_c) {
-      constexpr int P = decltype(vpl_c)::value;
-      if constexpr (P <= 4) {
-        if (w == 8) return go(tokens_vec_kernel<S, P, 8>);
-        if (w == 4) return go(tokens_vec_kernel<S, P, 4>);
-        if (w == 2) return go(tokens_vec_kernel<S, P, 2>);
-      }
-      go(tokens_vec_kernel<S, P, 1>);
-    };
     if (!vec) go(tokens_kernel<S>);
-    else if (vpl <= 1) by_w(std::integral_constant<int, 1>{});
-    else if (vpl <= 2) by_w(std::integral_constant<int, 2>{});
-    else if (vpl <= 4) by_w(std::integral_constant<int, 4>{});
-    else by_w(std::integral_constant<int, 8>{});
+    else
+      dispatch_tile<8>(vpl, w,
+                       [&](auto p, auto wc) { go(tokens_vec_kernel<S, decltype(p)::value, decltype(wc)::value>); });
     OMNIMOE_CUDA_LAUNCH_CHECK("experts_backward tokens_kernel");
     return Status::Ok();
   });
