@@ -637,15 +637,13 @@ Status launch_gather_t(const GatherArgs& a, cudaStream_t stream) {
   return Status::Ok();
 }
 
-bool aligned16(const void* p) { return reinterpret_cast<std::uintptr_t>(p) % 16 == 0; }
-
 // 16-byte pieces when every row is whole 16-byte vectors (H a multiple of V, aligned bases) and
 // at most 8 per lane; else element pieces (any H up to kPkCudaMaxHidden).
 template <class S, bool PEER>
 Status launch_gather_s(const GatherArgs& a, cudaStream_t stream) {
   constexpr int V = static_cast<int>(16 / sizeof(S));
-  const bool vec = a.H % V == 0 && a.H <= 32 * 8 * V && aligned16(a.x) && aligned16(a.wa) &&
-                   (!PEER || aligned16(a.wb));
+  const bool vec = a.H % V == 0 && a.H <= 32 * 8 * V && cuda::aligned16(a.x) && cuda::aligned16(a.wa) &&
+                   (!PEER || cuda::aligned16(a.wb));
   if (vec) {
     const int vpl = (a.H / V + 31) / 32;
     if (vpl <= 1) return launch_gather_t<S, PEER, V, 1>(a, stream);

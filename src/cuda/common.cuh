@@ -159,6 +159,10 @@ __device__ __forceinline__ float warp_sum(float v) {
   return v;
 }
 
+// Whether 16-byte loads and stores may start at p (a caller's view into a larger buffer may
+// not be aligned).
+inline bool aligned16(const void* p) { return reinterpret_cast<std::uintptr_t>(p) % 16 == 0; }
+
 inline unsigned ceil_div(i64 a, i64 b) { return static_cast<unsigned>((a + b - 1) / b); }
 
 // Address of element `elems` of a tensor of dtype dt starting at base.

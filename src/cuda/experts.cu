@@ -2,7 +2,6 @@
 // output row in registers and streams the K chosen expert rows with 16-byte loads; with
 // about one token per expert every row is read once, which is the floor of this regime.
 #include <cstdint>
-#include <type_traits>
 
 #include "core/math.hpp"
 #include "cuda/cuda.cuh"
@@ -153,8 +152,8 @@ int vec_elems() {
 // every row 16-byte aligned (a view into a larger buffer may not be).
 bool vector_rows(const ExpertsArgs& a) {
   const i64 H = a.cfg->hidden, v = 16 / static_cast<i64>(dtype_size(a.dtype));
-  const auto aligned = [](const void* p) { return reinterpret_cast<std::uintptr_t>(p) % 16 == 0; };
-  return H % v == 0 && H <= 32 * 16 * v && aligned(a.x) && aligned(a.w_in) && aligned(a.w_out) && aligned(a.y);
+  return H % v == 0 && H <= 32 * 16 * v && aligned16(a.x) && aligned16(a.w_in) && aligned16(a.w_out) &&
+         aligned16(a.y);
 }
 
 template <class S>
@@ -173,15 +172,12 @@ Status launch_gather(const ExpertsArgs& a, cudaStream_t stream) {
     return Status::Ok();
   }
   const int vpl = static_cast<int>((H / vec_elems<S>() + 31) / 32);
-  const int w = vpl <= 4 ? token_warps(a.T, c.top_k) : 1;  // rows of <= 32 KB of fp32 partials per block
-  const unsigned blocks = ceil_div(a.T * w, kWarpsPerBlock);
-  const auto args = [&](auto kernel) {
-    kernel<<<blocks, kWarpsPerBlock * 32, 0, stream>>>(a.T, H, static_cast<int>(c.top_k), c.activation,
-                                                       static_cast<const S*>(a.x), static_cast<const S*>(a.w_in),
-                                                       static_cast<const S*>(a.w_out), a.ids, a.gates,
-                                                       static_cast<S*>(a.y), a.add);
-  };
-  dispatch_tile<16>(vpl, w, [&](auto p, auto wc) { args(gather_kernel<S, decltype(p)::value, decltype(wc)::value>); });
+  dispatch_tile<16>(vpl, token_warps(a.T, c.top_k), [&](auto p, auto w) {
+    constexpr int W = decltype(w)::value;
+    gather_kernel<S, decltype(p)::value, W><<<ceil_div(a.T * W, kWarpsPerBlock), kWarpsPerBlock * 32, 0, stream>>>(
+        a.T, H, static_cast<int>(c.top_k), c.activation, static_cast<const S*>(a.x), static_cast<const S*>(a.w_in),
+        static_cast<const S*>(a.w_out), a.ids, a.gates, static_cast<S*>(a.y), a.add);
+  });
   OMNIMOE_CUDA_LAUNCH_CHECK("experts gather_kernel");
   return Status::Ok();
 }

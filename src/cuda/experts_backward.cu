@@ -330,21 +330,20 @@ Status experts_backward_tokens(const ExpertsArgs& a, const void* dy, float* act_
   return by_dtype(a.dtype, [&](auto tag) {
     using S = decltype(tag);
     const int H = static_cast<int>(c.hidden);
-    const auto aligned = [](const void* p) { return reinterpret_cast<std::uintptr_t>(p) % 16 == 0; };
     const int vpl = (H / Vec<S>::kN + 31) / 32;
-    const bool vec = H % Vec<S>::kN == 0 && vpl <= 8 && aligned(a.x) && aligned(a.w_in) && aligned(a.w_out) &&
-                     aligned(dy) && aligned(dx_acc);
-    const int w = vec && vpl <= 4 ? token_warps(a.T, c.top_k) : 1;
-    const auto go = [&](auto kernel) {
-      kernel<<<ceil_div(a.T * w, kWarps), kWarps * 32, 0, stream>>>(
+    const bool vec = H % Vec<S>::kN == 0 && vpl <= 8 && aligned16(a.x) && aligned16(a.w_in) &&
+                     aligned16(a.w_out) && aligned16(dy) && aligned16(dx_acc);
+    const auto go = [&](auto kernel, int warps_per_token) {
+      kernel<<<ceil_div(a.T * warps_per_token, kWarps), kWarps * 32, 0, stream>>>(
           a.T, H, static_cast<int>(c.top_k), c.activation, static_cast<const S*>(a.x),
           static_cast<const S*>(a.w_in), static_cast<const S*>(a.w_out), a.ids, a.gates, static_cast<const S*>(dy),
           act_out, dgates, dh, dx_acc, bad);
     };
-    if (!vec) go(tokens_kernel<S>);
+    if (!vec) go(tokens_kernel<S>, 1);
     else
-      dispatch_tile<8>(vpl, w,
-                       [&](auto p, auto wc) { go(tokens_vec_kernel<S, decltype(p)::value, decltype(wc)::value>); });
+      dispatch_tile<8>(vpl, token_warps(a.T, c.top_k), [&](auto p, auto w) {
+        go(tokens_vec_kernel<S, decltype(p)::value, decltype(w)::value>, decltype(w)::value);
+      });
     OMNIMOE_CUDA_LAUNCH_CHECK("experts_backward tokens_kernel");
     return Status::Ok();
   });
@@ -454,10 +453,9 @@ Status experts_backward_rows(const RowsArgs& r, cudaStream_t stream) {
     };
     // 16-byte loads and stores need rows of whole vectors and 16-byte aligned tensors (a
     // caller's view into a larger buffer may not be).
-    const auto aligned = [](const void* p) { return reinterpret_cast<std::uintptr_t>(p) % 16 == 0; };
     const void* out_in = r.sparse != nullptr ? r.sparse->dw_in : r.dw_in;
     const void* out_out = r.sparse != nullptr ? r.sparse->dw_out : r.dw_out;
-    if (H % Vec<S>::kN == 0 && aligned(r.x) && aligned(r.dy) && aligned(out_in) && aligned(out_out))
+    if (H % Vec<S>::kN == 0 && aligned16(r.x) && aligned16(r.dy) && aligned16(out_in) && aligned16(out_out))
       return launch(std::true_type{});
     return launch(std::false_type{});
   });
