@@ -58,7 +58,8 @@ struct Descs {
 
 // Heuristic choices are cached per problem, so repeated calls (and graph capture) do no
 // host-side search. This is the library's heuristic, not timing-based autotuning.
-using Key = std::tuple<int, bool, bool, i64, i64, i64, i64, i64, i64, int, int, bool, int, i64, i64, i64, std::uint32_t, std::uint32_t, std::uint32_t>;
+using Key = std::tuple<int, bool, bool, i64, i64, i64, i64, i64, i64, int, int, bool, int, i64, i64, i64, std::uint32_t,
+                       std::uint32_t, std::uint32_t, std::size_t>;
 
 // Largest power of two (up to 256) dividing the address.
 std::uint32_t alignment_of(const void* p) {
@@ -103,7 +104,7 @@ Status gemm(const GemmArgs& g, GemmWorkspace ws, cudaStream_t stream) {
   OMNIMOE_CUDA_TRY(cudaGetDevice(&dev));
   const Key key{dev,   g.ta, g.tb, g.M, g.N, g.K, g.lda, g.ldb, g.ldc, static_cast<int>(g.ab), static_cast<int>(g.c),
                 g.beta != 0.f, g.batch, g.stride_a, g.stride_b, g.stride_c,
-                alignment_of(g.A), alignment_of(g.B), alignment_of(g.C)};
+                alignment_of(g.A), alignment_of(g.B), alignment_of(g.C), ws.bytes};  // the algorithm must fit the scratch
   static std::mutex mu;
   static std::map<Key, cublasLtMatmulAlgo_t> cache;
   cublasLtMatmulAlgo_t algo;

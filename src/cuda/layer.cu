@@ -8,14 +8,24 @@
 #include "core/backend.hpp"
 #include "core/workspace.hpp"
 #include "cuda/cuda.cuh"
+#include "cuda/side_stream.cuh"
 
 namespace omnimoe::cuda {
 namespace {
 
 // Token chunks bound the workspace: router logits and shared-MLP activations are produced
 // and consumed chunk by chunk (peak memory is independent of T beyond 8 bytes per pair).
+// When the router overlaps the shared MLP both sets of buffers live at once, so the logits
+// get half the budget and the router's products their own, smaller cuBLASLt scratch.
 constexpr std::size_t kLogitBytes = std::size_t{32} << 20;
+constexpr std::size_t kOverlapLogitBytes = std::size_t{16} << 20;
+constexpr std::size_t kRouteGemmBytes = std::size_t{2} << 20;
 constexpr std::size_t kMlpBytes = std::size_t{32} << 20;
+
+// The router runs on a side stream, beside the shared MLP on the caller's stream: the
+// router is latency- and bandwidth-bound, the MLP's products tensor-core-bound, and neither
+// reads the other's results. The experts stage waits for both.
+bool overlapped(const Config& cfg) { return cfg.has_shared_mlp() && overlap_enabled(); }
 
 struct Plan {
   i64 route_rows;  // tokens per router chunk
@@ -26,7 +36,8 @@ struct Plan {
 Plan plan_of(const Config& cfg, i64 T, DType dtype) {
   const i64 n = cfg.grid_rows + cfg.grid_cols;
   Plan p;
-  p.route_rows = route_chunk_rows(static_cast<i64>(kLogitBytes / (n * sizeof(float))), T);
+  const std::size_t logit_bytes = overlapped(cfg) ? kOverlapLogitBytes : kLogitBytes;
+  p.route_rows = route_chunk_rows(static_cast<i64>(logit_bytes / (n * sizeof(float))), T);
   p.mlp_rows = cfg.intermediate > 0
                    ? std::clamp<i64>(static_cast<i64>(kMlpBytes / (2 * cfg.intermediate * dtype_size(dtype))), 1, T)
                    : T;
@@ -37,13 +48,15 @@ Plan plan_of(const Config& cfg, i64 T, DType dtype) {
 constexpr i64 kDenseTokens = 2048, kDenseExperts = 4096;  // chunk extents of the dense path
 
 struct ForwardBuffers {
-  GemmWorkspace gemm;
+  GemmWorkspace gemm;        // cuBLASLt scratch of the shared MLP and the dense experts path
+  GemmWorkspace route_gemm;  // the router's: its own when it overlaps the shared MLP, else `gemm`
   void* wcat;          // [Nr + Nc, H] router weights side by side: one product for both axes
   double* partial;     // [chunks, stat_blocks(route_rows), 2 (Nr + Nc)] block moments (training batchnorm)
   float *mean, *rstd;  // [Nr + Nc]
   i32* ids32;          // [T, K]
   float* gates32;      // [T, K]
-  // The three phases run one after the other and share one region:
+  // Phases that never run at once share one region (route and shared_mlp do when
+  // overlapped(): then the MLP's buffers follow the router's):
   float* logits;       // route: [route_rows, Nr + Nc]
   int* flags;          // route: [route_rows + 1] tokens left to the block top-K kernel, their count
   DenseBuffers dense;  // experts, dense path
@@ -56,6 +69,7 @@ ForwardBuffers carve_forward(Arena& a, const Config& cfg, i64 T, DType dtype) {
   const std::size_t es = dtype_size(dtype), tk = static_cast<std::size_t>(T * cfg.top_k);
   ForwardBuffers b{};
   b.gemm = {a.take<char>(kLayerGemmBytes), kLayerGemmBytes};
+  b.route_gemm = overlapped(cfg) ? GemmWorkspace{a.take<char>(kRouteGemmBytes), kRouteGemmBytes} : b.gemm;
   b.wcat = a.take<char>(n * static_cast<std::size_t>(cfg.hidden) * es);
   b.partial = a.take<double>(static_cast<std::size_t>(p.chunks * stat_blocks(p.route_rows)) * 2 * n);
   b.mean = a.take<float>(n);
@@ -66,6 +80,7 @@ ForwardBuffers carve_forward(Arena& a, const Config& cfg, i64 T, DType dtype) {
 
   b.logits = a.take<float>(static_cast<std::size_t>(p.route_rows) * n);
   b.flags = a.take<int>(static_cast<std::size_t>(p.route_rows) + 1);
+  const std::size_t route_end = a.mark();
   a.rewind(phase);
 
   if (choose_path(cfg, T, dtype) == ExpertsPath::dense) {
@@ -79,7 +94,7 @@ ForwardBuffers carve_forward(Arena& a, const Config& cfg, i64 T, DType dtype) {
     b.dense.yacc = a.take<float>(static_cast<std::size_t>(s.token_chunk * cfg.hidden));
     b.dense.gemm = b.gemm;
   }
-  a.rewind(phase);
+  a.rewind(overlapped(cfg) ? route_end : phase);
 
   const auto mlp = static_cast<std::size_t>(p.mlp_rows * cfg.intermediate) * es;
   b.u = a.take<char>(mlp);
@@ -115,7 +130,7 @@ Status router_product(const Config& cfg, DType dt, const TensorView& x, const Fo
   g.ldc = g.N;
   g.ab = dt;
   g.c = DType::f32;
-  return gemm(g, b.gemm, s);
+  return gemm(g, b.route_gemm, s);
 }
 
 Status route(const Config& cfg, Mode mode, const TensorView& x, const Params& p, const ForwardOutputs& out,
@@ -233,8 +248,19 @@ Status forward(const Config& cfg, Mode mode, const TensorView& x, const Params& 
   const ForwardBuffers b = carve_forward(arena, cfg, T, x.dtype);
   if (!arena.fits()) return {StatusCode::internal, "cuda forward: workspace plan exceeds the queried size"};
 
-  OMNIMOE_RETURN_IF_ERROR(route(cfg, mode, x, p, out, b, s));
-  if (cfg.has_shared_mlp()) OMNIMOE_RETURN_IF_ERROR(shared_mlp(cfg, x, p, out.y, b, s));
+  if (overlapped(cfg)) {
+    SideStream side;
+    OMNIMOE_RETURN_IF_ERROR(side_stream_for_current_device(&side));
+    OMNIMOE_RETURN_IF_ERROR(fork_side(s, side));
+    const Status routed = route(cfg, mode, x, p, out, b, side.stream);
+    const Status mlp = routed.ok() ? shared_mlp(cfg, x, p, out.y, b, s) : Status::Ok();
+    OMNIMOE_RETURN_IF_ERROR(join_side(s, side));  // even after an error: a capture must not end unjoined
+    OMNIMOE_RETURN_IF_ERROR(routed);
+    OMNIMOE_RETURN_IF_ERROR(mlp);
+  } else {
+    OMNIMOE_RETURN_IF_ERROR(route(cfg, mode, x, p, out, b, s));
+    if (cfg.has_shared_mlp()) OMNIMOE_RETURN_IF_ERROR(shared_mlp(cfg, x, p, out.y, b, s));
+  }
   return experts(cfg, x, p, b.gates32, out.y, b, s);
 }
 

@@ -13,4 +13,5 @@ set(OMNIMOE_CUDA_SOURCES
   cuda/route_backward.cu
   cuda/schedule.cu
   cuda/shared_mlp.cu
+  cuda/side_stream.cu
 )

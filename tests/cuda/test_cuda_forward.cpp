@@ -5,9 +5,12 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdlib>
 #include <numeric>
 #include <set>
+#include <string>
+#include <thread>
 
 #include "core/backend.hpp"
 #include "cuda/cuda_helpers.hpp"
@@ -271,6 +274,62 @@ TEST(CudaForwardGraph, ReplaysOnNewInputs) {
   cudaGraphExecDestroy(exec);
   cudaGraphDestroy(graph);
   cudaStreamDestroy(s);
+}
+
+// A thread whose first forward is captured into a graph: the forward then creates its side
+// stream (the router overlaps the shared MLP on it) while the caller's stream captures. The
+// replay must match an eager run of the same thread bitwise.
+TEST(CudaForwardGraph, FirstCallOfAThreadCaptured) {
+  if (!have_gpu()) GTEST_SKIP() << "no CUDA device";
+  Config cfg;
+  cfg.hidden = 128;
+  cfg.intermediate = 96;
+  cfg.grid_rows = 24;
+  cfg.grid_cols = 16;
+  cfg.top_k = 8;
+  const std::int64_t T = 80;
+  const Problem p = make_problem(cfg, T, DType::bf16, test_seed(3));
+  DeviceProblem dev(p);
+  std::size_t bytes = 0;
+  ASSERT_TRUE(forward_workspace_size(cfg, T, DType::bf16, Device::cuda, &bytes).ok());
+  DeviceWorkspace ws(bytes);
+  Outputs replay = make_outputs(cfg, T, DType::bf16, DType::i64), eager = replay, here = replay;
+  {  // the same forward run eagerly on this thread first (its own side stream)
+    DeviceOutputs dout(here);
+    ASSERT_TRUE(forward(cfg, Mode::inference, dev.x.view(), dev.params(), dout.view(), ws.ws(), nullptr).ok());
+    ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+    dout.download(here);
+  }
+  std::string failure;
+  std::thread worker([&] {
+    auto fail = [&](const std::string& what) { failure = what; };
+    DeviceOutputs dout(replay);
+    cudaStream_t s;
+    if (cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking) != cudaSuccess) return fail("cudaStreamCreate");
+    cudaGraph_t graph = nullptr;
+    cudaGraphExec_t exec = nullptr;
+    if (cudaStreamBeginCapture(s, cudaStreamCaptureModeThreadLocal) != cudaSuccess) return fail("BeginCapture");
+    const Status st = forward(cfg, Mode::inference, dev.x.view(), dev.params(), dout.view(), ws.ws(), s);
+    if (cudaStreamEndCapture(s, &graph) != cudaSuccess) return fail("EndCapture (unjoined side stream?)");
+    if (!st.ok()) return fail("captured forward: " + st.message());
+    if (cudaGraphInstantiate(&exec, graph, 0) != cudaSuccess) return fail("GraphInstantiate");
+    dout.poison();
+    if (cudaGraphLaunch(exec, s) != cudaSuccess || cudaStreamSynchronize(s) != cudaSuccess) return fail("replay");
+    dout.download(replay);
+    dout.poison();
+    if (!forward(cfg, Mode::inference, dev.x.view(), dev.params(), dout.view(), ws.ws(), s).ok()) return fail("eager");
+    if (cudaStreamSynchronize(s) != cudaSuccess) return fail("eager sync");
+    dout.download(eager);
+    cudaGraphExecDestroy(exec);
+    cudaGraphDestroy(graph);
+    cudaStreamDestroy(s);
+  });
+  worker.join();
+  ASSERT_TRUE(failure.empty()) << failure;
+  EXPECT_TRUE(replay.y.bitwise_equal(eager.y));
+  EXPECT_TRUE(replay.ids.bitwise_equal(eager.ids));
+  EXPECT_TRUE(replay.y.bitwise_equal(here.y)) << "another thread, another side stream: same result";
+  for (std::int64_t i = 0; i < replay.y.numel(); ++i) ASSERT_TRUE(std::isfinite(replay.y.get(i))) << "element " << i;
 }
 
 // The branches for a caller-given routing (uniform random ids, as the benchmark uses):
