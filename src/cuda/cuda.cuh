@@ -138,15 +138,17 @@ Status experts_import_ids(const TensorView& ids, i64 num_experts, i32* out, cuda
 Status experts_supported(const Config& cfg, DType dtype);
 
 // ---- backward (route_backward.cu, experts_backward.cu) ----------------------------------
-// Per token: normalise the logits in place (l -> lhat) and write the log-probabilities.
-Status route_log_probs(const Config& cfg, i64 T, float* logits, const float* mean, const float* rstd, float* logp,
-                       cudaStream_t stream);
-// Per task: S = logp_row[i] + logp_col[j] for the given ids, then the gates.
-Status route_gates_of(const Config& cfg, i64 T, const float* logp, const i32* ids, float* gates, cudaStream_t stream);
-// dgates -> dS -> d logp (per token, each entry summed in task order) -> through log_softmax,
-// written over dlogp [T, n] (which needs no initial value).
-Status route_scores_backward(const Config& cfg, i64 T, const i32* ids, const float* gates, const float* dgates,
-                             const float* logp, float* dlogp, cudaStream_t stream);
+// Per token (a thread block each), from the raw router logits [T, n] and the norm's mean
+// and rstd: the gates of the given ids (S = logp_row[i] + logp_col[j], then exp or softmax
+// over the K), logits left as they are.
+Status route_gates_of(const Config& cfg, i64 T, const float* logits, const float* mean, const float* rstd,
+                      const i32* ids, float* gates, cudaStream_t stream);
+// Per token: the logits normalised in place (l -> lhat, which the norm's backward reads),
+// then dgates -> dS -> d logp (each entry summed in task order) -> through log_softmax,
+// written over dlogp [T, n] (which needs no initial value). No log-probabilities are stored.
+Status route_scores_backward(const Config& cfg, i64 T, float* logits, const float* mean, const float* rstd,
+                             const i32* ids, const float* gates, const float* dgates, float* dlogp,
+                             cudaStream_t stream);
 // Through the norm, in place over d [rows, n], token chunk by token chunk. Training
 // batchnorm needs the column means of d and d * lhat over all T tokens first: the sums of
 // each row block of each chunk (route_norm_colsums into sums[(chunk * stat_blocks(chunk_rows)

@@ -34,7 +34,7 @@ BackwardPlan backward_plan(const Config& cfg, i64 T, DType dt) {
   i64 route_bytes = static_cast<i64>(kRouteBytes), mlp_bytes = static_cast<i64>(kMlpBytes);
   if (const char* env = std::getenv("OMNIMOE_CHUNK_BYTES")) route_bytes = mlp_bytes = std::max(1L, std::atol(env));
   BackwardPlan p;
-  p.route_rows = route_chunk_rows(route_bytes / (n * (12 + es)), T);
+  p.route_rows = route_chunk_rows(route_bytes / (n * (8 + es)), T);
   p.route_chunks = (T + p.route_rows - 1) / p.route_rows;
   // At least 1024 columns (unless the budget is overridden): thinner slices re-read and
   // re-write the fp32 dx once per slice, which costs more than their memory saves.
@@ -60,7 +60,6 @@ struct BackwardBuffers {
   ExpertsPath path;
   // Phases that run one after the other share one region:
   float* logits;        // route: [route_rows, n] logits, normalised in place (lhat)
-  float* logp;          // route: [route_rows, n]
   float* dlogp;         // route: [route_rows, n] gradient w.r.t. logp, then lhat, then the logits
   void* dl;             // route: [route_rows, n] that gradient in the storage dtype
   float *a, *dh;        // experts, gather path: [T, K] a = g act(h) and dh
@@ -95,7 +94,6 @@ BackwardBuffers carve_backward(Arena& a, const Config& cfg, i64 T, DType dt) {
 
   const auto rn = static_cast<std::size_t>(b.plan.route_rows) * n;
   b.logits = a.take<float>(rn);
-  b.logp = a.take<float>(rn);
   b.dlogp = a.take<float>(rn);
   b.dl = dt == DType::f32 ? static_cast<void*>(b.dlogp) : a.take<char>(rn * es);
   a.rewind(phase);
@@ -191,15 +189,11 @@ Status backward(const Config& cfg, Mode mode, const TensorView& x, const Params&
   auto router_logits = [&](i64 t0, i64 rows) {
     return mm(b, s, false, true, rows, n, H, at(x.data, t0 * H, dt), H, b.wcat, H, b.logits, n, dt, DType::f32, 0.f);
   };
-  // ... normalised in place, and their log-probs.
-  auto route_chunk = [&](i64 t0, i64 rows) -> Status {
-    OMNIMOE_RETURN_IF_ERROR(router_logits(t0, rows));
-    return route_log_probs(cfg, rows, b.logits, b.mean, b.rstd, b.logp, s);
-  };
-  // ... and the gradient w.r.t. its log-probs from the gates' gradient.
+  // ... and, normalised in place, the gradient w.r.t. them up to the norm, from the gates'.
   auto route_chunk_grad = [&](i64 t0, i64 rows) -> Status {
-    OMNIMOE_RETURN_IF_ERROR(route_chunk(t0, rows));
-    return route_scores_backward(cfg, rows, b.ids + t0 * K, b.gates + t0 * K, b.dg + t0 * K, b.logp, b.dlogp, s);
+    OMNIMOE_RETURN_IF_ERROR(router_logits(t0, rows));
+    return route_scores_backward(cfg, rows, b.logits, b.mean, b.rstd, b.ids + t0 * K, b.gates + t0 * K,
+                                 b.dg + t0 * K, b.dlogp, s);
   };
 
   // route, recomputed: norm statistics (running ones untouched), then per chunk the gates.
@@ -219,8 +213,8 @@ Status backward(const Config& cfg, Mode mode, const TensorView& x, const Params&
   OMNIMOE_RETURN_IF_ERROR(experts_import_ids(expert_ids, cfg.num_experts(), b.ids, s));
   for (i64 t0 = 0; t0 < T; t0 += R) {
     const i64 rows = std::min(R, T - t0);
-    OMNIMOE_RETURN_IF_ERROR(route_chunk(t0, rows));
-    OMNIMOE_RETURN_IF_ERROR(route_gates_of(cfg, rows, b.logp, b.ids + t0 * K, b.gates + t0 * K, s));
+    OMNIMOE_RETURN_IF_ERROR(router_logits(t0, rows));
+    OMNIMOE_RETURN_IF_ERROR(route_gates_of(cfg, rows, b.logits, b.mean, b.rstd, b.ids + t0 * K, b.gates + t0 * K, s));
   }
 
   // experts: dgates, the experts' share of dx, each expert's rows once. The gather path's

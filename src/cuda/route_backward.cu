@@ -6,89 +6,122 @@
 namespace omnimoe::cuda {
 namespace {
 
-// One warp per axis segment [0, n) of one token's row: lhat in place, logp beside it.
-__device__ void log_softmax_segment(float* l, const float* mean, const float* rstd, int n, float* logp) {
-  const int lane = threadIdx.x & 31;
-  float mx = -INFINITY;
-  for (int i = lane; i < n; i += 32) {
-    const float v = (l[i] - mean[i]) * rstd[i];
-    l[i] = v;
-    mx = fmaxf(mx, v);
-  }
+// A block per token; its threads stride over the token's n = Nr + Nc logits. Entries
+// [0, Nr) are the row axis, [Nr, n) the column axis: every reduction runs per axis.
+
+// op-reduction of (a, b) over the block, the same result on every thread: a shuffle tree
+// per warp, then the warps' partials in warp order (deterministic). part: [32] shared.
+template <class Op>
+__device__ float2 block_all2(float a, float b, Op op, float2* part) {
 #pragma unroll
-  for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
-  float s = 0.f;
-  for (int i = lane; i < n; i += 32) s += expf(l[i] - mx);
-  s = warp_sum(s);
-  const float lse = mx + logf(s);
-  for (int i = lane; i < n; i += 32) logp[i] = l[i] - lse;
+  for (int o = 16; o > 0; o >>= 1) {
+    a = op(a, __shfl_xor_sync(0xffffffffu, a, o));
+    b = op(b, __shfl_xor_sync(0xffffffffu, b, o));
+  }
+  if ((threadIdx.x & 31) == 0) part[threadIdx.x >> 5] = make_float2(a, b);
+  __syncthreads();
+  float2 r = part[0];
+  for (int w = 1; w < static_cast<int>(blockDim.x >> 5); ++w) r = make_float2(op(r.x, part[w].x), op(r.y, part[w].y));
+  __syncthreads();  // part is free again
+  return r;
+}
+struct Max {
+  __device__ float operator()(float a, float b) const { return fmaxf(a, b); }
+};
+struct Add {
+  __device__ float operator()(float a, float b) const { return a + b; }
+};
+
+// Per-axis log-sum-exp of the token's normalised logits lhat = (l - mean) rstd. With
+// `lhat_out`, lhat is also written there (in place over l is allowed: each entry is read
+// and written by the same thread).
+__device__ float2 axes_lse(const float* l, const float* mean, const float* rstd, int Nr, int n, float* lhat_out,
+                           float2* part) {
+  float m0 = -INFINITY, m1 = -INFINITY;
+  for (int i = threadIdx.x; i < n; i += blockDim.x) {
+    const float v = (l[i] - mean[i]) * rstd[i];
+    if (lhat_out != nullptr) lhat_out[i] = v;
+    if (i < Nr) m0 = fmaxf(m0, v);
+    else m1 = fmaxf(m1, v);
+  }
+  const float2 m = block_all2(m0, m1, Max{}, part);
+  float s0 = 0.f, s1 = 0.f;
+  for (int i = threadIdx.x; i < n; i += blockDim.x) {
+    const float v = lhat_out != nullptr ? lhat_out[i] : (l[i] - mean[i]) * rstd[i];
+    if (i < Nr) s0 += expf(v - m.x);
+    else s1 += expf(v - m.y);
+  }
+  const float2 s = block_all2(s0, s1, Add{}, part);
+  return make_float2(m.x + logf(s.x), m.y + logf(s.y));
 }
 
-__global__ void log_probs_kernel(i64 T, int Nr, int Nc, float* logits, const float* mean, const float* rstd,
-                                 float* logp) {
+// The gates of the caller's routing from the raw logits: S = logp_row[i] + logp_col[j].
+__global__ void gates_kernel(int Nr, int Nc, int K, int softmax, const float* logits, const float* mean,
+                             const float* rstd, const i32* ids, float* gates) {
+  __shared__ float2 part[32];
   const i64 t = blockIdx.x;
-  const int warp = threadIdx.x >> 5, n = Nr + Nc;
-  if (warp == 0) log_softmax_segment(logits + t * n, mean, rstd, Nr, logp + t * n);
-  else log_softmax_segment(logits + t * n + Nr, mean + Nr, rstd + Nr, Nc, logp + t * n + Nr);
-}
-
-// One warp per token.
-__global__ void gates_kernel(i64 T, int Nr, int Nc, int K, int softmax, const float* logp, const i32* ids,
-                             float* gates) {
-  const int lane = threadIdx.x & 31;
-  const i64 t = static_cast<i64>(blockIdx.x) * (blockDim.x >> 5) + (threadIdx.x >> 5);
-  if (t >= T) return;
-  const float* lp = logp + t * (Nr + Nc);
+  const int n = Nr + Nc;
+  const float* l = logits + t * n;
+  const float2 lse = axes_lse(l, mean, rstd, Nr, n, nullptr, part);
   auto score = [&](int k) {
     const i32 e = ids[t * K + k];
-    return e < 0 ? 0.f : lp[e / Nc] + lp[Nr + e % Nc];
+    if (e < 0) return 0.f;
+    const int i = e / Nc, j = Nr + e % Nc;
+    return (l[i] - mean[i]) * rstd[i] - lse.x + (l[j] - mean[j]) * rstd[j] - lse.y;
   };
   float mx = -INFINITY, sum = 0.f;
   if (softmax) {
-    for (int k = lane; k < K; k += 32) mx = fmaxf(mx, score(k));
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
-    for (int k = lane; k < K; k += 32) sum += expf(score(k) - mx);
-    sum = warp_sum(sum);
+    for (int k = threadIdx.x; k < K; k += blockDim.x) mx = fmaxf(mx, score(k));
+    mx = block_all2(mx, 0.f, Max{}, part).x;
+    for (int k = threadIdx.x; k < K; k += blockDim.x) sum += expf(score(k) - mx);
+    sum = block_all2(sum, 0.f, Add{}, part).x;
   }
-  for (int k = lane; k < K; k += 32) gates[t * K + k] = softmax ? expf(score(k) - mx) / sum : expf(score(k));
+  for (int k = threadIdx.x; k < K; k += blockDim.x)
+    gates[t * K + k] = softmax ? expf(score(k) - mx) / sum : expf(score(k));
 }
 
-// One warp per token: dS from dgates, then each lane owns the entries i = lane (mod 32) of
-// the token's d logp row and sums into them in task order; then log_softmax backward.
-__global__ void scores_backward_kernel(i64 T, int Nr, int Nc, int K, int softmax, const i32* ids, const float* gates,
-                                       const float* dgates, const float* logp, float* dlogp) {
-  const int lane = threadIdx.x & 31, n = Nr + Nc;
-  const i64 t = static_cast<i64>(blockIdx.x) * (blockDim.x >> 5) + (threadIdx.x >> 5);
-  if (t >= T) return;
+// dgates -> dS -> d logp -> through log_softmax, from the raw logits (normalised in place
+// into lhat on the way). d logp is built in shared memory [n]: entry i belongs to one thread
+// (lane i % 32 of warp (i / 32) % warps), which adds the tasks' dS into it in task order.
+__global__ void scores_backward_kernel(int Nr, int Nc, int K, int softmax, float* logits, const float* mean,
+                                       const float* rstd, const i32* ids, const float* gates, const float* dgates,
+                                       float* dlogp) {
+  extern __shared__ float d[];
+  __shared__ float2 part[32];
+  const i64 t = blockIdx.x;
+  const int n = Nr + Nc, lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+  float* l = logits + t * n;
+  for (int i = threadIdx.x; i < n; i += blockDim.x) d[i] = 0.f;
+  const float2 lse = axes_lse(l, mean, rstd, Nr, n, l, part);  // its barriers also publish d's zeros
   const float* g = gates + t * K;
   const float* dg = dgates + t * K;
   float dot = 0.f;  // softmax gate: sum_k g dg
   if (softmax) {
-    for (int k = lane; k < K; k += 32) dot += g[k] * dg[k];
-    dot = warp_sum(dot);
+    for (int k = threadIdx.x; k < K; k += blockDim.x) dot += g[k] * dg[k];
+    dot = block_all2(dot, 0.f, Add{}, part).x;
   }
-  float* d = dlogp + t * n;
-  for (int i = lane; i < n; i += 32) d[i] = 0.f;
-  __syncwarp();
   for (int k = 0; k < K; ++k) {
     const i32 e = ids[t * K + k];
     if (e < 0) continue;
     const float ds = softmax ? g[k] * (dg[k] - dot) : g[k] * dg[k];
     const int i = e / Nc, j = Nr + e % Nc;
-    if ((i & 31) == lane) d[i] += ds;
-    if ((j & 31) == lane) d[j] += ds;
+    if ((i & 31) == lane && ((i >> 5) % warps) == warp) d[i] += ds;
+    if ((j & 31) == lane && ((j >> 5) % warps) == warp) d[j] += ds;
   }
-  __syncwarp();
-  const float* lp = logp + t * n;
-  for (int seg = 0; seg < 2; ++seg) {  // d <- d - softmax(logp) * sum(d), per axis
-    const int b = seg ? Nr : 0, e = seg ? n : Nr;
-    float s = 0.f;
-    for (int i = b + lane; i < e; i += 32) s += d[i];
-    s = warp_sum(s);
-    for (int i = b + lane; i < e; i += 32) d[i] -= expf(lp[i]) * s;
+  __syncthreads();
+  float s0 = 0.f, s1 = 0.f;
+  for (int i = threadIdx.x; i < n; i += blockDim.x) {
+    if (i < Nr) s0 += d[i];
+    else s1 += d[i];
   }
+  const float2 sum = block_all2(s0, s1, Add{}, part);
+  float* out = dlogp + t * n;
+  for (int i = threadIdx.x; i < n; i += blockDim.x)  // d - softmax(lhat) sum(d), per axis
+    out[i] = i < Nr ? d[i] - expf(l[i] - lse.x) * sum.x : d[i] - expf(l[i] - lse.y) * sum.y;
 }
+
+// Threads per token for n logits: about 8 entries per thread, 64 to 256.
+unsigned token_threads(i64 n) { return n >= 2048 ? 256 : n >= 1024 ? 128 : 64; }
 
 constexpr int kCols = 32, kRows = 8;
 
@@ -142,28 +175,25 @@ __global__ void norm_apply_kernel(i64 T, i64 n, int train, const float* lhat, co
 
 }  // namespace
 
-Status route_log_probs(const Config& cfg, i64 T, float* logits, const float* mean, const float* rstd, float* logp,
-                       cudaStream_t stream) {
-  log_probs_kernel<<<static_cast<unsigned>(T), 64, 0, stream>>>(T, static_cast<int>(cfg.grid_rows),
-                                                                static_cast<int>(cfg.grid_cols), logits, mean, rstd,
-                                                                logp);
-  OMNIMOE_CUDA_LAUNCH_CHECK("route log_probs_kernel");
-  return Status::Ok();
-}
-
-Status route_gates_of(const Config& cfg, i64 T, const float* logp, const i32* ids, float* gates, cudaStream_t stream) {
-  gates_kernel<<<ceil_div(T, 8), 256, 0, stream>>>(T, static_cast<int>(cfg.grid_rows), static_cast<int>(cfg.grid_cols),
-                                                   static_cast<int>(cfg.top_k), cfg.gate == GateKind::softmax, logp,
-                                                   ids, gates);
+Status route_gates_of(const Config& cfg, i64 T, const float* logits, const float* mean, const float* rstd,
+                      const i32* ids, float* gates, cudaStream_t stream) {
+  if (T == 0) return Status::Ok();
+  const i64 n = cfg.grid_rows + cfg.grid_cols;
+  gates_kernel<<<static_cast<unsigned>(T), token_threads(n), 0, stream>>>(
+      static_cast<int>(cfg.grid_rows), static_cast<int>(cfg.grid_cols), static_cast<int>(cfg.top_k),
+      cfg.gate == GateKind::softmax, logits, mean, rstd, ids, gates);
   OMNIMOE_CUDA_LAUNCH_CHECK("route gates_kernel");
   return Status::Ok();
 }
 
-Status route_scores_backward(const Config& cfg, i64 T, const i32* ids, const float* gates, const float* dgates,
-                             const float* logp, float* dlogp, cudaStream_t stream) {
-  scores_backward_kernel<<<ceil_div(T, 8), 256, 0, stream>>>(
-      T, static_cast<int>(cfg.grid_rows), static_cast<int>(cfg.grid_cols), static_cast<int>(cfg.top_k),
-      cfg.gate == GateKind::softmax, ids, gates, dgates, logp, dlogp);
+Status route_scores_backward(const Config& cfg, i64 T, float* logits, const float* mean, const float* rstd,
+                             const i32* ids, const float* gates, const float* dgates, float* dlogp,
+                             cudaStream_t stream) {
+  if (T == 0) return Status::Ok();
+  const i64 n = cfg.grid_rows + cfg.grid_cols;  // <= 2 kRouteMaxExtent: 32 KB of shared memory
+  scores_backward_kernel<<<static_cast<unsigned>(T), token_threads(n), n * sizeof(float), stream>>>(
+      static_cast<int>(cfg.grid_rows), static_cast<int>(cfg.grid_cols), static_cast<int>(cfg.top_k),
+      cfg.gate == GateKind::softmax, logits, mean, rstd, ids, gates, dgates, dlogp);
   OMNIMOE_CUDA_LAUNCH_CHECK("route scores_backward_kernel");
   return Status::Ok();
 }
