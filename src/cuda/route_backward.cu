@@ -1,6 +1,6 @@
-// CUDA route stage, backward: log-probabilities and gates recomputed for the caller's
-// routing, then the gradient back through gates, scores, log_softmax and the norm. Every
-// sum runs in a fixed order (no atomics): deterministic.
+// CUDA route stage, backward: the gates recomputed for the caller's routing, then the
+// gradient back through gates, scores, log_softmax and the norm. Every sum runs in a fixed
+// order (no atomics): deterministic.
 #include "cuda/cuda.cuh"
 
 namespace omnimoe::cuda {
