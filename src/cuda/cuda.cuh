@@ -4,7 +4,6 @@
 #pragma once
 
 #include <algorithm>
-#include <functional>
 
 #include "cuda/common.cuh"
 #include "cuda/gemm.cuh"
@@ -107,7 +106,6 @@ struct ExpertsArgs {
   const float* gates;
   void* y;
   bool add = false;  // y += routed (y holds the shared branch) instead of y = routed
-  i64 launch_T = 0;  // tokens the launch shape is chosen for (0: T); a chunk of a larger batch passes the batch's
 };
 Status experts_gather(const ExpertsArgs& a, cudaStream_t stream);
 // Warps per token of the gather kernels (forward and backward), from sizes alone: below
@@ -268,16 +266,11 @@ Status store_rows(DType dtype, const float* src, i64 T, i64 H, const int* bad, v
 struct SwigluArgs {
   DType dtype;
   i64 T, H, I;
-  const void *x, *gate, *up, *down;  // x [T, H]; gate, up [I, H]; down [H, I]
-  void* y;                           // [T, H] out
-  i64 chunk_rows;                    // tokens per chunk (u and v hold one chunk)
-  void *u, *v;                       // [chunk_rows, I] each, consecutive in memory
-  GemmWorkspace gemm;                // cuBLASLt scratch
-  int sm_count = 0;                  // SMs the products may assume (0: all; see GemmArgs)
-  // Called before each chunk's down product with the chunk's tokens [t0, t0 + rows) (it may
-  // make the caller's stream wait for work of another); the down product then adds to y
-  // (beta = 1), which must hold something for those rows by then. Empty: y is written.
-  std::function<Status(i64 t0, i64 rows)> before_down;
+  const void *x, *gate, *up, *down;
+  void* y;
+  i64 chunk_rows;
+  void *u, *v;
+  GemmWorkspace gemm;
 };
 Status swiglu_forward(const SwigluArgs& a, cudaStream_t stream);
 // Tokens per chunk whose u and v fit in `bytes` (at least 1, at most T).

@@ -172,7 +172,7 @@ Status launch_gather(const ExpertsArgs& a, cudaStream_t stream) {
     return Status::Ok();
   }
   const int vpl = static_cast<int>((H / vec_elems<S>() + 31) / 32);
-  dispatch_tile<16>(vpl, token_warps(a.launch_T > 0 ? a.launch_T : a.T, c.top_k), [&](auto p, auto w) {
+  dispatch_tile<16>(vpl, token_warps(a.T, c.top_k), [&](auto p, auto w) {
     constexpr int W = decltype(w)::value;
     gather_kernel<S, decltype(p)::value, W><<<ceil_div(a.T * W, kWarpsPerBlock), kWarpsPerBlock * 32, 0, stream>>>(
         a.T, H, static_cast<int>(c.top_k), c.activation, static_cast<const S*>(a.x), static_cast<const S*>(a.w_in),

@@ -59,7 +59,7 @@ struct Descs {
 // Heuristic choices are cached per problem, so repeated calls (and graph capture) do no
 // host-side search. This is the library's heuristic, not timing-based autotuning.
 using Key = std::tuple<int, bool, bool, i64, i64, i64, i64, i64, i64, int, int, bool, int, i64, i64, i64, std::uint32_t,
-                       std::uint32_t, std::uint32_t, std::size_t, int>;
+                       std::uint32_t, std::uint32_t, std::size_t>;
 
 // Largest power of two (up to 256) dividing the address.
 std::uint32_t alignment_of(const void* p) {
@@ -86,10 +86,6 @@ Status gemm(const GemmArgs& g, GemmWorkspace ws, cudaStream_t stream) {
   OMNIMOE_LT_TRY(cublasLtMatmulDescCreate(&d.op, compute, CUDA_R_32F));
   OMNIMOE_LT_TRY(cublasLtMatmulDescSetAttribute(d.op, CUBLASLT_MATMUL_DESC_TRANSA, &opA, sizeof(opA)));
   OMNIMOE_LT_TRY(cublasLtMatmulDescSetAttribute(d.op, CUBLASLT_MATMUL_DESC_TRANSB, &opB, sizeof(opB)));
-  if (g.sm_count > 0) {
-    const int32_t sms = g.sm_count;
-    OMNIMOE_LT_TRY(cublasLtMatmulDescSetAttribute(d.op, CUBLASLT_MATMUL_DESC_SM_COUNT_TARGET, &sms, sizeof(sms)));
-  }
   // Stored (column-major) shapes of the two operands before their op.
   OMNIMOE_LT_TRY(cublasLtMatrixLayoutCreate(&d.a, tab, opA == CUBLAS_OP_N ? m : k, opA == CUBLAS_OP_N ? k : m, g.ldb));
   OMNIMOE_LT_TRY(cublasLtMatrixLayoutCreate(&d.b, tab, opB == CUBLAS_OP_N ? k : n, opB == CUBLAS_OP_N ? n : k, g.lda));
@@ -108,7 +104,7 @@ Status gemm(const GemmArgs& g, GemmWorkspace ws, cudaStream_t stream) {
   OMNIMOE_CUDA_TRY(cudaGetDevice(&dev));
   const Key key{dev,   g.ta, g.tb, g.M, g.N, g.K, g.lda, g.ldb, g.ldc, static_cast<int>(g.ab), static_cast<int>(g.c),
                 g.beta != 0.f, g.batch, g.stride_a, g.stride_b, g.stride_c,
-                alignment_of(g.A), alignment_of(g.B), alignment_of(g.C), ws.bytes, g.sm_count};  // the algorithm must fit the scratch
+                alignment_of(g.A), alignment_of(g.B), alignment_of(g.C), ws.bytes};  // the algorithm must fit the scratch
   static std::mutex mu;
   static std::map<Key, cublasLtMatmulAlgo_t> cache;
   cublasLtMatmulAlgo_t algo;

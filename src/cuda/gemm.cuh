@@ -32,9 +32,6 @@ struct GemmArgs {
   // of 0 broadcasts that operand (one x against several weight matrices).
   int batch = 1;
   i64 stride_a = 0, stride_b = 0, stride_c = 0;
-  // SMs the product may assume it has (0: all). Fewer leave room for kernels of another
-  // stream running beside it (cuBLASLt sizes its grid and picks its algorithm for that many).
-  int sm_count = 0;
 };
 
 Status gemm(const GemmArgs& g, GemmWorkspace ws, cudaStream_t stream);

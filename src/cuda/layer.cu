@@ -3,7 +3,6 @@
 // caller's workspace, so the forward can be captured in a CUDA graph.
 #include <algorithm>
 #include <cstdlib>
-#include <functional>
 #include <string>
 
 #include "core/backend.hpp"
@@ -184,59 +183,11 @@ Status route(const Config& cfg, Mode mode, const TensorView& x, const Params& p,
 
 // y = (silu(x gateᵀ) * (x upᵀ)) downᵀ (swiglu_forward, chunk by chunk of tokens); the
 // experts stage adds the routed branch afterwards.
-SwigluArgs shared_mlp_args(const Config& cfg, const TensorView& x, const Params& p, const TensorView& y,
-                           const ForwardBuffers& b) {
-  return SwigluArgs{x.dtype, x.shape[0], cfg.hidden, cfg.intermediate, x.data,  p.gate.data, p.up.data,
-                    p.down.data, y.data, plan_of(cfg, x.shape[0], x.dtype).mlp_rows, b.u, b.v, b.gemm};
-}
-
-// SMs the shared MLP's products assume while routed work runs beside them on the side stream
-// (OMNIMOE_MLP_SMS, for measuring; 0 or unset: all).
-int overlapped_mlp_sms() {
-  static const int sms = [] {
-    const char* env = std::getenv("OMNIMOE_MLP_SMS");
-    return env != nullptr ? std::max(0, std::atoi(env)) : 0;
-  }();
-  return sms;
-}
-
-// Both branches, given a `routing` step that fills b.ids32 and the gates on the stream it is
-// handed. Overlapped: the routing runs on the side stream beside the shared MLP on the
-// caller's stream s. On the gather path the routed branch follows the MLP's token chunks
-// there too: chunk c's gather writes y's rows, then s waits for it and the MLP's down
-// product adds to them; the dense path (tensor-core bound like the MLP) runs after the join.
-// Not overlapped: routing, shared MLP, experts one after the other on s.
-Status branches(const Config& cfg, const TensorView& x, const Params& p, const float* gates, const TensorView& y,
-                const ForwardBuffers& b, cudaStream_t s, const std::function<Status(cudaStream_t)>& routing) {
-  if (!overlapped(cfg)) {
-    OMNIMOE_RETURN_IF_ERROR(routing(s));
-    if (cfg.has_shared_mlp()) OMNIMOE_RETURN_IF_ERROR(swiglu_forward(shared_mlp_args(cfg, x, p, y, b), s));
-    return experts(cfg, x, p, gates, y, b, s);
-  }
-  const i64 T = x.shape[0], H = cfg.hidden, K = cfg.top_k;
-  const bool gather = choose_path(cfg, T, x.dtype) == ExpertsPath::gather;
-  SideStream side;
-  OMNIMOE_RETURN_IF_ERROR(side_stream_for_current_device(&side));
-  OMNIMOE_RETURN_IF_ERROR(fork_side(s, side));
-  const Status routed = routing(side.stream);
-  Status mlp;
-  if (routed.ok()) {
-    SwigluArgs a = shared_mlp_args(cfg, x, p, y, b);
-    a.sm_count = overlapped_mlp_sms();
-    if (gather)
-      a.before_down = [&](i64 t0, i64 rows) -> Status {
-        ExpertsArgs e{&cfg, rows, x.dtype, at(x.data, t0 * H, x.dtype), p.expert_in.data, p.expert_out.data,
-                      b.ids32 + t0 * K, gates + t0 * K, const_cast<char*>(at(y.data, t0 * H, x.dtype))};
-        e.launch_T = T;
-        OMNIMOE_RETURN_IF_ERROR(experts_gather(e, side.stream));
-        return join_side(s, side);
-      };
-    mlp = swiglu_forward(a, s);
-  }
-  OMNIMOE_RETURN_IF_ERROR(join_side(s, side));  // even after an error: a capture must not end unjoined
-  OMNIMOE_RETURN_IF_ERROR(routed);
-  OMNIMOE_RETURN_IF_ERROR(mlp);
-  return gather ? Status::Ok() : experts(cfg, x, p, gates, y, b, s);
+Status shared_mlp(const Config& cfg, const TensorView& x, const Params& p, const TensorView& y,
+                  const ForwardBuffers& b, cudaStream_t s) {
+  const SwigluArgs a{x.dtype, x.shape[0], cfg.hidden, cfg.intermediate, x.data,  p.gate.data, p.up.data,
+                     p.down.data, y.data, plan_of(cfg, x.shape[0], x.dtype).mlp_rows, b.u, b.v, b.gemm};
+  return swiglu_forward(a, s);
 }
 
 }  // namespace
@@ -297,8 +248,20 @@ Status forward(const Config& cfg, Mode mode, const TensorView& x, const Params& 
   const ForwardBuffers b = carve_forward(arena, cfg, T, x.dtype);
   if (!arena.fits()) return {StatusCode::internal, "cuda forward: workspace plan exceeds the queried size"};
 
-  return branches(cfg, x, p, b.gates32, out.y, b, s,
-                  [&](cudaStream_t r) { return route(cfg, mode, x, p, out, b, r); });
+  if (overlapped(cfg)) {
+    SideStream side;
+    OMNIMOE_RETURN_IF_ERROR(side_stream_for_current_device(&side));
+    OMNIMOE_RETURN_IF_ERROR(fork_side(s, side));
+    const Status routed = route(cfg, mode, x, p, out, b, side.stream);
+    const Status mlp = routed.ok() ? shared_mlp(cfg, x, p, out.y, b, s) : Status::Ok();
+    OMNIMOE_RETURN_IF_ERROR(join_side(s, side));  // even after an error: a capture must not end unjoined
+    OMNIMOE_RETURN_IF_ERROR(routed);
+    OMNIMOE_RETURN_IF_ERROR(mlp);
+  } else {
+    OMNIMOE_RETURN_IF_ERROR(route(cfg, mode, x, p, out, b, s));
+    if (cfg.has_shared_mlp()) OMNIMOE_RETURN_IF_ERROR(shared_mlp(cfg, x, p, out.y, b, s));
+  }
+  return experts(cfg, x, p, b.gates32, out.y, b, s);
 }
 
 Status forward_routed(const Config& cfg, const TensorView& x, const Params& p, const TensorView& expert_ids,
@@ -309,8 +272,9 @@ Status forward_routed(const Config& cfg, const TensorView& x, const Params& p, c
   Arena arena(ws.data, ws.bytes);
   const ForwardBuffers b = carve_forward(arena, cfg, T, x.dtype);
   if (!arena.fits()) return {StatusCode::internal, "cuda forward_routed: workspace plan exceeds the queried size"};
-  return branches(cfg, x, p, gates.as<const float>(), y, b, s,
-                  [&](cudaStream_t r) { return experts_import_ids(expert_ids, cfg.num_experts(), b.ids32, r); });
+  OMNIMOE_RETURN_IF_ERROR(experts_import_ids(expert_ids, cfg.num_experts(), b.ids32, s));
+  if (cfg.has_shared_mlp()) OMNIMOE_RETURN_IF_ERROR(shared_mlp(cfg, x, p, y, b, s));
+  return experts(cfg, x, p, gates.as<const float>(), y, b, s);
 }
 
 

@@ -78,7 +78,6 @@ Status swiglu_forward(const SwigluArgs& a, cudaStream_t s) {
     g.ldb = H;
     g.ldc = I;
     g.ab = g.c = dt;
-    g.sm_count = a.sm_count;
     if (one_product) {
       g.B = gate_first ? gp : upp;
       g.C = a.u;
@@ -96,7 +95,6 @@ Status swiglu_forward(const SwigluArgs& a, cudaStream_t s) {
       OMNIMOE_RETURN_IF_ERROR(gemm(g, a.gemm, s));
     }
     OMNIMOE_RETURN_IF_ERROR(shared_mlp_swiglu(dt, gate_out, up_out, rows * I, s));
-    if (a.before_down) OMNIMOE_RETURN_IF_ERROR(a.before_down(t0, rows));
     GemmArgs d;
     d.tb = true;
     d.M = rows;
@@ -109,8 +107,6 @@ Status swiglu_forward(const SwigluArgs& a, cudaStream_t s) {
     d.C = const_cast<char*>(at(a.y, t0 * H, dt));
     d.ldc = H;
     d.ab = d.c = dt;
-    d.beta = a.before_down ? 1.f : 0.f;
-    d.sm_count = a.sm_count;
     OMNIMOE_RETURN_IF_ERROR(gemm(d, a.gemm, s));
   }
   return Status::Ok();
