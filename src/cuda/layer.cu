@@ -248,9 +248,13 @@ Status forward(const Config& cfg, Mode mode, const TensorView& x, const Params& 
   const ForwardBuffers b = carve_forward(arena, cfg, T, x.dtype);
   if (!arena.fits()) return {StatusCode::internal, "cuda forward: workspace plan exceeds the queried size"};
 
+  SideStream side;
+  bool fork = false;
   if (overlapped(cfg)) {
-    SideStream side;
     OMNIMOE_RETURN_IF_ERROR(side_stream_for_current_device(&side));
+    OMNIMOE_RETURN_IF_ERROR(side_can_fork(s, side, &fork));
+  }
+  if (fork) {
     OMNIMOE_RETURN_IF_ERROR(fork_side(s, side));
     const Status routed = route(cfg, mode, x, p, out, b, side.stream);
     const Status mlp = routed.ok() ? shared_mlp(cfg, x, p, out.y, b, s) : Status::Ok();

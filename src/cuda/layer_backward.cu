@@ -1,6 +1,6 @@
 // CUDA backward: workspace planning and the stage sequence. Everything the backward needs
 // from the forward is recomputed from x and the routing (the router product and norm, the
-// log-probabilities, the gates, the shared MLP's activations), so the caller keeps only the
+// gates, the shared MLP's activations), so the caller keeps only the
 // expert ids. The router is recomputed per token chunk and the shared MLP per slice of its
 // width, so their buffers do not grow with T. No host synchronisation, no allocation, no
 // float atomics on any output: graph-capturable and bitwise deterministic (the dense path's
@@ -34,7 +34,9 @@ BackwardPlan backward_plan(const Config& cfg, i64 T, DType dt) {
   i64 route_bytes = static_cast<i64>(kRouteBytes), mlp_bytes = static_cast<i64>(kMlpBytes);
   if (const char* env = std::getenv("OMNIMOE_CHUNK_BYTES")) route_bytes = mlp_bytes = std::max(1L, std::atol(env));
   BackwardPlan p;
-  p.route_rows = route_chunk_rows(route_bytes / (n * (8 + es)), T);
+  // logits and dlogp in fp32, plus dlogp in the storage dtype for the weight products (for
+  // f32 that is dlogp itself).
+  p.route_rows = route_chunk_rows(route_bytes / (n * (8 + (dt == DType::f32 ? 0 : es))), T);
   p.route_chunks = (T + p.route_rows - 1) / p.route_rows;
   // At least 1024 columns (unless the budget is overridden): thinner slices re-read and
   // re-write the fp32 dx once per slice, which costs more than their memory saves.

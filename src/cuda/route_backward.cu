@@ -91,7 +91,7 @@ __global__ void gates_kernel(int Nr, int Nc, int K, int softmax, const float* lo
     const i32 e = ids[t * K + k];
     if (e < 0) return 0.f;
     const int i = e / Nc, j = Nr + e % Nc;
-    return (l[i] - mean[i]) * rstd[i] - lse.x + (l[j] - mean[j]) * rstd[j] - lse.y;
+    return ((l[i] - mean[i]) * rstd[i] - lse.x) + ((l[j] - mean[j]) * rstd[j] - lse.y);  // as the forward groups it
   };
   float mx = -INFINITY, sum = 0.f;
   if (softmax) {

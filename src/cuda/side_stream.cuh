@@ -1,6 +1,7 @@
 // A second stream on which part of a stage sequence overlaps the caller's stream, forked
-// from it and joined back with events (both work under CUDA graph capture: the side stream
-// joins the capture at the fork and leaves it at the join).
+// from it and joined back with events. Under CUDA graph capture the fork pulls the side
+// stream into the caller's capture, and it stays in it until that capture ends (the join
+// makes the capture complete; it does not release the side stream).
 #pragma once
 
 #include <cuda_runtime.h>
@@ -21,6 +22,10 @@ struct SideStream {
 // duration, so a first call made while capturing a graph still succeeds.
 Status side_stream_for_current_device(SideStream* out);
 
+// Whether `side` can be forked from `main` now: false while the side stream belongs to a
+// capture that `main` is not part of (the thread captured a call on another stream and has
+// not ended that capture yet); the caller then stays on `main`.
+Status side_can_fork(cudaStream_t main, const SideStream& side, bool* can);
 // `side.stream` waits for everything issued so far on `main`.
 Status fork_side(cudaStream_t main, const SideStream& side);
 // `main` waits for everything issued so far on `side.stream`.

@@ -101,6 +101,7 @@ class DeviceWorkspace {
   }
   ~DeviceWorkspace() { device_free(Device::cuda, ptr_); }
   Workspace ws() const { return Workspace{ptr_, bytes_}; }
+  void poison() { ASSERT_TRUE(fill_bytes(ptr_, Device::cuda, 0xFF, bytes_).ok()); }
 
  private:
   void* ptr_ = nullptr;

@@ -251,6 +251,10 @@ const BCase kBCases[] = {
      DType::bf16},
     {"router_200x180_f32", 16, 16, 200, 180, 12, 24, RN::batchnorm, Mode::training, GK::exp, AC::gelu, DType::f32},
     {"router_120x90_f16", 16, 16, 120, 90, 10, 18, RN::batchnorm, Mode::inference, GK::softmax, AC::silu, DType::f16},
+    // 2040 logits on 256 threads (V = 8, as at N = 2^20) and K = 40: the scatter's second
+    // batch of 32 tasks.
+    {"router_2000x40_bf16", 16, 16, 2000, 40, 40, 24, RN::batchnorm, Mode::training, GK::softmax, AC::silu,
+     DType::bf16},
 };
 INSTANTIATE_TEST_SUITE_P(Cases, CudaBackward, ::testing::ValuesIn(kBCases),
                          [](const auto& info) { return std::string(info.param.name); });

@@ -277,8 +277,12 @@ TEST(CudaForwardGraph, ReplaysOnNewInputs) {
 }
 
 // A thread whose first forward is captured into a graph: the forward then creates its side
-// stream (the router overlaps the shared MLP on it) while the caller's stream captures. The
-// replay must match an eager run of the same thread bitwise.
+// stream (the router overlaps the shared MLP on it) while the caller's stream captures.
+// While that capture is still open the thread runs another forward eagerly on a second
+// stream: the side stream still belongs to the open capture, so that call must stay on its
+// own stream and neither call may fail. Every result (the replay, the eager calls on both
+// streams, a run on the main thread) must agree bitwise; the workspace is poisoned before
+// each, so a missing fork or join dependency cannot hide behind the previous run's values.
 TEST(CudaForwardGraph, FirstCallOfAThreadCaptured) {
   if (!have_gpu()) GTEST_SKIP() << "no CUDA device";
   Config cfg;
@@ -292,8 +296,8 @@ TEST(CudaForwardGraph, FirstCallOfAThreadCaptured) {
   DeviceProblem dev(p);
   std::size_t bytes = 0;
   ASSERT_TRUE(forward_workspace_size(cfg, T, DType::bf16, Device::cuda, &bytes).ok());
-  DeviceWorkspace ws(bytes);
-  Outputs replay = make_outputs(cfg, T, DType::bf16, DType::i64), eager = replay, here = replay;
+  DeviceWorkspace ws(bytes), ws2(bytes);
+  Outputs here = make_outputs(cfg, T, DType::bf16, DType::i64), replay = here, eager = here, other = here;
   {  // the same forward run eagerly on this thread first (its own side stream)
     DeviceOutputs dout(here);
     ASSERT_TRUE(forward(cfg, Mode::inference, dev.x.view(), dev.params(), dout.view(), ws.ws(), nullptr).ok());
@@ -302,34 +306,54 @@ TEST(CudaForwardGraph, FirstCallOfAThreadCaptured) {
   }
   std::string failure;
   std::thread worker([&] {
-    auto fail = [&](const std::string& what) { failure = what; };
-    DeviceOutputs dout(replay);
-    cudaStream_t s;
-    if (cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking) != cudaSuccess) return fail("cudaStreamCreate");
+    DeviceOutputs dout(replay), dout2(other);
+    cudaStream_t a = nullptr, b = nullptr;
     cudaGraph_t graph = nullptr;
     cudaGraphExec_t exec = nullptr;
-    if (cudaStreamBeginCapture(s, cudaStreamCaptureModeThreadLocal) != cudaSuccess) return fail("BeginCapture");
-    const Status st = forward(cfg, Mode::inference, dev.x.view(), dev.params(), dout.view(), ws.ws(), s);
-    if (cudaStreamEndCapture(s, &graph) != cudaSuccess) return fail("EndCapture (unjoined side stream?)");
-    if (!st.ok()) return fail("captured forward: " + st.message());
-    if (cudaGraphInstantiate(&exec, graph, 0) != cudaSuccess) return fail("GraphInstantiate");
-    dout.poison();
-    if (cudaGraphLaunch(exec, s) != cudaSuccess || cudaStreamSynchronize(s) != cudaSuccess) return fail("replay");
-    dout.download(replay);
-    dout.poison();
-    if (!forward(cfg, Mode::inference, dev.x.view(), dev.params(), dout.view(), ws.ws(), s).ok()) return fail("eager");
-    if (cudaStreamSynchronize(s) != cudaSuccess) return fail("eager sync");
-    dout.download(eager);
-    cudaGraphExecDestroy(exec);
-    cudaGraphDestroy(graph);
-    cudaStreamDestroy(s);
+    auto run = [&]() -> std::string {
+      if (cudaStreamCreateWithFlags(&a, cudaStreamNonBlocking) != cudaSuccess) return "cudaStreamCreate a";
+      if (cudaStreamCreateWithFlags(&b, cudaStreamNonBlocking) != cudaSuccess) return "cudaStreamCreate b";
+      ws.poison();
+      ws2.poison();
+      dout.poison();
+      dout2.poison();
+      if (cudaStreamBeginCapture(a, cudaStreamCaptureModeThreadLocal) != cudaSuccess) return "BeginCapture";
+      const Status captured = forward(cfg, Mode::inference, dev.x.view(), dev.params(), dout.view(), ws.ws(), a);
+      // (relaxed capture mode for it: what is under test is the side stream's choice, not
+      // which runtime calls a capturing thread may make)
+      cudaStreamCaptureMode mode = cudaStreamCaptureModeRelaxed;
+      if (cudaThreadExchangeStreamCaptureMode(&mode) != cudaSuccess) return "capture mode";
+      const Status beside = forward(cfg, Mode::inference, dev.x.view(), dev.params(), dout2.view(), ws2.ws(), b);
+      if (cudaThreadExchangeStreamCaptureMode(&mode) != cudaSuccess) return "capture mode back";
+      if (cudaStreamEndCapture(a, &graph) != cudaSuccess) return "EndCapture (a stream left in the capture?)";
+      if (!captured.ok()) return "captured forward: " + captured.message();
+      if (!beside.ok()) return "forward on a second stream during the capture: " + beside.message();
+      if (cudaStreamSynchronize(b) != cudaSuccess) return "sync b";
+      dout2.download(other);
+      if (cudaGraphInstantiate(&exec, graph, 0) != cudaSuccess) return "GraphInstantiate";
+      ws.poison();
+      if (cudaGraphLaunch(exec, a) != cudaSuccess || cudaStreamSynchronize(a) != cudaSuccess) return "replay";
+      dout.download(replay);
+      ws.poison();
+      dout.poison();
+      if (!forward(cfg, Mode::inference, dev.x.view(), dev.params(), dout.view(), ws.ws(), a).ok()) return "eager";
+      if (cudaStreamSynchronize(a) != cudaSuccess) return "eager sync";
+      dout.download(eager);
+      return "";
+    };
+    failure = run();
+    if (exec) cudaGraphExecDestroy(exec);
+    if (graph) cudaGraphDestroy(graph);
+    if (a) cudaStreamDestroy(a);
+    if (b) cudaStreamDestroy(b);
   });
   worker.join();
   ASSERT_TRUE(failure.empty()) << failure;
-  EXPECT_TRUE(replay.y.bitwise_equal(eager.y));
-  EXPECT_TRUE(replay.ids.bitwise_equal(eager.ids));
-  EXPECT_TRUE(replay.y.bitwise_equal(here.y)) << "another thread, another side stream: same result";
-  for (std::int64_t i = 0; i < replay.y.numel(); ++i) ASSERT_TRUE(std::isfinite(replay.y.get(i))) << "element " << i;
+  for (const Outputs* o : {&replay, &eager, &other}) {
+    EXPECT_TRUE(o->y.bitwise_equal(here.y));
+    EXPECT_TRUE(o->ids.bitwise_equal(here.ids));
+  }
+  for (std::int64_t i = 0; i < here.y.numel(); ++i) ASSERT_TRUE(std::isfinite(here.y.get(i))) << "element " << i;
 }
 
 // The branches for a caller-given routing (uniform random ids, as the benchmark uses):
