@@ -249,13 +249,12 @@ Status forward(const Config& cfg, Mode mode, const TensorView& x, const Params& 
   if (!arena.fits()) return {StatusCode::internal, "cuda forward: workspace plan exceeds the queried size"};
 
   SideStream side;
-  bool fork = false;
+  bool forked = false;
   if (overlapped(cfg)) {
     OMNIMOE_RETURN_IF_ERROR(side_stream_for_current_device(&side));
-    OMNIMOE_RETURN_IF_ERROR(side_can_fork(s, side, &fork));
+    OMNIMOE_RETURN_IF_ERROR(fork_side(s, side, &forked));
   }
-  if (fork) {
-    OMNIMOE_RETURN_IF_ERROR(fork_side(s, side));
+  if (forked) {
     const Status routed = route(cfg, mode, x, p, out, b, side.stream);
     const Status mlp = routed.ok() ? shared_mlp(cfg, x, p, out.y, b, s) : Status::Ok();
     OMNIMOE_RETURN_IF_ERROR(join_side(s, side));  // even after an error: a capture must not end unjoined

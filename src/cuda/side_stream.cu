@@ -54,18 +54,15 @@ Status side_stream_for_current_device(SideStream* out) {
   return Status::Ok();
 }
 
-Status side_can_fork(cudaStream_t main, const SideStream& side, bool* can) {
+Status fork_side(cudaStream_t main, const SideStream& side, bool* forked) {
   cudaStreamCaptureStatus side_status = cudaStreamCaptureStatusNone, main_status = cudaStreamCaptureStatusNone;
   unsigned long long side_id = 0, main_id = 0;
   OMNIMOE_CUDA_TRY(cudaStreamGetCaptureInfo(side.stream, &side_status, &side_id));
   OMNIMOE_CUDA_TRY(cudaStreamGetCaptureInfo(main, &main_status, &main_id));
-  *can = side_status == cudaStreamCaptureStatusNone ||
-         (main_status == cudaStreamCaptureStatusActive && side_status == cudaStreamCaptureStatusActive &&
-          main_id == side_id);
-  return Status::Ok();
-}
-
-Status fork_side(cudaStream_t main, const SideStream& side) {
+  *forked = side_status == cudaStreamCaptureStatusNone ||
+            (main_status == cudaStreamCaptureStatusActive && side_status == cudaStreamCaptureStatusActive &&
+             main_id == side_id);
+  if (!*forked) return Status::Ok();
   OMNIMOE_CUDA_TRY(cudaEventRecord(side.fork, main));
   OMNIMOE_CUDA_TRY(cudaStreamWaitEvent(side.stream, side.fork, 0));
   return Status::Ok();

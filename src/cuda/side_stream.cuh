@@ -22,12 +22,11 @@ struct SideStream {
 // duration, so a first call made while capturing a graph still succeeds.
 Status side_stream_for_current_device(SideStream* out);
 
-// Whether `side` can be forked from `main` now: false while the side stream belongs to a
-// capture that `main` is not part of (the thread captured a call on another stream and has
-// not ended that capture yet); the caller then stays on `main`.
-Status side_can_fork(cudaStream_t main, const SideStream& side, bool* can);
-// `side.stream` waits for everything issued so far on `main`.
-Status fork_side(cudaStream_t main, const SideStream& side);
+// `side.stream` waits for everything issued so far on `main`, and *forked is true; or, while
+// the side stream belongs to a capture that `main` is not part of (the thread captured a
+// call on another stream and has not ended that capture yet), nothing is issued, *forked is
+// false and the caller stays on `main`.
+Status fork_side(cudaStream_t main, const SideStream& side, bool* forked);
 // `main` waits for everything issued so far on `side.stream`.
 Status join_side(cudaStream_t main, const SideStream& side);
 

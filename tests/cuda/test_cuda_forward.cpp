@@ -285,12 +285,7 @@ TEST(CudaForwardGraph, ReplaysOnNewInputs) {
 // each, so a missing fork or join dependency cannot hide behind the previous run's values.
 TEST(CudaForwardGraph, FirstCallOfAThreadCaptured) {
   if (!have_gpu()) GTEST_SKIP() << "no CUDA device";
-  Config cfg;
-  cfg.hidden = 128;
-  cfg.intermediate = 96;
-  cfg.grid_rows = 24;
-  cfg.grid_cols = 16;
-  cfg.top_k = 8;
+  const Config cfg = make_config(128, 96, 24, 16, 8);
   const std::int64_t T = 80;
   const Problem p = make_problem(cfg, T, DType::bf16, test_seed(3));
   DeviceProblem dev(p);
