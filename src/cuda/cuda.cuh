@@ -117,16 +117,22 @@ inline int token_warps(i64 T, i64 K) {
   while (T < 4096 && w < 8 && 2 * w <= K && T * 2 * w <= 8192) w *= 2;
   return w;
 }
-// Dense regime: per (token chunk, expert chunk), S = x w_inᵀ (cuBLASLt), P = g * act(S) at
-// the chosen (t, e) and 0 elsewhere, y += P w_out (cuBLASLt): tensor-core products over
-// expert chunks, no T x N buffer, deterministic (no atomics). Buffers from DenseBuffers.
+// Dense regime: per (token chunk, expert chunk), S = x w_inᵀ (cuBLASLt), then the output at
+// the chosen (t, e) only: either a warp per token adding g act(S) w_out[e] over its tasks
+// (sparse output), or P = g * act(S) at the chosen cells and 0 elsewhere, y += P w_out
+// (cuBLASLt). No T x N buffer, deterministic (no atomics). Buffers from DenseBuffers.
 struct DenseBuffers {
-  GroupSchedule schedule;
+  GroupSchedule schedule;  // chunk extents; its sort buffers only with the product output
   void* s = nullptr;       // [token_chunk, expert_chunk] scores, storage dtype
-  void* p = nullptr;       // [token_chunk, expert_chunk] storage dtype, kept zero between groups
+  void* p = nullptr;       // [token_chunk, expert_chunk] storage dtype, kept zero between groups;
+                           // null: the sparse output
   float* yacc = nullptr;   // [token_chunk, H]
   GemmWorkspace gemm;
 };
+// Whether the dense path adds its outputs at the chosen cells (few experts per token and
+// chunk) rather than by the tensor-core product with P, from sizes alone.
+// OMNIMOE_DENSE_OUTPUT=sparse|product overrides it (a test switch, not API).
+bool dense_output_sparse(const Config& cfg, DType dtype);
 Status experts_dense(const ExpertsArgs& a, const DenseBuffers& b, cudaStream_t stream);
 
 // Caller routing (i32 or i64) to internal i32 ids; ids outside [0, N) become -1, which the
@@ -251,6 +257,8 @@ enum class ExpertsPath { gather, dense };
 ExpertsPath choose_path(const Config& cfg, i64 T, DType dtype);
 // The (token chunk, expert chunk) schedule's buffers, carved from `a`.
 GroupSchedule carve_group_schedule(Arena& a, i64 T, i64 K, i64 N, i64 token_chunk, i64 expert_chunk);
+// Only the chunk extents and counts of such a schedule (no buffers).
+GroupSchedule group_extents(i64 T, i64 N, i64 token_chunk, i64 expert_chunk);
 
 // SwiGLU backward in place: (u, v, dm) -> (du, m, dv).
 Status shared_mlp_swiglu_backward(DType dtype, void* u, void* v, void* dm, i64 n, cudaStream_t stream);

@@ -1,12 +1,20 @@
 // CUDA experts stage, dense regime (many tokens per expert): tensor-core products over
-// chunks of experts. Per token chunk, its tasks are sorted by expert chunk (CUB), then per
-// expert chunk:
+// chunks of experts. Per token chunk, per expert chunk:
 //   S = x w_inᵀ                 cuBLASLt, storage dtype [rows, Ec]
-//   P = g * act(S) at the chunk's tasks (0 elsewhere)
-//   yacc (+)= P w_out           cuBLASLt, fp32 accumulation in a fixed chunk order
-// and y (+)= yacc. Only chunk-sized buffers exist (never T x N, and the schedule covers one
-// token chunk), no atomics on the outputs: deterministic. (P's cells are added to, which
-// only matters when a caller's routing names one expert twice for a token.)
+// then the output at the chunk's tasks, one of two ways (dense_output_sparse decides from
+// sizes alone):
+//   sparse:  a warp per token adds g * act(S[t, e]) * w_out[e] over the token's tasks in this
+//            chunk, in task order, into its fp32 row (the chunk's w_out rows stay in L2);
+//            the last chunk stores y. No schedule, no P buffer.
+//   product: its tasks sorted by expert chunk (CUB), P = g * act(S) at the tasks (0
+//            elsewhere), yacc (+)= P w_out (cuBLASLt, fp32), and y (+)= yacc at the end.
+// Only chunk-sized buffers exist (never T x N, and the schedule covers one token chunk), no
+// atomics on the outputs, sums in a fixed chunk and task order: deterministic. (P's cells
+// are added to, which only matters when a caller's routing names one expert twice for a
+// token.)
+#include <cstdlib>
+#include <string>
+
 #include "core/math.hpp"
 #include "cuda/cuda.cuh"
 
@@ -51,34 +59,195 @@ __global__ void poison_kernel(const i32* __restrict__ ids, i64 n, int K, int H, 
 }
 
 
+constexpr int kOutWarps = 8;  // warps (tokens) per block of the sparse output kernels
+
+// Sparse output of one expert chunk, a warp per token (t counts from the chunk's first
+// token; ids, gates and scores are the chunk's). Lane owns the 16-byte vectors lane + 32 j of
+// the row (VPL per lane, V elements each). The token's tasks are scanned 32 at a time; those
+// whose expert lies in [e0, e0 + cols) are served in task order, R rows in flight. `first`:
+// the row starts at 0 (else from yacc); `y` non-null: the last chunk, the row (plus y's own
+// when `add`) is stored there instead of in yacc.
+template <class S, int VPL>
+__global__ void __launch_bounds__(kOutWarps * 32)
+    out_sparse_kernel(i64 rows, int H, int K, Activation act, const S* __restrict__ scores, i64 ld, i64 e0,
+                      i64 cols, const S* __restrict__ w_out, const i32* __restrict__ ids,
+                      const float* __restrict__ gates, float* __restrict__ yacc, bool first, S* __restrict__ y,
+                      bool add) {
+  constexpr int V = Vec<S>::kN, R = VPL <= 4 ? 2 : 1;
+  constexpr unsigned kAll = 0xffffffffu;
+  const int lane = threadIdx.x & 31;
+  const i64 t = static_cast<i64>(blockIdx.x) * kOutWarps + (threadIdx.x >> 5);
+  if (t >= rows) return;  // no barriers below
+  const int nvec = H / V;
+  float acc[VPL][V];
+#pragma unroll
+  for (int j = 0; j < VPL; ++j) {
+    const int v = j * 32 + lane;
+#pragma unroll
+    for (int i = 0; i < V; ++i) acc[j][i] = 0.f;
+    if (!first && v < nvec)
+#pragma unroll
+      for (int i = 0; i < V; i += 4) {
+        const float4 o = *reinterpret_cast<const float4*>(yacc + t * H + v * V + i);
+        acc[j][i] = o.x, acc[j][i + 1] = o.y, acc[j][i + 2] = o.z, acc[j][i + 3] = o.w;
+      }
+  }
+  const i32* tid = ids + t * K;
+  const float* tg = gates + t * K;
+  for (int k0 = 0; k0 < K; k0 += 32) {
+    const int k = k0 + lane;
+    const i64 e = k < K ? tid[k] : -1;  // -1: an id out of range (poisoned at the end)
+    const bool mine = e >= e0 && e < e0 + cols;
+    const float g = mine ? tg[k] * activate(act, to_f32(scores[t * ld + (e - e0)])) : 0.f;
+    unsigned m = __ballot_sync(kAll, mine);
+    while (m != 0) {  // warp-uniform
+      i64 er[R];
+      float gr[R];
+      int n = 0;
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        const int src = m != 0 ? __ffs(m) - 1 : 0;
+        er[r] = __shfl_sync(kAll, e, src);
+        gr[r] = __shfl_sync(kAll, g, src);
+        if (m != 0) ++n;
+        m &= m - 1;
+      }
+      uint4 raw[R][VPL];
+#pragma unroll
+      for (int r = 0; r < R; ++r)
+#pragma unroll
+        for (int j = 0; j < VPL; ++j)
+          if (r < n && j * 32 + lane < nvec)
+            raw[r][j] = *reinterpret_cast<const uint4*>(w_out + er[r] * H + (j * 32 + lane) * V);
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        if (r >= n) break;
+#pragma unroll
+        for (int j = 0; j < VPL; ++j) {
+          if (j * 32 + lane >= nvec) continue;
+          float w[V];
+          unpack16<S>(raw[r][j], w);
+#pragma unroll
+          for (int i = 0; i < V; ++i) acc[j][i] = fmaf(gr[r], w[i], acc[j][i]);
+        }
+      }
+    }
+  }
+#pragma unroll
+  for (int j = 0; j < VPL; ++j) {
+    const int v = j * 32 + lane;
+    if (v >= nvec) continue;
+    if (y == nullptr) {
+#pragma unroll
+      for (int i = 0; i < V; i += 4)
+        *reinterpret_cast<float4*>(yacc + t * H + v * V + i) =
+            make_float4(acc[j][i], acc[j][i + 1], acc[j][i + 2], acc[j][i + 3]);
+      continue;
+    }
+    if (add) {  // y already holds the shared branch
+      float yr[V];
+      load16(y + t * H + v * V, yr);
+#pragma unroll
+      for (int i = 0; i < V; ++i) acc[j][i] += yr[i];
+    }
+    store16(y + t * H + v * V, acc[j]);
+  }
+}
+
+// The same for any H (rows not whole 16-byte vectors or not 16-byte aligned): a block per
+// token, each thread a column, the token's tasks walked in order.
+template <class S>
+__global__ void out_sparse_generic_kernel(int H, int K, Activation act, const S* __restrict__ scores, i64 ld,
+                                          i64 e0, i64 cols, const S* __restrict__ w_out,
+                                          const i32* __restrict__ ids, const float* __restrict__ gates,
+                                          float* __restrict__ yacc, bool first, S* __restrict__ y, bool add) {
+  const i64 t = blockIdx.x;
+  for (int h = threadIdx.x; h < H; h += blockDim.x) {
+    float acc = first ? 0.f : yacc[t * H + h];
+    for (int k = 0; k < K; ++k) {
+      const i64 e = ids[t * K + k];
+      if (e < e0 || e >= e0 + cols) continue;
+      const float g = gates[t * K + k] * activate(act, to_f32(scores[t * ld + (e - e0)]));
+      acc = fmaf(g, to_f32(w_out[e * H + h]), acc);
+    }
+    if (y == nullptr) yacc[t * H + h] = acc;
+    else y[t * H + h] = from_f32<S>(add ? acc + to_f32(y[t * H + h]) : acc);
+  }
+}
+
+// Whether the vector kernel serves the call: whole 16-byte vectors, H <= 512 V, rows aligned.
+template <class S>
+bool vector_rows(const ExpertsArgs& a) {
+  const i64 H = a.cfg->hidden, v = Vec<S>::kN;
+  return H % v == 0 && H <= 32 * 16 * v && aligned16(a.w_out) && aligned16(a.y);
+}
+
+template <class S>
+Status launch_out_sparse(const ExpertsArgs& a, const DenseBuffers& b, i64 t0, i64 rows, i64 e0, i64 cols,
+                         bool first, bool last, cudaStream_t stream) {
+  const Config& c = *a.cfg;
+  const int H = static_cast<int>(c.hidden), K = static_cast<int>(c.top_k);
+  const i64 ld = b.schedule.expert_chunk;
+  const auto* scores = static_cast<const S*>(b.s);
+  const auto* w_out = static_cast<const S*>(a.w_out);
+  const i32* ids = a.ids + t0 * K;
+  const float* gates = a.gates + t0 * K;
+  S* y = last ? static_cast<S*>(a.y) + t0 * H : nullptr;
+  if (!vector_rows<S>(a)) {
+    out_sparse_generic_kernel<S><<<static_cast<unsigned>(rows), 256, 0, stream>>>(
+        H, K, c.activation, scores, ld, e0, cols, w_out, ids, gates, b.yacc, first, y, a.add);
+    OMNIMOE_CUDA_LAUNCH_CHECK("experts_dense out_sparse_generic_kernel");
+    return Status::Ok();
+  }
+  const int vpl = (H / Vec<S>::kN + 31) / 32;
+  dispatch_tile<16>(vpl, 1, [&](auto p, auto) {
+    out_sparse_kernel<S, decltype(p)::value><<<ceil_div(rows, kOutWarps), kOutWarps * 32, 0, stream>>>(
+        rows, H, K, c.activation, scores, ld, e0, cols, w_out, ids, gates, b.yacc, first, y, a.add);
+  });
+  OMNIMOE_CUDA_LAUNCH_CHECK("experts_dense out_sparse_kernel");
+  return Status::Ok();
+}
+
+// S = x w_inᵀ for tokens [t0, t0 + rows) and experts [e0, e0 + cols), into b.s.
+Status scores_product(const ExpertsArgs& a, const DenseBuffers& b, i64 t0, i64 rows, i64 e0, i64 cols,
+                      cudaStream_t stream) {
+  const i64 H = a.cfg->hidden;
+  const DType dt = a.dtype;
+  GemmArgs s;
+  s.tb = true;
+  s.M = rows;
+  s.N = cols;
+  s.K = H;
+  s.A = at(a.x, t0 * H, dt);
+  s.lda = H;
+  s.B = at(a.w_in, e0 * H, dt);
+  s.ldb = H;
+  s.C = b.s;
+  s.ldc = b.schedule.expert_chunk;
+  s.ab = dt;
+  s.c = dt;  // scores in the storage dtype, as a framework's bf16 product would give
+  return gemm(s, b.gemm, stream);
+}
+
 template <class S>
 Status run(const ExpertsArgs& a, const DenseBuffers& b, cudaStream_t stream) {
   const Config& c = *a.cfg;
   GroupSchedule sc = b.schedule;  // one token chunk: groups are the expert chunks
   const i64 T = a.T, H = c.hidden, K = c.top_k, N = c.num_experts(), Ec = sc.expert_chunk, Tc = sc.token_chunk;
   const DType dt = a.dtype;
-  OMNIMOE_CUDA_TRY(cudaMemsetAsync(b.p, 0, static_cast<std::size_t>(Tc * Ec) * sizeof(S), stream));
+  if (b.p != nullptr) OMNIMOE_CUDA_TRY(cudaMemsetAsync(b.p, 0, static_cast<std::size_t>(Tc * Ec) * sizeof(S), stream));
   for (i64 t0 = 0; t0 < T; t0 += Tc) {
     const i64 rows = std::min(Tc, T - t0);
     const i32* ids = a.ids + t0 * K;  // this chunk's tasks, numbered from its first token
     const float* gates = a.gates + t0 * K;
-    OMNIMOE_RETURN_IF_ERROR(schedule_groups(ids, rows, K, sc, stream));
+    if (b.p != nullptr) OMNIMOE_RETURN_IF_ERROR(schedule_groups(ids, rows, K, sc, stream));
     for (i64 ec = 0; ec < sc.n_ec; ++ec) {
       const i64 e0 = ec * Ec, cols = std::min(Ec, N - e0);
-      GemmArgs s;  // S = x w_inᵀ
-      s.tb = true;
-      s.M = rows;
-      s.N = cols;
-      s.K = H;
-      s.A = at(a.x, t0 * H, dt);
-      s.lda = H;
-      s.B = at(a.w_in, e0 * H, dt);
-      s.ldb = H;
-      s.C = b.s;
-      s.ldc = Ec;
-      s.ab = dt;
-      s.c = dt;  // scores in the storage dtype, as a framework's bf16 product would give
-      OMNIMOE_RETURN_IF_ERROR(gemm(s, b.gemm, stream));
+      OMNIMOE_RETURN_IF_ERROR(scores_product(a, b, t0, rows, e0, cols, stream));
+      if (b.p == nullptr) {  // sparse output
+        OMNIMOE_RETURN_IF_ERROR(launch_out_sparse<S>(a, b, t0, rows, e0, cols, ec == 0, ec + 1 == sc.n_ec, stream));
+        continue;
+      }
       scatter_kernel<S, false><<<kScatterBlocks, kScatterThreads, 0, stream>>>(
           sc.tasks, sc.offsets, ec, ids, gates, static_cast<const S*>(b.s), static_cast<S*>(b.p), 0, e0, Ec,
           static_cast<int>(K), c.activation);
@@ -102,6 +271,7 @@ Status run(const ExpertsArgs& a, const DenseBuffers& b, cudaStream_t stream) {
           static_cast<int>(K), c.activation);
       OMNIMOE_CUDA_LAUNCH_CHECK("experts_dense clear_kernel");
     }
+    if (b.p == nullptr) continue;  // the sparse output's last chunk stored y
     store_kernel<S><<<ceil_div(rows * H, 256), 256, 0, stream>>>(b.yacc, rows * H,
                                                                    static_cast<S*>(a.y) + t0 * H, a.add);
     OMNIMOE_CUDA_LAUNCH_CHECK("experts_dense store_kernel");
@@ -113,6 +283,21 @@ Status run(const ExpertsArgs& a, const DenseBuffers& b, cudaStream_t stream) {
 }
 
 }  // namespace
+
+bool dense_output_sparse(const Config& cfg, DType dtype) {
+  if (const char* env = std::getenv("OMNIMOE_DENSE_OUTPUT")) {  // test switch, as OMNIMOE_EXPERTS_PATH
+    if (std::string(env) == "sparse") return true;
+    if (std::string(env) == "product") return false;
+  }
+  // Per (token, expert) of a chunk of 4096 experts, at round H100 rates: the product costs
+  // 2 H flops on tensor cores (CUDA cores in f32); the sparse output reads K / N of a w_out
+  // row from L2 (~6 TB/s) plus the token's fp32 row in and out once per chunk.
+  const double N = static_cast<double>(cfg.num_experts()), H = static_cast<double>(cfg.hidden);
+  const double cols = std::min(N, 4096.0), es = static_cast<double>(dtype_size(dtype));
+  const double product = 2.0 * H / (dtype == DType::f32 ? 40e12 : 550e12);
+  const double sparse = (static_cast<double>(cfg.top_k) / N * H * es + 8.0 * H / cols) / 6e12;
+  return sparse <= product;
+}
 
 Status experts_dense(const ExpertsArgs& a, const DenseBuffers& b, cudaStream_t stream) {
   switch (a.dtype) {

@@ -84,13 +84,19 @@ ForwardBuffers carve_forward(Arena& a, const Config& cfg, i64 T, DType dtype) {
   a.rewind(phase);
 
   if (choose_path(cfg, T, dtype) == ExpertsPath::dense) {
-    // One token chunk is scheduled at a time: schedule memory is bounded by the chunk.
-    b.dense.schedule = carve_group_schedule(a, std::min(T, kDenseTokens), cfg.top_k, cfg.num_experts(), kDenseTokens,
-                                            kDenseExperts);
+    const i64 tc = std::min(T, kDenseTokens);
+    if (dense_output_sparse(cfg, dtype)) {
+      // No schedule and no P: the scores take P's place, twice the experts per chunk in
+      // 16-bit storage (half as many passes over the tokens' fp32 rows).
+      b.dense.schedule = group_extents(tc, cfg.num_experts(), kDenseTokens, kDenseExperts * (es == 2 ? 2 : 1));
+    } else {
+      // One token chunk is scheduled at a time: schedule memory is bounded by the chunk.
+      b.dense.schedule = carve_group_schedule(a, tc, cfg.top_k, cfg.num_experts(), kDenseTokens, kDenseExperts);
+    }
     const GroupSchedule& s = b.dense.schedule;
     const auto chunk = static_cast<std::size_t>(s.token_chunk * s.expert_chunk);
     b.dense.s = a.take<char>(chunk * es);
-    b.dense.p = a.take<char>(chunk * es);
+    b.dense.p = dense_output_sparse(cfg, dtype) ? nullptr : a.take<char>(chunk * es);
     b.dense.yacc = a.take<float>(static_cast<std::size_t>(s.token_chunk * cfg.hidden));
     b.dense.gemm = b.gemm;
   }

@@ -50,13 +50,18 @@ std::size_t schedule_temp_bytes(i64 tasks, i64 groups) {
   return bytes;
 }
 
-GroupSchedule carve_group_schedule(Arena& a, i64 T, i64 K, i64 N, i64 token_chunk, i64 expert_chunk) {
+GroupSchedule group_extents(i64 T, i64 N, i64 token_chunk, i64 expert_chunk) {
   GroupSchedule s;
-  const auto tk = static_cast<std::size_t>(T * K);
   s.token_chunk = std::min(T, token_chunk);
   s.expert_chunk = std::min(N, expert_chunk);
-  s.n_tc = (T + s.token_chunk - 1) / s.token_chunk;
+  s.n_tc = s.token_chunk > 0 ? (T + s.token_chunk - 1) / s.token_chunk : 0;
   s.n_ec = (N + s.expert_chunk - 1) / s.expert_chunk;
+  return s;
+}
+
+GroupSchedule carve_group_schedule(Arena& a, i64 T, i64 K, i64 N, i64 token_chunk, i64 expert_chunk) {
+  GroupSchedule s = group_extents(T, N, token_chunk, expert_chunk);
+  const auto tk = static_cast<std::size_t>(T * K);
   for (int i = 0; i < 2; ++i) {
     s.keys[i] = a.take<unsigned>(tk);
     s.vals[i] = a.take<i32>(tk);
