@@ -131,12 +131,14 @@ struct TopkSmem {
   using SortCells = cub::BlockRadixSort<unsigned long long, THREADS, SEL>;
   using ReduceF = cub::BlockReduce<float, THREADS>;
   using ReduceI = cub::BlockReduce<int, THREADS>;
+  using ReduceU = cub::BlockReduce<unsigned, THREADS>;
   using Scan = cub::BlockScan<int, THREADS>;
   union {
     typename Sort::TempStorage sort;
     typename SortCells::TempStorage sort_cells;
     typename ReduceF::TempStorage reduce_f;
     typename ReduceI::TempStorage reduce_i;
+    typename ReduceU::TempStorage reduce_u;
     typename Scan::TempStorage scan;
   } tmp;
   unsigned long long rows[kAxis];  // sorted row keys (log-prob, row id)
@@ -210,10 +212,13 @@ __device__ __forceinline__ void topk_token(TopkSmem<THREADS, AX, SEL>& sm, const
   axis_sorted<THREADS, AX>(sm, l + Nr, a.mean + Nr, a.rstd + Nr, Nc, sm.cols);
 
   // 1. tau = ord of the K-th largest value of S, searched over the block of the best
-  //    min(K, Nr) rows x min(K, Nc) columns (it holds the K-th largest value).
+  //    min(K, Nr) rows x min(K, Nc) columns (it holds the K-th largest value): bisection
+  //    on the count of cells at or above a threshold, stopped as soon as that count is K
+  //    (about half the steps with distinct values: the gap below the K-th value is wide).
   const int rk = static_cast<int>(min(K, Nr)), ck = static_cast<int>(min(K, Nc));
   unsigned lo = ord(key_value(sm.rows[rk - 1]) + key_value(sm.cols[ck - 1]));
   unsigned hi = ord(key_value(sm.rows[0]) + key_value(sm.cols[0]));
+  bool exact = false;  // exactly K cells reach lo
   while (lo < hi) {
     const unsigned mid = lo + (hi - lo + 1) / 2;
     int cnt = 0;
@@ -221,8 +226,28 @@ __device__ __forceinline__ void topk_token(TopkSmem<THREADS, AX, SEL>& sm, const
     cnt = typename S::ReduceI(sm.tmp.reduce_i).Sum(cnt);
     if (threadIdx.x == 0) sm.bcast_i = cnt;
     __syncthreads();
-    if (sm.bcast_i >= K) lo = mid;
+    cnt = sm.bcast_i;
+    __syncthreads();
+    if (cnt >= K) lo = mid;
     else hi = mid - 1;
+    if (cnt == K) {  // tau is the smallest of those K cells: no need to narrow [lo, hi] further
+      exact = true;
+      break;
+    }
+  }
+  if (exact) {
+    // Row p's smallest cell at or above lo is its last one there (the cells that reach lo
+    // are a prefix of the row).
+    unsigned m = 0xffffffffu;
+    for (int p = threadIdx.x; p < rk; p += THREADS) {
+      const float av = key_value(sm.rows[p]);
+      const int c = prefix_count(av, sm.cols, ck, lo, false);
+      if (c > 0) m = min(m, ord(av + key_value(sm.cols[c - 1])));
+    }
+    m = typename S::ReduceU(sm.tmp.reduce_u).Reduce(m, [](unsigned x, unsigned y) { return min(x, y); });
+    if (threadIdx.x == 0) sm.bcast_u = m;
+    __syncthreads();
+    lo = sm.bcast_u;
     __syncthreads();
   }
   const unsigned tau = lo;
