@@ -1,8 +1,6 @@
 // CUDA route stage, backward: the gates recomputed for the caller's routing, then the
 // gradient back through gates, scores, log_softmax and the norm. Every sum runs in a fixed
 // order (no atomics): deterministic.
-#include <type_traits>
-
 #include "cuda/cuda.cuh"
 
 namespace omnimoe::cuda {
@@ -34,59 +32,37 @@ struct Add {
   __device__ float operator()(float a, float b) const { return a + b; }
 };
 
-// A token's n logits live in registers, V per thread: entry i = threadIdx.x + j blockDim.x
-// in v[j] (all loads issued at once; the earlier loops re-read each entry after every
-// reduction and were latency-bound). Out-of-range slots hold 0 and are never used.
-// lhat = (l - mean) rstd into v; with `lhat_out`, also stored there (it may be l itself).
-template <int V>
-__device__ void load_lhat(const float* l, const float* mean, const float* rstd, int n, float (&v)[V],
-                          float* lhat_out) {
-#pragma unroll
-  for (int j = 0; j < V; ++j) {
-    const int i = threadIdx.x + j * blockDim.x;
-    v[j] = i < n ? (l[i] - mean[i]) * rstd[i] : 0.f;
-  }
-  if (lhat_out != nullptr)
-#pragma unroll
-    for (int j = 0; j < V; ++j) {
-      const int i = threadIdx.x + j * blockDim.x;
-      if (i < n) lhat_out[i] = v[j];
-    }
-}
-
-// Per-axis log-sum-exp of lhat held as load_lhat leaves it.
-template <int V>
-__device__ float2 axes_lse(const float (&v)[V], int Nr, int n, float2* part) {
+// Per-axis log-sum-exp of the token's normalised logits lhat = (l - mean) rstd. With
+// `lhat_out`, lhat is also written there (in place over l is allowed: each entry is read
+// and written by the same thread).
+__device__ float2 axes_lse(const float* l, const float* mean, const float* rstd, int Nr, int n, float* lhat_out,
+                           float2* part) {
   float m0 = -INFINITY, m1 = -INFINITY;
-#pragma unroll
-  for (int j = 0; j < V; ++j) {
-    const int i = threadIdx.x + j * blockDim.x;
-    if (i < Nr) m0 = fmaxf(m0, v[j]);
-    else if (i < n) m1 = fmaxf(m1, v[j]);
+  for (int i = threadIdx.x; i < n; i += blockDim.x) {
+    const float v = (l[i] - mean[i]) * rstd[i];
+    if (lhat_out != nullptr) lhat_out[i] = v;
+    if (i < Nr) m0 = fmaxf(m0, v);
+    else m1 = fmaxf(m1, v);
   }
   const float2 m = block_all2(m0, m1, Max{}, part);
   float s0 = 0.f, s1 = 0.f;
-#pragma unroll
-  for (int j = 0; j < V; ++j) {
-    const int i = threadIdx.x + j * blockDim.x;
-    if (i < Nr) s0 += expf(v[j] - m.x);
-    else if (i < n) s1 += expf(v[j] - m.y);
+  for (int i = threadIdx.x; i < n; i += blockDim.x) {
+    const float v = lhat_out != nullptr ? lhat_out[i] : (l[i] - mean[i]) * rstd[i];
+    if (i < Nr) s0 += expf(v - m.x);
+    else s1 += expf(v - m.y);
   }
   const float2 s = block_all2(s0, s1, Add{}, part);
   return make_float2(m.x + logf(s.x), m.y + logf(s.y));
 }
 
 // The gates of the caller's routing from the raw logits: S = logp_row[i] + logp_col[j].
-template <int V>
 __global__ void gates_kernel(int Nr, int Nc, int K, int softmax, const float* logits, const float* mean,
                              const float* rstd, const i32* ids, float* gates) {
   __shared__ float2 part[32];
   const i64 t = blockIdx.x;
   const int n = Nr + Nc;
   const float* l = logits + t * n;
-  float v[V];
-  load_lhat(l, mean, rstd, n, v, nullptr);
-  const float2 lse = axes_lse(v, Nr, n, part);
+  const float2 lse = axes_lse(l, mean, rstd, Nr, n, nullptr, part);
   auto score = [&](int k) {
     const i32 e = ids[t * K + k];
     if (e < 0) return 0.f;
@@ -109,7 +85,6 @@ __global__ void gates_kernel(int Nr, int Nc, int K, int softmax, const float* lo
 // belongs to lane i % 32, which adds the tasks' dS into it in task order. (Every warp
 // scanning all K tasks for the entries it owns cost 8x the instructions: at K = 4096 the
 // training step was 39% slower.)
-template <int V>
 __global__ void scores_backward_kernel(int Nr, int Nc, int K, int softmax, float* logits, const float* mean,
                                        const float* rstd, const i32* ids, const float* gates, const float* dgates,
                                        float* dlogp) {
@@ -119,9 +94,7 @@ __global__ void scores_backward_kernel(int Nr, int Nc, int K, int softmax, float
   const int n = Nr + Nc, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   float* l = logits + t * n;
   for (int i = threadIdx.x; i < n; i += blockDim.x) d[i] = 0.f;
-  float v[V];
-  load_lhat(l, mean, rstd, n, v, l);
-  const float2 lse = axes_lse(v, Nr, n, part);  // its barriers also publish d's zeros
+  const float2 lse = axes_lse(l, mean, rstd, Nr, n, l, part);  // its barriers also publish d's zeros
   const float* g = gates + t * K;
   const float* dg = dgates + t * K;
   float dot = 0.f;  // softmax gate: sum_k g dg
@@ -150,28 +123,12 @@ __global__ void scores_backward_kernel(int Nr, int Nc, int K, int softmax, float
   }
   const float2 sum = block_all2(s0, s1, Add{}, part);
   float* out = dlogp + t * n;
-#pragma unroll
-  for (int j = 0; j < V; ++j) {  // d - softmax(lhat) sum(d), per axis
-    const int i = threadIdx.x + j * blockDim.x;
-    if (i < n) out[i] = i < Nr ? d[i] - expf(v[j] - lse.x) * sum.x : d[i] - expf(v[j] - lse.y) * sum.y;
-  }
+  for (int i = threadIdx.x; i < n; i += blockDim.x)  // d - softmax(lhat) sum(d), per axis
+    out[i] = i < Nr ? d[i] - expf(l[i] - lse.x) * sum.x : d[i] - expf(l[i] - lse.y) * sum.y;
 }
 
 // Threads per token for n logits: about 8 entries per thread, 64 to 256.
 unsigned token_threads(i64 n) { return n >= 2048 ? 256 : n >= 1024 ? 128 : 64; }
-
-// f(std::integral_constant<int, V>) with V the power of two (1 to 32) of register slots per
-// thread that holds n entries over `threads` threads (n <= 2 kRouteMaxExtent = 32 x 256).
-template <class F>
-void dispatch_slots(i64 n, unsigned threads, F&& f) {
-  const i64 need = (n + threads - 1) / threads;
-  if (need <= 1) f(std::integral_constant<int, 1>{});
-  else if (need <= 2) f(std::integral_constant<int, 2>{});
-  else if (need <= 4) f(std::integral_constant<int, 4>{});
-  else if (need <= 8) f(std::integral_constant<int, 8>{});
-  else if (need <= 16) f(std::integral_constant<int, 16>{});
-  else f(std::integral_constant<int, 32>{});
-}
 
 constexpr int kCols = 32, kRows = 8;
 
@@ -229,12 +186,9 @@ Status route_gates_of(const Config& cfg, i64 T, const float* logits, const float
                       const i32* ids, float* gates, cudaStream_t stream) {
   if (T == 0) return Status::Ok();
   const i64 n = cfg.grid_rows + cfg.grid_cols;
-  const unsigned threads = token_threads(n);
-  dispatch_slots(n, threads, [&](auto v) {
-    gates_kernel<decltype(v)::value><<<static_cast<unsigned>(T), threads, 0, stream>>>(
-        static_cast<int>(cfg.grid_rows), static_cast<int>(cfg.grid_cols), static_cast<int>(cfg.top_k),
-        cfg.gate == GateKind::softmax, logits, mean, rstd, ids, gates);
-  });
+  gates_kernel<<<static_cast<unsigned>(T), token_threads(n), 0, stream>>>(
+      static_cast<int>(cfg.grid_rows), static_cast<int>(cfg.grid_cols), static_cast<int>(cfg.top_k),
+      cfg.gate == GateKind::softmax, logits, mean, rstd, ids, gates);
   OMNIMOE_CUDA_LAUNCH_CHECK("route gates_kernel");
   return Status::Ok();
 }
@@ -244,12 +198,9 @@ Status route_scores_backward(const Config& cfg, i64 T, float* logits, const floa
                              cudaStream_t stream) {
   if (T == 0) return Status::Ok();
   const i64 n = cfg.grid_rows + cfg.grid_cols;  // <= 2 kRouteMaxExtent: 32 KB of shared memory
-  const unsigned threads = token_threads(n);
-  dispatch_slots(n, threads, [&](auto v) {
-    scores_backward_kernel<decltype(v)::value><<<static_cast<unsigned>(T), threads, n * sizeof(float), stream>>>(
-        static_cast<int>(cfg.grid_rows), static_cast<int>(cfg.grid_cols), static_cast<int>(cfg.top_k),
-        cfg.gate == GateKind::softmax, logits, mean, rstd, ids, gates, dgates, dlogp);
-  });
+  scores_backward_kernel<<<static_cast<unsigned>(T), token_threads(n), n * sizeof(float), stream>>>(
+      static_cast<int>(cfg.grid_rows), static_cast<int>(cfg.grid_cols), static_cast<int>(cfg.top_k),
+      cfg.gate == GateKind::softmax, logits, mean, rstd, ids, gates, dgates, dlogp);
   OMNIMOE_CUDA_LAUNCH_CHECK("route scores_backward_kernel");
   return Status::Ok();
 }

@@ -244,15 +244,15 @@ const BCase kBCases[] = {
     // bf16, H = 1000 in f32: a partial last tile) and row sums over 4 slices at once.
     {"wide_h1024_bf16", 1024, 64, 8, 8, 6, 40, RN::batchnorm, Mode::training, GK::exp, AC::silu, DType::bf16},
     {"wide_h1000_f32", 1000, 32, 6, 9, 5, 33, RN::batchnorm, Mode::inference, GK::softmax, AC::gelu, DType::f32},
-    // Wide routers: the router's backward kernels hold a token's logits in registers, V per
-    // thread: 1120 logits on 128 threads (V = 16), 380 and 210 on 64 (V = 8 and 4; the other
-    // cases cover V = 1, 2 and 32), both axes longer than a warp's stride.
+    // Wide routers: the router's backward kernels run a block per token, 64 to 256 threads
+    // striding over its logits (1120 logits on 128 threads, 380 and 210 on 64), both axes
+    // longer than a warp's stride.
     {"router_600x520_bf16", 16, 32, 600, 520, 24, 20, RN::batchnorm, Mode::training, GK::softmax, AC::silu,
      DType::bf16},
     {"router_200x180_f32", 16, 16, 200, 180, 12, 24, RN::batchnorm, Mode::training, GK::exp, AC::gelu, DType::f32},
     {"router_120x90_f16", 16, 16, 120, 90, 10, 18, RN::batchnorm, Mode::inference, GK::softmax, AC::silu, DType::f16},
-    // 2040 logits on 256 threads (V = 8, as at N = 2^20) and K = 40: the scatter's second
-    // batch of 32 tasks.
+    // 2040 logits on 256 threads (as at N = 2^20) and K = 40: the scatter's second batch of
+    // 32 tasks.
     {"router_2000x40_bf16", 16, 16, 2000, 40, 40, 24, RN::batchnorm, Mode::training, GK::softmax, AC::silu,
      DType::bf16},
 };
