@@ -2,10 +2,11 @@
 # One device call does everything: build (Release, sm_90a), CUDA tests, compute-sanitizer,
 # the benchmark and a per-kernel profile; CSVs go to $OUT (default ./out), the logs packed into
 # $OUT/logs.tar.gz at the end (the device tool returns at most 8 files).
-# Usage: scripts/gpu_check.sh [tests|sanitize|bench|bench_backward|profile|all|python|train]...
+# Usage: scripts/gpu_check.sh [tests|sanitize|bench|bench_backward|profile|dense_outputs|all|python|train]...
 #   (default: all = the five C++ steps; python = build the PyTorch package into
 #   build-python/site and run tests/python; train = build the package and run
-#   examples/train_lm.py --preset gpu, corpus from $OMNIMOE_CORPUS, default data/fortunes)
+#   examples/train_lm.py --preset gpu, corpus from $OMNIMOE_CORPUS, default data/fortunes;
+#   dense_outputs = the paper family's forward with the dense path's output forced each way)
 #   TRAIN_ARGS="..."  extra train_lm.py arguments (e.g. --steps 20 --ffn omnimoe)
 #   BENCH_ONLY=text   limit the benchmark to configurations whose name contains text
 #   PROFILE_ONLY=text configuration(s) to profile (default: two representative ones)
@@ -18,7 +19,7 @@ steps=("${@:-all}")
 want() {
   for s in "${steps[@]}"; do
     [[ $s == "$1" ]] && return 0
-    [[ $s == all && $1 != python && $1 != train ]] && return 0
+    [[ $s == all && $1 != python && $1 != train && $1 != dense_outputs ]] && return 0
   done
   return 1
 }
@@ -26,7 +27,7 @@ status=0
 
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,driver_version --format=csv | tee "$OUT/gpu.txt"
 date -u +"%Y-%m-%d %H:%M UTC" >>"$OUT/gpu.txt"
-if want tests || want sanitize || want bench || want bench_backward || want profile; then
+if want tests || want sanitize || want bench || want bench_backward || want profile || want dense_outputs; then
   cmake -S . -B build-gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DOMNIMOE_FUZZ=OFF ${CMAKE_ARGS:-} >"$OUT/build.log" 2>&1 || { tail -30 "$OUT/build.log"; exit 1; }
   cmake --build build-gpu -j 16 ${BUILD_TARGETS:+--target $BUILD_TARGETS} >>"$OUT/build.log" 2>&1 || { grep -E "error|FAILED" "$OUT/build.log" | head -40; exit 1; }
 fi
@@ -79,6 +80,12 @@ if want bench_backward; then
   build-gpu/omnimoe bench --device cuda --suite omnimoe --backward --sparse-grads --only ${BENCH_ONLY:-lm-} \
     --csv "$OUT/bench_backward_sparse.csv" >"$OUT/bench_backward_sparse.log" 2>&1 || status=1
   grep -E "MISS|PASS|omnimoe:" "$OUT/bench_backward_sparse.log"
+fi
+if want dense_outputs; then  # where the sparse output beats the product with P (dense_output_sparse)
+  for mode in sparse product; do
+    OMNIMOE_DENSE_OUTPUT=$mode build-gpu/omnimoe bench --device cuda --suite omnimoe --only paper- \
+      --csv "$OUT/dense_output_$mode.csv" >"$OUT/dense_output_$mode.log" 2>&1 || status=1
+  done
 fi
 if want profile; then
   : >"$OUT/profile.log"
