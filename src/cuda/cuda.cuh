@@ -118,7 +118,7 @@ inline int token_warps(i64 T, i64 K) {
   return w;
 }
 // Dense regime: per (token chunk, expert chunk), S = x w_inᵀ (cuBLASLt), then the output at
-// the chosen (t, e) only: either a warp per token adding g act(S) w_out[e] over its tasks
+// the chosen (t, e) only: either warps per token adding g act(S) w_out[e] over its tasks
 // (sparse output), or P = g * act(S) at the chosen cells and 0 elsewhere, y += P w_out
 // (cuBLASLt). No T x N buffer, deterministic (no atomics). Buffers from DenseBuffers.
 struct DenseBuffers {

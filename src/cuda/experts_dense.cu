@@ -3,8 +3,8 @@
 //   S = x w_inᵀ                 cuBLASLt, storage dtype [rows, Ec]
 // then the output at the chunk's tasks, one of two ways (dense_output_sparse decides from
 // sizes alone):
-//   sparse:  a warp per token adds g * act(S[t, e]) * w_out[e] over the token's tasks in this
-//            chunk, in task order, into its fp32 row (the chunk's w_out rows stay in L2);
+//   sparse:  warps per token add g * act(S[t, e]) * w_out[e] over the token's tasks in this
+//            chunk, in a fixed order, into its fp32 row (the chunk's w_out rows stay in L2);
 //            the last chunk stores y. No schedule, no P buffer.
 //   product: its tasks sorted by expert chunk (CUB), P = g * act(S) at the tasks (0
 //            elsewhere), yacc (+)= P w_out (cuBLASLt, fp32), and y (+)= yacc at the end.
@@ -59,43 +59,41 @@ __global__ void poison_kernel(const i32* __restrict__ ids, i64 n, int K, int H, 
 }
 
 
-constexpr int kOutWarps = 8;  // warps (tokens) per block of the sparse output kernels
+constexpr int kOutWarps = 8;  // warps per block of the sparse output kernel
 
 // Sparse output of one expert chunk (t counts from the chunk's first token; ids, gates and
-// scores are the chunk's). W warps per token split its row: lane of warp `sub` owns the
-// 16-byte vector sub * 32 + lane (V elements), so no partial sums meet. Each warp scans the
-// token's tasks 32 at a time and serves those whose expert lies in [e0, e0 + cols) in task
-// order, up to R rows in flight: a router's choices cluster in few grid rows, hence in few
-// expert chunks, so one token may have a hundred rows in a chunk and none in the next.
+// scores are the chunk's). W warps per token share its tasks: warp `sub` takes k = sub,
+// sub + W, .., scanned 32 at a time, and serves those whose expert lies in [e0, e0 + cols)
+// in task order, two rows in flight; lane owns the 16-byte vectors lane + 32 j of the row
+// (VPL per lane, V elements each). The partial rows are added in warp order
+// (reduce_token_warps): deterministic. Several warps per token because a router's choices
+// cluster in few grid rows, hence in few expert chunks: a token may have a hundred rows in
+// one chunk and none in the next, and one warp walking them was latency-bound (H200: the
+// forward at paper-k512-t4096 took 4.4 ms with a router, 2.5 ms with random ids).
 // `first`: the row starts at 0 (else from yacc); `y` non-null: the last chunk, the row (plus
 // y's own when `add`) is stored there instead of in yacc.
-template <class S>
+template <class S, int VPL, int W>
 __global__ void __launch_bounds__(kOutWarps * 32)
-    out_sparse_kernel(i64 rows, int H, int W, int K, Activation act, const S* __restrict__ scores, i64 ld, i64 e0,
+    out_sparse_kernel(i64 rows, int H, int K, Activation act, const S* __restrict__ scores, i64 ld, i64 e0,
                       i64 cols, const S* __restrict__ w_out, const i32* __restrict__ ids,
                       const float* __restrict__ gates, float* __restrict__ yacc, bool first, S* __restrict__ y,
                       bool add) {
-  constexpr int V = Vec<S>::kN, R = 8;
+  constexpr int V = Vec<S>::kN, R = 2;
   constexpr unsigned kAll = 0xffffffffu;
-  const int lane = threadIdx.x & 31;
-  const i64 gw = static_cast<i64>(blockIdx.x) * kOutWarps + (threadIdx.x >> 5);
-  const i64 t = gw / W;
-  if (t >= rows) return;  // no barriers below
-  const int v = static_cast<int>(gw % W) * 32 + lane;
-  const bool col = v < H / V;  // this lane's vector lies in the row
-  float acc[V];
+  __shared__ __align__(16) float red[W > 1 ? kOutWarps : 1][W > 1 ? 32 * VPL * V : 4];
+  const int lane = threadIdx.x & 31, wi = threadIdx.x >> 5, sub = wi % W;
+  const i64 t = static_cast<i64>(blockIdx.x) * (kOutWarps / W) + wi / W;
+  const bool live = t < rows;  // no early return: the warps of a block meet at a barrier
+  const int nvec = H / V;
+  float acc[VPL][V];
 #pragma unroll
-  for (int i = 0; i < V; ++i) acc[i] = 0.f;
-  if (!first && col)
+  for (int j = 0; j < VPL; ++j)
 #pragma unroll
-    for (int i = 0; i < V; i += 4) {
-      const float4 o = *reinterpret_cast<const float4*>(yacc + t * H + v * V + i);
-      acc[i] = o.x, acc[i + 1] = o.y, acc[i + 2] = o.z, acc[i + 3] = o.w;
-    }
+    for (int i = 0; i < V; ++i) acc[j][i] = 0.f;
   const i32* tid = ids + t * K;
   const float* tg = gates + t * K;
-  for (int k0 = 0; k0 < K; k0 += 32) {
-    const int k = k0 + lane;
+  for (int k0 = 0; live && k0 < K; k0 += 32 * W) {
+    const int k = k0 + lane * W + sub;
     const i32 e = k < K ? tid[k] : -1;  // -1: an id out of range (poisoned at the end)
     const bool mine = e >= e0 && e < e0 + cols;
     const float g = mine ? tg[k] * activate(act, to_f32(scores[t * ld + (e - e0)])) : 0.f;
@@ -111,34 +109,54 @@ __global__ void __launch_bounds__(kOutWarps * 32)
         gr[r] = __shfl_sync(kAll, g, src);
         m &= m - 1;
       }
-      uint4 raw[R];
+      uint4 raw[R][VPL];
 #pragma unroll
       for (int r = 0; r < R; ++r)
-        if (r < n && col) raw[r] = *reinterpret_cast<const uint4*>(w_out + static_cast<i64>(er[r]) * H + v * V);
+#pragma unroll
+        for (int j = 0; j < VPL; ++j)
+          if (r < n && j * 32 + lane < nvec)
+            raw[r][j] = *reinterpret_cast<const uint4*>(w_out + static_cast<i64>(er[r]) * H + (j * 32 + lane) * V);
 #pragma unroll
       for (int r = 0; r < R; ++r) {
-        if (r >= n || !col) break;
-        float w[V];
-        unpack16<S>(raw[r], w);
+        if (r >= n) break;
 #pragma unroll
-        for (int i = 0; i < V; ++i) acc[i] = fmaf(gr[r], w[i], acc[i]);
+        for (int j = 0; j < VPL; ++j) {
+          if (j * 32 + lane >= nvec) continue;
+          float w[V];
+          unpack16<S>(raw[r][j], w);
+#pragma unroll
+          for (int i = 0; i < V; ++i) acc[j][i] = fmaf(gr[r], w[i], acc[j][i]);
+        }
       }
     }
   }
-  if (!col) return;
-  if (y == nullptr) {
+  reduce_token_warps<W, VPL, V>(acc, &red[0][0], sub);
+  if (sub != 0 || !live) return;
 #pragma unroll
-    for (int i = 0; i < V; i += 4)
-      *reinterpret_cast<float4*>(yacc + t * H + v * V + i) = make_float4(acc[i], acc[i + 1], acc[i + 2], acc[i + 3]);
-    return;
-  }
-  if (add) {  // y already holds the shared branch
-    float yr[V];
-    load16(y + t * H + v * V, yr);
+  for (int j = 0; j < VPL; ++j) {
+    const int v = j * 32 + lane;
+    if (v >= nvec) continue;
+    if (!first)  // the chunks before this one, added after this chunk's sum (a fixed order)
 #pragma unroll
-    for (int i = 0; i < V; ++i) acc[i] += yr[i];
+      for (int i = 0; i < V; i += 4) {
+        const float4 o = *reinterpret_cast<const float4*>(yacc + t * H + v * V + i);
+        acc[j][i] += o.x, acc[j][i + 1] += o.y, acc[j][i + 2] += o.z, acc[j][i + 3] += o.w;
+      }
+    if (y == nullptr) {
+#pragma unroll
+      for (int i = 0; i < V; i += 4)
+        *reinterpret_cast<float4*>(yacc + t * H + v * V + i) =
+            make_float4(acc[j][i], acc[j][i + 1], acc[j][i + 2], acc[j][i + 3]);
+      continue;
+    }
+    if (add) {  // y already holds the shared branch
+      float yr[V];
+      load16(y + t * H + v * V, yr);
+#pragma unroll
+      for (int i = 0; i < V; ++i) acc[j][i] += yr[i];
+    }
+    store16(y + t * H + v * V, acc[j]);
   }
-  store16(y + t * H + v * V, acc);
 }
 
 // The same for any H (rows not whole 16-byte vectors or not 16-byte aligned): a block per
@@ -162,10 +180,11 @@ __global__ void out_sparse_generic_kernel(int H, int K, Activation act, const S*
   }
 }
 
-// Whether the vector kernel serves the call: whole 16-byte vectors, rows aligned.
+// Whether the vector kernel serves the call: whole 16-byte vectors, H <= 512 V, rows aligned.
 template <class S>
 bool vector_rows(const ExpertsArgs& a) {
-  return a.cfg->hidden % Vec<S>::kN == 0 && aligned16(a.w_out) && aligned16(a.y);
+  const i64 H = a.cfg->hidden, v = Vec<S>::kN;
+  return H % v == 0 && H <= 32 * 16 * v && aligned16(a.w_out) && aligned16(a.y);
 }
 
 template <class S>
@@ -185,9 +204,12 @@ Status launch_out_sparse(const ExpertsArgs& a, const DenseBuffers& b, i64 t0, i6
     OMNIMOE_CUDA_LAUNCH_CHECK("experts_dense out_sparse_generic_kernel");
     return Status::Ok();
   }
-  const int W = (H / Vec<S>::kN + 31) / 32;  // warps per token: one 16-byte vector per lane
-  out_sparse_kernel<S><<<ceil_div(rows * W, kOutWarps), kOutWarps * 32, 0, stream>>>(
-      rows, H, W, K, c.activation, scores, ld, e0, cols, w_out, ids, gates, b.yacc, first, y, a.add);
+  const int vpl = (H / Vec<S>::kN + 31) / 32;
+  dispatch_tile<16>(vpl, std::min(8, K), [&](auto p, auto w) {  // 8 warps per token where the tile allows
+    constexpr int W = decltype(w)::value;
+    out_sparse_kernel<S, decltype(p)::value, W><<<ceil_div(rows * W, kOutWarps), kOutWarps * 32, 0, stream>>>(
+        rows, H, K, c.activation, scores, ld, e0, cols, w_out, ids, gates, b.yacc, first, y, a.add);
+  });
   OMNIMOE_CUDA_LAUNCH_CHECK("experts_dense out_sparse_kernel");
   return Status::Ok();
 }
