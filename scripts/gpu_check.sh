@@ -85,7 +85,7 @@ if want bench_backward; then
 fi
 if want dense_outputs; then  # where the sparse output beats the product with P (dense_output_sparse)
   for mode in sparse product; do
-    OMNIMOE_DENSE_OUTPUT=$mode build-gpu/omnimoe bench --device cuda --suite omnimoe --only paper- \
+    OMNIMOE_DENSE_OUTPUT=$mode build-gpu/omnimoe bench --device cuda --suite omnimoe --only "${BENCH_ONLY:-paper-}" \
       --csv "$OUT/dense_output_$mode.csv" >"$OUT/dense_output_$mode.log" 2>&1 || status=1
   done
 fi
