@@ -12,6 +12,7 @@
 #   PROFILE_ONLY=text configuration(s) to profile (default: two representative ones)
 #   TESTS_ONLY=regex  limit the CUDA test suites to those ctest -R matches
 #   SANITIZE_FILTER=f the gtest filter the sanitizers run (default: a cross-section)
+#   SANITIZE_DENSE_FILTER=f the same for the runs with the dense path's output forced
 #   CMAKE_ARGS="..."  extra configure arguments (e.g. -DOMNIMOE_BASELINES=OFF)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -65,6 +66,25 @@ if want sanitize; then
   grep -E "RACECHECK SUMMARY|PASSED|FAILED" "$OUT/racecheck.log" | tee -a "$OUT/sanitize.log"
   [[ $rc == 0 && $ours == 0 ]] || status=1
   grep -E "Race reported" "$OUT/racecheck.log" | grep -v nvjet | head -5 >>"$OUT/sanitize.log"
+  rm -f "$OUT/racecheck.log"
+  # The dense path's output forms forced (the automatic choices above take each on a few
+  # cases only): memcheck on both, racecheck on the sparse output (its partial rows meet in
+  # shared memory).
+  dfilter=${SANITIZE_DENSE_FILTER:-'Cases/CudaForward.*:CudaRouted.*:CudaForwardGraph.*'}
+  for mode in sparse product; do
+    OMNIMOE_EXPERTS_PATH=dense OMNIMOE_DENSE_OUTPUT=$mode compute-sanitizer --tool memcheck --error-exitcode 3 \
+      build-gpu/tests/cuda/test_cuda --gtest_filter="$dfilter" >>"$OUT/sanitize.log" 2>&1
+    rc=$?
+    echo "compute-sanitizer memcheck, dense path, $mode output: rc=$rc" | tee -a "$OUT/sanitize.log"
+    [[ $rc == 0 ]] || status=1
+  done
+  OMNIMOE_EXPERTS_PATH=dense OMNIMOE_DENSE_OUTPUT=sparse compute-sanitizer --tool racecheck \
+    build-gpu/tests/cuda/test_cuda --gtest_filter="$dfilter" >"$OUT/racecheck.log" 2>&1
+  rc=$?
+  ours=$(grep -E "Race reported" "$OUT/racecheck.log" | grep -vc nvjet)
+  echo "compute-sanitizer racecheck, dense path, sparse output: rc=$rc, hazards outside cuBLASLt: $ours" |
+    tee -a "$OUT/sanitize.log"
+  [[ $rc == 0 && $ours == 0 ]] || status=1
   rm -f "$OUT/racecheck.log"
 fi
 if want bench; then

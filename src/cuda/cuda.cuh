@@ -131,7 +131,9 @@ struct DenseBuffers {
 };
 // Whether the dense path adds its outputs at the chosen cells (few experts per token and
 // chunk) rather than by the tensor-core product with P, from sizes alone.
-// OMNIMOE_DENSE_OUTPUT=sparse|product overrides it (a test switch, not API).
+// OMNIMOE_DENSE_OUTPUT=sparse|product overrides it (a test switch, not API; like
+// OMNIMOE_EXPERTS_PATH it must not change between a workspace query and the calls it sizes,
+// else the call fails with an internal error when the plan outgrows the queried size).
 bool dense_output_sparse(const Config& cfg, DType dtype);
 Status experts_dense(const ExpertsArgs& a, const DenseBuffers& b, cudaStream_t stream);
 

@@ -2,7 +2,7 @@
 // chunks of experts. Per token chunk, per expert chunk:
 //   S = x w_inᵀ                 cuBLASLt, storage dtype [rows, Ec]
 // then the output at the chunk's tasks, one of two ways (dense_output_sparse decides from
-// sizes alone):
+// sizes, or the OMNIMOE_DENSE_OUTPUT test switch):
 //   sparse:  warps per token add g * act(S[t, e]) * w_out[e] over the token's tasks in this
 //            chunk, in a fixed order, into its fp32 row (the chunk's w_out rows stay in L2);
 //            the last chunk stores y. No schedule, no P buffer.
@@ -159,8 +159,9 @@ __global__ void __launch_bounds__(kOutWarps * 32)
   }
 }
 
-// The same for any H (rows not whole 16-byte vectors or not 16-byte aligned): a block per
-// token, each thread a column, the token's tasks walked in order.
+// The same for any H (rows not whole 16-byte vectors, wider than the register tile, or not
+// 16-byte aligned): a block per token, each thread a column, the token's tasks walked in
+// order (ids, gates and the activation re-read per column: a fallback, not a fast path).
 template <class S>
 __global__ void out_sparse_generic_kernel(int H, int K, Activation act, const S* __restrict__ scores, i64 ld,
                                           i64 e0, i64 cols, const S* __restrict__ w_out,
@@ -168,13 +169,14 @@ __global__ void out_sparse_generic_kernel(int H, int K, Activation act, const S*
                                           float* __restrict__ yacc, bool first, S* __restrict__ y, bool add) {
   const i64 t = blockIdx.x;
   for (int h = threadIdx.x; h < H; h += blockDim.x) {
-    float acc = first ? 0.f : yacc[t * H + h];
+    float acc = 0.f;
     for (int k = 0; k < K; ++k) {
       const i64 e = ids[t * K + k];
       if (e < e0 || e >= e0 + cols) continue;
       const float g = gates[t * K + k] * activate(act, to_f32(scores[t * ld + (e - e0)]));
       acc = fmaf(g, to_f32(w_out[e * H + h]), acc);
     }
+    if (!first) acc += yacc[t * H + h];  // earlier chunks after this one's sum, as the vector kernel adds them
     if (y == nullptr) yacc[t * H + h] = acc;
     else y[t * H + h] = from_f32<S>(add ? acc + to_f32(y[t * H + h]) : acc);
   }
@@ -295,9 +297,10 @@ bool dense_output_sparse(const Config& cfg, DType dtype) {
     if (std::string(env) == "sparse") return true;
     if (std::string(env) == "product") return false;
   }
-  // Per (token, expert) of a chunk of 4096 experts, at round H100 rates: the product costs
-  // 2 H flops on tensor cores (CUDA cores in f32); the sparse output reads K / N of a w_out
-  // row from L2 (~6 TB/s) plus the token's fp32 row in and out once per chunk.
+  // Per (token, expert), at round H100 rates: the product costs 2 H flops on tensor cores
+  // (CUDA cores in f32); the sparse output reads K / N of a w_out row from L2 (~6 TB/s) plus
+  // the token's fp32 row in and out once per chunk, counted per 4096 experts (the 16-bit
+  // sparse output passes once per 8192: the estimate leans towards the product).
   const double N = static_cast<double>(cfg.num_experts()), H = static_cast<double>(cfg.hidden);
   const double cols = std::min(N, 4096.0), es = static_cast<double>(dtype_size(dtype));
   const double product = 2.0 * H / (dtype == DType::f32 ? 40e12 : 550e12);

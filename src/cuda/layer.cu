@@ -85,7 +85,8 @@ ForwardBuffers carve_forward(Arena& a, const Config& cfg, i64 T, DType dtype) {
 
   if (choose_path(cfg, T, dtype) == ExpertsPath::dense) {
     const i64 tc = std::min(T, kDenseTokens);
-    if (dense_output_sparse(cfg, dtype)) {
+    const bool sparse = dense_output_sparse(cfg, dtype);  // read once: it may consult the environment
+    if (sparse) {
       // No schedule and no P: the scores take P's place, twice the experts per chunk in
       // 16-bit storage (half as many passes over the tokens' fp32 rows).
       b.dense.schedule = group_extents(tc, cfg.num_experts(), kDenseTokens, kDenseExperts * (es == 2 ? 2 : 1));
@@ -96,7 +97,7 @@ ForwardBuffers carve_forward(Arena& a, const Config& cfg, i64 T, DType dtype) {
     const GroupSchedule& s = b.dense.schedule;
     const auto chunk = static_cast<std::size_t>(s.token_chunk * s.expert_chunk);
     b.dense.s = a.take<char>(chunk * es);
-    b.dense.p = dense_output_sparse(cfg, dtype) ? nullptr : a.take<char>(chunk * es);
+    b.dense.p = sparse ? nullptr : a.take<char>(chunk * es);
     b.dense.yacc = a.take<float>(static_cast<std::size_t>(s.token_chunk * cfg.hidden));
     b.dense.gemm = b.gemm;
   }

@@ -175,8 +175,9 @@ const Case kCases[] = {
     {"chunked_router_and_mlp", 64, 4096, 4096, 1, 8, 2100, RN::batchnorm, Mode::training, GK::exp, AC::silu, DType::f32},
     {"h1024_bf16", 1024, 256, 64, 64, 16, 64, RN::batchnorm, Mode::inference, GK::exp, AC::silu, DType::bf16},
     {"h2048_f32", 2048, 128, 32, 32, 4, 24, RN::none, Mode::inference, GK::exp, AC::gelu, DType::f32},
-    // N = 9000: several expert chunks on the dense path (8192 per chunk for its sparse
-    // output in 16-bit storage, 4096 otherwise), so the rows carried from chunk to chunk count.
+    // N = 9000: several expert chunks when the dense path runs them (the forced-path suites;
+    // the automatic choice takes the gather): 8192 per chunk for its sparse output in 16-bit
+    // storage (two chunks), 4096 otherwise (three), so the rows carried from chunk to chunk count.
     {"expert_chunks_bf16", 128, 32, 100, 90, 24, 40, RN::batchnorm, Mode::training, GK::exp, AC::silu, DType::bf16},
     {"expert_chunks_f32", 64, 0, 90, 100, 12, 30, RN::none, Mode::inference, GK::softmax, AC::gelu, DType::f32},
     // Block top-K kernels sized by axis and K separately.
