@@ -560,5 +560,34 @@ TEST(CudaForwardErrors, RefusesWhatItCannotServe) {
   EXPECT_NE(s.message().find("top_k"), std::string::npos) << s.message();
 }
 
+// The dense path's output form, seen through the workspace query (host only, no GPU): the
+// size rule gives the paper family's K = 512 the sparse output (no P, no sort buffers) and
+// K = 4096 the product; OMNIMOE_DENSE_OUTPUT forces either.
+TEST(CudaDenseOutput, SizeRuleAndSwitchShapeTheWorkspace) {
+  const char* saved = std::getenv("OMNIMOE_DENSE_OUTPUT");
+  const std::string keep = saved != nullptr ? saved : "";
+  Config cfg;
+  cfg.hidden = 1024;
+  cfg.intermediate = 1024;
+  cfg.grid_rows = 320;
+  cfg.grid_cols = 320;
+  cfg.schedule = Schedule::expert_centric;
+  auto query = [&](const char* mode) {
+    if (mode != nullptr) setenv("OMNIMOE_DENSE_OUTPUT", mode, 1);
+    else unsetenv("OMNIMOE_DENSE_OUTPUT");
+    std::size_t bytes = 0;
+    EXPECT_TRUE(forward_workspace_size(cfg, 4096, DType::bf16, Device::cuda, &bytes).ok());
+    return bytes;
+  };
+  cfg.top_k = 512;
+  const std::size_t by_rule = query(nullptr), sparse = query("sparse"), product = query("product");
+  EXPECT_EQ(by_rule, sparse);
+  EXPECT_LT(sparse, product);
+  cfg.top_k = 4096;
+  EXPECT_EQ(query(nullptr), query("product"));
+  if (saved != nullptr) setenv("OMNIMOE_DENSE_OUTPUT", keep.c_str(), 1);
+  else unsetenv("OMNIMOE_DENSE_OUTPUT");
+}
+
 }  // namespace
 }  // namespace omt
