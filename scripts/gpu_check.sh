@@ -48,44 +48,40 @@ if want tests; then
   grep -E "tests passed|FAILED|Failed" "$OUT/ctest_cuda.log" | head -20
   grep -q ", 0 tests failed" "$OUT/ctest_cuda.log" || grep -q "100% tests passed" "$OUT/ctest_cuda.log" || status=1
 fi
-if want sanitize; then
-  : >"$OUT/sanitize.log"
-  filter=${SANITIZE_FILTER:-'*small*:*large_k_600*:*odd_h36*:*expert_chunks*:*Graph*:*Routed*:*Ties*:*Backward*:*Schedule*'}
-  compute-sanitizer --tool memcheck --error-exitcode 3 build-gpu/tests/cuda/test_cuda --gtest_filter="$filter" \
+# compute-sanitizer over test_cuda: memcheck NAME FILTER / racecheck NAME FILTER, extra
+# environment from the caller (e.g. OMNIMOE_EXPERTS_PATH=dense racecheck ...). cuBLASLt's
+# Hopper kernels (nvjet_*) synchronise through mbarriers, which racecheck does not model: it
+# reports hazards inside them; any hazard in another kernel fails the step.
+memcheck() {
+  compute-sanitizer --tool memcheck --error-exitcode 3 build-gpu/tests/cuda/test_cuda --gtest_filter="$2" \
     >>"$OUT/sanitize.log" 2>&1
-  rc=$?
-  echo "compute-sanitizer memcheck: rc=$rc" | tee -a "$OUT/sanitize.log"
+  local rc=$?
+  echo "compute-sanitizer memcheck$1: rc=$rc" | tee -a "$OUT/sanitize.log"
   [[ $rc == 0 ]] || status=1
-  # cuBLASLt's Hopper kernels (nvjet_*) synchronise through mbarriers, which racecheck does
-  # not model: it reports hazards inside them. Any hazard in another kernel fails the step.
-  compute-sanitizer --tool racecheck build-gpu/tests/cuda/test_cuda --gtest_filter="$filter" \
-    >"$OUT/racecheck.log" 2>&1
-  rc=$?
+}
+racecheck() {
+  compute-sanitizer --tool racecheck build-gpu/tests/cuda/test_cuda --gtest_filter="$2" >"$OUT/racecheck.log" 2>&1
+  local rc=$? ours
   ours=$(grep -E "Race reported" "$OUT/racecheck.log" | grep -vc nvjet)
-  echo "compute-sanitizer racecheck: rc=$rc, hazards outside cuBLASLt: $ours" | tee -a "$OUT/sanitize.log"
+  echo "compute-sanitizer racecheck$1: rc=$rc, hazards outside cuBLASLt: $ours" | tee -a "$OUT/sanitize.log"
   grep -E "RACECHECK SUMMARY|PASSED|FAILED" "$OUT/racecheck.log" | tee -a "$OUT/sanitize.log"
   [[ $rc == 0 && $ours == 0 ]] || status=1
   grep -E "Race reported" "$OUT/racecheck.log" | grep -v nvjet | head -5 >>"$OUT/sanitize.log"
   rm -f "$OUT/racecheck.log"
+}
+if want sanitize; then
+  : >"$OUT/sanitize.log"
+  filter=${SANITIZE_FILTER:-'*small*:*large_k_600*:*odd_h36*:*expert_chunks*:*Graph*:*Routed*:*Ties*:*Backward*:*Schedule*'}
+  memcheck "" "$filter"
+  racecheck "" "$filter"
   # The dense path's output forms forced (the automatic choices above take each on a few
   # cases only): memcheck on both, racecheck on the sparse output (its partial rows meet in
   # shared memory).
   dfilter=${SANITIZE_DENSE_FILTER:-'Cases/CudaForward.*:CudaRouted.*:CudaForwardGraph.*'}
   for mode in sparse product; do
-    OMNIMOE_EXPERTS_PATH=dense OMNIMOE_DENSE_OUTPUT=$mode compute-sanitizer --tool memcheck --error-exitcode 3 \
-      build-gpu/tests/cuda/test_cuda --gtest_filter="$dfilter" >>"$OUT/sanitize.log" 2>&1
-    rc=$?
-    echo "compute-sanitizer memcheck, dense path, $mode output: rc=$rc" | tee -a "$OUT/sanitize.log"
-    [[ $rc == 0 ]] || status=1
+    OMNIMOE_EXPERTS_PATH=dense OMNIMOE_DENSE_OUTPUT=$mode memcheck ", dense path, $mode output" "$dfilter"
   done
-  OMNIMOE_EXPERTS_PATH=dense OMNIMOE_DENSE_OUTPUT=sparse compute-sanitizer --tool racecheck \
-    build-gpu/tests/cuda/test_cuda --gtest_filter="$dfilter" >"$OUT/racecheck.log" 2>&1
-  rc=$?
-  ours=$(grep -E "Race reported" "$OUT/racecheck.log" | grep -vc nvjet)
-  echo "compute-sanitizer racecheck, dense path, sparse output: rc=$rc, hazards outside cuBLASLt: $ours" |
-    tee -a "$OUT/sanitize.log"
-  [[ $rc == 0 && $ours == 0 ]] || status=1
-  rm -f "$OUT/racecheck.log"
+  OMNIMOE_EXPERTS_PATH=dense OMNIMOE_DENSE_OUTPUT=sparse racecheck ", dense path, sparse output" "$dfilter"
 fi
 if want bench; then
   build-gpu/omnimoe check --device cuda >"$OUT/check_cuda.log" 2>&1 || status=1

@@ -108,6 +108,10 @@ struct ExpertsArgs {
   bool add = false;  // y += routed (y holds the shared branch) instead of y = routed
 };
 Status experts_gather(const ExpertsArgs& a, cudaStream_t stream);
+// Whether the register-tile kernels (the gather, the dense path's sparse output) serve this
+// call: whole 16-byte vectors, H <= 512 V, and every row 16-byte aligned (a view into a
+// larger buffer may not be).
+bool vector_rows(const ExpertsArgs& a);
 // Warps per token of the gather kernels (forward and backward), from sizes alone: below
 // 4096 tokens, up to 8 (a power of two, at most K) while T W <= 8192; from 4096 tokens on,
 // one (measured on an H200: at T = 4096 four warps per token made the forward 5-8% slower

@@ -148,14 +148,6 @@ int vec_elems() {
   return 16 / static_cast<int>(sizeof(S));
 }
 
-// Whether the register-tile kernel serves this call: whole 16-byte vectors, H <= 512 V, and
-// every row 16-byte aligned (a view into a larger buffer may not be).
-bool vector_rows(const ExpertsArgs& a) {
-  const i64 H = a.cfg->hidden, v = 16 / static_cast<i64>(dtype_size(a.dtype));
-  return H % v == 0 && H <= 32 * 16 * v && aligned16(a.x) && aligned16(a.w_in) && aligned16(a.w_out) &&
-         aligned16(a.y);
-}
-
 template <class S>
 Status launch_gather(const ExpertsArgs& a, cudaStream_t stream) {
   const Config& c = *a.cfg;
@@ -183,6 +175,12 @@ Status launch_gather(const ExpertsArgs& a, cudaStream_t stream) {
 }
 
 }  // namespace
+
+bool vector_rows(const ExpertsArgs& a) {
+  const i64 H = a.cfg->hidden, v = 16 / static_cast<i64>(dtype_size(a.dtype));
+  return H % v == 0 && H <= 32 * 16 * v && aligned16(a.x) && aligned16(a.w_in) && aligned16(a.w_out) &&
+         aligned16(a.y);
+}
 
 Status experts_supported(const Config& cfg, DType dtype) {
   (void)dtype;

@@ -182,13 +182,6 @@ __global__ void out_sparse_generic_kernel(int H, int K, Activation act, const S*
   }
 }
 
-// Whether the vector kernel serves the call: whole 16-byte vectors, H <= 512 V, rows aligned.
-template <class S>
-bool vector_rows(const ExpertsArgs& a) {
-  const i64 H = a.cfg->hidden, v = Vec<S>::kN;
-  return H % v == 0 && H <= 32 * 16 * v && aligned16(a.w_out) && aligned16(a.y);
-}
-
 template <class S>
 Status launch_out_sparse(const ExpertsArgs& a, const DenseBuffers& b, i64 t0, i64 rows, i64 e0, i64 cols,
                          bool first, bool last, cudaStream_t stream) {
@@ -200,7 +193,7 @@ Status launch_out_sparse(const ExpertsArgs& a, const DenseBuffers& b, i64 t0, i6
   const i32* ids = a.ids + t0 * K;
   const float* gates = a.gates + t0 * K;
   S* y = last ? static_cast<S*>(a.y) + t0 * H : nullptr;
-  if (!vector_rows<S>(a)) {
+  if (!vector_rows(a)) {
     out_sparse_generic_kernel<S><<<static_cast<unsigned>(rows), 256, 0, stream>>>(
         H, K, c.activation, scores, ld, e0, cols, w_out, ids, gates, b.yacc, first, y, a.add);
     OMNIMOE_CUDA_LAUNCH_CHECK("experts_dense out_sparse_generic_kernel");
@@ -216,25 +209,15 @@ Status launch_out_sparse(const ExpertsArgs& a, const DenseBuffers& b, i64 t0, i6
   return Status::Ok();
 }
 
-// S = x w_inᵀ for tokens [t0, t0 + rows) and experts [e0, e0 + cols), into b.s.
+// S = x w_inᵀ for tokens [t0, t0 + rows) and experts [e0, e0 + cols), into b.s, in the
+// storage dtype (as a framework's bf16 product would give).
 Status scores_product(const ExpertsArgs& a, const DenseBuffers& b, i64 t0, i64 rows, i64 e0, i64 cols,
                       cudaStream_t stream) {
   const i64 H = a.cfg->hidden;
   const DType dt = a.dtype;
-  GemmArgs s;
-  s.tb = true;
-  s.M = rows;
-  s.N = cols;
-  s.K = H;
-  s.A = at(a.x, t0 * H, dt);
-  s.lda = H;
-  s.B = at(a.w_in, e0 * H, dt);
-  s.ldb = H;
-  s.C = b.s;
-  s.ldc = b.schedule.expert_chunk;
-  s.ab = dt;
-  s.c = dt;  // scores in the storage dtype, as a framework's bf16 product would give
-  return gemm(s, b.gemm, stream);
+  return gemm(gemm_args(false, true, rows, cols, H, at(a.x, t0 * H, dt), H, at(a.w_in, e0 * H, dt), H, b.s,
+                        b.schedule.expert_chunk, dt, dt, 0.f),
+              b.gemm, stream);
 }
 
 template <class S>
@@ -243,16 +226,17 @@ Status run(const ExpertsArgs& a, const DenseBuffers& b, cudaStream_t stream) {
   GroupSchedule sc = b.schedule;  // one token chunk: groups are the expert chunks
   const i64 T = a.T, H = c.hidden, K = c.top_k, N = c.num_experts(), Ec = sc.expert_chunk, Tc = sc.token_chunk;
   const DType dt = a.dtype;
-  if (b.p != nullptr) OMNIMOE_CUDA_TRY(cudaMemsetAsync(b.p, 0, static_cast<std::size_t>(Tc * Ec) * sizeof(S), stream));
+  const bool sparse = b.p == nullptr;  // the sparse output (carve_forward decided)
+  if (!sparse) OMNIMOE_CUDA_TRY(cudaMemsetAsync(b.p, 0, static_cast<std::size_t>(Tc * Ec) * sizeof(S), stream));
   for (i64 t0 = 0; t0 < T; t0 += Tc) {
     const i64 rows = std::min(Tc, T - t0);
     const i32* ids = a.ids + t0 * K;  // this chunk's tasks, numbered from its first token
     const float* gates = a.gates + t0 * K;
-    if (b.p != nullptr) OMNIMOE_RETURN_IF_ERROR(schedule_groups(ids, rows, K, sc, stream));
+    if (!sparse) OMNIMOE_RETURN_IF_ERROR(schedule_groups(ids, rows, K, sc, stream));
     for (i64 ec = 0; ec < sc.n_ec; ++ec) {
       const i64 e0 = ec * Ec, cols = std::min(Ec, N - e0);
       OMNIMOE_RETURN_IF_ERROR(scores_product(a, b, t0, rows, e0, cols, stream));
-      if (b.p == nullptr) {  // sparse output
+      if (sparse) {
         OMNIMOE_RETURN_IF_ERROR(launch_out_sparse<S>(a, b, t0, rows, e0, cols, ec == 0, ec + 1 == sc.n_ec, stream));
         continue;
       }
@@ -260,26 +244,15 @@ Status run(const ExpertsArgs& a, const DenseBuffers& b, cudaStream_t stream) {
           sc.tasks, sc.offsets, ec, ids, gates, static_cast<const S*>(b.s), static_cast<S*>(b.p), 0, e0, Ec,
           static_cast<int>(K), c.activation);
       OMNIMOE_CUDA_LAUNCH_CHECK("experts_dense scatter_kernel");
-      GemmArgs o;  // yacc (+)= P w_out
-      o.M = rows;
-      o.N = H;
-      o.K = cols;
-      o.A = b.p;
-      o.lda = Ec;
-      o.B = at(a.w_out, e0 * H, dt);
-      o.ldb = H;
-      o.C = b.yacc;
-      o.ldc = H;
-      o.ab = dt;
-      o.c = DType::f32;
-      o.beta = ec > 0 ? 1.f : 0.f;
-      OMNIMOE_RETURN_IF_ERROR(gemm(o, b.gemm, stream));
+      OMNIMOE_RETURN_IF_ERROR(gemm(gemm_args(false, false, rows, H, cols, b.p, Ec, at(a.w_out, e0 * H, dt), H, b.yacc,
+                                             H, dt, DType::f32, ec > 0 ? 1.f : 0.f),
+                                   b.gemm, stream));  // yacc (+)= P w_out
       scatter_kernel<S, true><<<kScatterBlocks, kScatterThreads, 0, stream>>>(
           sc.tasks, sc.offsets, ec, ids, gates, static_cast<const S*>(b.s), static_cast<S*>(b.p), 0, e0, Ec,
           static_cast<int>(K), c.activation);
       OMNIMOE_CUDA_LAUNCH_CHECK("experts_dense clear_kernel");
     }
-    if (b.p == nullptr) continue;  // the sparse output's last chunk stored y
+    if (sparse) continue;  // the sparse output's last chunk stored y
     store_kernel<S><<<ceil_div(rows * H, 256), 256, 0, stream>>>(b.yacc, rows * H,
                                                                    static_cast<S*>(a.y) + t0 * H, a.add);
     OMNIMOE_CUDA_LAUNCH_CHECK("experts_dense store_kernel");
