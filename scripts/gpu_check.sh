@@ -2,11 +2,13 @@
 # One device call does everything: build (Release, sm_90a), CUDA tests, compute-sanitizer,
 # the benchmark and a per-kernel profile; CSVs go to $OUT (default ./out), the logs packed into
 # $OUT/logs.tar.gz at the end (the device tool returns at most 8 files).
-# Usage: scripts/gpu_check.sh [tests|sanitize|bench|bench_backward|profile|dense_outputs|all|python|train]...
+# Usage: scripts/gpu_check.sh [tests|sanitize|bench|bench_backward|profile|dense_outputs|paper|all|python|train]...
 #   (default: all = the five C++ steps; python = build the PyTorch package into
 #   build-python/site and run tests/python; train = build the package and run
 #   examples/train_lm.py --preset gpu, corpus from $OMNIMOE_CORPUS, default data/fortunes;
-#   dense_outputs = the paper family's forward with the dense path's output forced each way)
+#   dense_outputs = the paper family's forward with the dense path's output forced each way;
+#   paper = `omnimoe bench --suite paper` (OmniMoE beside the five baselines, DESIGN section 3;
+#   needs the default OMNIMOE_BASELINES=ON build; plot its CSV with scripts/plot_paper.py)
 #   TRAIN_ARGS="..."  extra train_lm.py arguments (e.g. --steps 20 --ffn omnimoe)
 #   BENCH_ONLY=text   limit the benchmark to configurations whose name contains text
 #   PROFILE_ONLY=text configuration(s) to profile (default: two representative ones)
@@ -22,7 +24,7 @@ steps=("${@:-all}")
 want() {
   for s in "${steps[@]}"; do
     [[ $s == "$1" ]] && return 0
-    [[ $s == all && $1 != python && $1 != train && $1 != dense_outputs ]] && return 0
+    [[ $s == all && $1 != python && $1 != train && $1 != dense_outputs && $1 != paper ]] && return 0
   done
   return 1
 }
@@ -30,7 +32,8 @@ status=0
 
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,driver_version --format=csv | tee "$OUT/gpu.txt"
 date -u +"%Y-%m-%d %H:%M UTC" >>"$OUT/gpu.txt"
-if want tests || want sanitize || want bench || want bench_backward || want profile || want dense_outputs; then
+if want tests || want sanitize || want bench || want bench_backward || want profile || want dense_outputs ||
+  want paper; then
   cmake -S . -B build-gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DOMNIMOE_FUZZ=OFF ${CMAKE_ARGS:-} >"$OUT/build.log" 2>&1 || { tail -30 "$OUT/build.log"; exit 1; }
   cmake --build build-gpu -j 16 ${BUILD_TARGETS:+--target $BUILD_TARGETS} >>"$OUT/build.log" 2>&1 || { grep -E "error|FAILED" "$OUT/build.log" | head -40; exit 1; }
 fi
@@ -67,6 +70,7 @@ racecheck() {
   grep -E "RACECHECK SUMMARY|PASSED|FAILED" "$OUT/racecheck.log" | tee -a "$OUT/sanitize.log"
   [[ $rc == 0 && $ours == 0 ]] || status=1
   grep -E "Race reported" "$OUT/racecheck.log" | grep -v nvjet | head -5 >>"$OUT/sanitize.log"
+  [[ $rc == 0 ]] || { grep -vE "^=========  |^=========$" "$OUT/racecheck.log" | tail -40 >>"$OUT/sanitize.log"; }
   rm -f "$OUT/racecheck.log"
 }
 if want sanitize; then
@@ -104,6 +108,11 @@ if want dense_outputs; then  # where the sparse output beats the product with P 
     OMNIMOE_DENSE_OUTPUT=$mode build-gpu/omnimoe bench --device cuda --suite omnimoe --only "${BENCH_ONLY:-paper-}" \
       --csv "$OUT/dense_output_$mode.csv" >"$OUT/dense_output_$mode.log" 2>&1 || status=1
   done
+fi
+if want paper; then
+  build-gpu/omnimoe bench --suite paper --device cuda --csv "$OUT/paper.csv" >"$OUT/paper.log" 2>&1 || status=1
+  grep -E "FAIL|error" "$OUT/paper.log" | head -5
+  tail -3 "$OUT/paper.log"
 fi
 if want profile; then
   : >"$OUT/profile.log"
