@@ -12,6 +12,10 @@
 #   TRAIN_ARGS="..."  extra train_lm.py arguments (e.g. --steps 20 --ffn omnimoe)
 #   BENCH_ONLY=text   limit the benchmark to configurations whose name contains text
 #   PROFILE_ONLY=text configuration(s) to profile (default: two representative ones)
+#   PROFILE_KERNEL=re the profile step instead reads one launch of the kernels matching re
+#                     (ncu's throughput, memory, warp-state and occupancy sections), forward
+#                     of the PROFILE_ONLY configurations; PROFILE_SKIP launches skipped first
+#                     (default 20: past the first chunks and the warm-up)
 #   TESTS_ONLY=regex  limit the CUDA test suites to those ctest -R matches
 #   SANITIZE_FILTER=f the gtest filter the sanitizers run (default: a cross-section)
 #   SANITIZE_DENSE_FILTER=f the same for the runs with the dense path's output forced
@@ -114,7 +118,18 @@ if want paper; then
   grep -E "FAIL|error" "$OUT/paper.log" | head -5
   tail -3 "$OUT/paper.log"
 fi
-if want profile; then
+if want profile && [[ -n ${PROFILE_KERNEL:-} ]]; then
+  : >"$OUT/profile.log"
+  for cfg in ${PROFILE_ONLY:-paper-k512-t4096}; do
+    echo "=== $cfg, kernels ~ $PROFILE_KERNEL" >>"$OUT/profile.log"
+    ncu --clock-control none --cache-control none --section SpeedOfLight --section MemoryWorkloadAnalysis \
+      --section WarpStateStats --section Occupancy --section LaunchStats -k "regex:$PROFILE_KERNEL" \
+      --launch-skip "${PROFILE_SKIP:-20}" --launch-count 1 \
+      build-gpu/omnimoe bench --device cuda --suite omnimoe --only "$cfg" --reps 2 >>"$OUT/profile.log" 2>&1
+  done
+  grep -vE "^\[" "$OUT/profile.log" | grep -E "^===|  [a-z_]+.*\(|Throughput|Hit Rate|Duration|Stall|Occupancy|Registers|Bandwidth" |
+    head -60
+elif want profile; then
   : >"$OUT/profile.log"
   for cfg in ${PROFILE_ONLY:-lm-1024x1024-t4096 paper-k512-t4096}; do
     echo "=== $cfg" >>"$OUT/profile.log"
