@@ -29,6 +29,9 @@ namespace omnimoe {
 Status measure_ceilings(Device, double*, double*) {
   return {StatusCode::unsupported, "measure_ceilings: this build of omnimoe has no CUDA backend"};
 }
+Status measure_l2_gather_rate(Device, double*) {
+  return {StatusCode::unsupported, "measure_l2_gather_rate: this build of omnimoe has no CUDA backend"};
+}
 Status time_dense_equivalent(const Config&, std::int64_t, DType, int, double*) {
   return {StatusCode::unsupported, "time_dense_equivalent: this build of omnimoe has no CUDA backend"};
 }

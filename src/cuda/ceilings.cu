@@ -20,6 +20,43 @@ __global__ void fill_random_bf16(__nv_bfloat16* p, std::int64_t n, unsigned seed
   p[i] = __float2bfloat16(static_cast<float>(h & 0xffff) / 32768.f - 1.f + 1.f / 65536.f);
 }
 
+// Random row indices in [0, rows).
+__global__ void fill_random_rows(std::int32_t* p, std::int64_t n, std::int32_t rows, unsigned seed) {
+  const std::int64_t i = static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= n) return;
+  unsigned h = static_cast<unsigned>(i) * 2654435761u ^ seed;
+  h ^= h >> 16;
+  h *= 2246822519u;
+  h ^= h >> 13;
+  p[i] = static_cast<std::int32_t>(h % static_cast<unsigned>(rows));
+}
+
+// Gathers of whole 2 KB rows by index, a warp per row, two rows in flight, 16-byte loads:
+// the access pattern of the dense path's sparse output. Each warp folds what it read into one
+// word (so nothing is optimised away) and stores it.
+constexpr int kGatherRowBytes = 2048;
+__global__ void gather_rows_kernel(const uint4* __restrict__ table, const std::int32_t* __restrict__ idx,
+                                   std::int64_t n, unsigned* __restrict__ sink) {
+  constexpr int kVecs = kGatherRowBytes / 16 / 32;  // 16-byte vectors per lane and row
+  const int lane = threadIdx.x & 31;
+  const std::int64_t warp = (static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
+  const std::int64_t warps = (static_cast<std::int64_t>(gridDim.x) * blockDim.x) >> 5;
+  unsigned fold = 0;
+  for (std::int64_t i = 2 * warp; i < n; i += 2 * warps) {
+    const std::int64_t r0 = idx[i], r1 = i + 1 < n ? idx[i + 1] : r0;
+    uint4 v[2][kVecs];
+#pragma unroll
+    for (int j = 0; j < kVecs; ++j) {
+      v[0][j] = table[r0 * (kGatherRowBytes / 16) + j * 32 + lane];
+      v[1][j] = table[r1 * (kGatherRowBytes / 16) + j * 32 + lane];
+    }
+#pragma unroll
+    for (int j = 0; j < kVecs; ++j)  // every word, so every load stays a whole 16-byte load
+      fold ^= v[0][j].x ^ v[0][j].y ^ v[0][j].z ^ v[0][j].w ^ v[1][j].x ^ v[1][j].y ^ v[1][j].z ^ v[1][j].w;
+  }
+  sink[(static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x)] = fold;
+}
+
 template <class Fn>
 Status median_ms(Fn&& fn, int reps, double* out) {
   cudaEvent_t a, b;
@@ -82,6 +119,45 @@ Status measure_ceilings(Device d, double* flops_per_s, double* bytes_per_s) {
   OMNIMOE_RETURN_IF_ERROR(st);
   *flops_per_s = 2.0 * n * n * n / (gemm_ms * 1e-3);
   *bytes_per_s = 2.0 * static_cast<double>(copy_bytes) / (copy_ms * 1e-3);
+  return Status::Ok();
+}
+
+Status measure_l2_gather_rate(Device d, double* bytes_per_s) {
+  if (d != Device::cuda) return {StatusCode::unsupported, "measure_l2_gather_rate: CUDA only"};
+  constexpr std::int32_t rows = 8192;                 // 16 MB: an expert chunk's w_out rows
+  constexpr std::int64_t n = std::int64_t{1} << 22;   // 8 GiB of rows per pass
+  constexpr int threads = 256;
+  int sms = 0;
+  OMNIMOE_CUDA_TRY(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
+  const int blocks = 8 * sms;  // 64 warps per SM, as many as fit
+  void *table = nullptr, *idx = nullptr, *sink = nullptr;
+  auto release = [&] {
+    for (void* p : {table, idx, sink}) cudaFree(p);
+  };
+  Status st = cuda::cuda_status(cudaMalloc(&table, std::size_t{rows} * kGatherRowBytes), "cudaMalloc");
+  if (st.ok()) st = cuda::cuda_status(cudaMalloc(&idx, n * sizeof(std::int32_t)), "cudaMalloc");
+  if (st.ok()) st = cuda::cuda_status(cudaMalloc(&sink, std::size_t{1} * blocks * threads * sizeof(unsigned)), "cudaMalloc");
+  if (!st.ok()) {
+    release();
+    return st;
+  }
+  const std::int64_t elems = std::int64_t{rows} * kGatherRowBytes / 2;
+  fill_random_bf16<<<static_cast<unsigned>(elems / 256), 256>>>(static_cast<__nv_bfloat16*>(table), elems, 5u);
+  fill_random_rows<<<static_cast<unsigned>(n / 256), 256>>>(static_cast<std::int32_t*>(idx), n, rows, 6u);
+  double ms = 0;
+  st = cuda::cuda_status(cudaGetLastError(), "fill kernels");
+  if (st.ok())
+    st = median_ms(
+        [&] {
+          gather_rows_kernel<<<blocks, threads>>>(static_cast<const uint4*>(table),
+                                                  static_cast<const std::int32_t*>(idx), n,
+                                                  static_cast<unsigned*>(sink));
+          return cuda::cuda_status(cudaGetLastError(), "gather_rows_kernel");
+        },
+        10, &ms);
+  release();
+  OMNIMOE_RETURN_IF_ERROR(st);
+  *bytes_per_s = static_cast<double>(n) * kGatherRowBytes / (ms * 1e-3);
   return Status::Ok();
 }
 

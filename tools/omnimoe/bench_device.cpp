@@ -59,6 +59,8 @@ Ceilings cuda_ceilings(DType dtype) {
     std::fprintf(stderr, "omnimoe: no device ceilings, floor and ratio left empty: %s\n", s.message().c_str());
     return {};
   }
+  if (Status s = omnimoe::measure_l2_gather_rate(Device::cuda, &c.l2_gather_bytes_per_s); !s.ok())
+    std::fprintf(stderr, "omnimoe: no L2 gather rate: %s\n", s.message().c_str());
   return c;
 }
 

@@ -15,6 +15,7 @@ namespace omnimoe::tool {
 struct Ceilings {
   double flops_per_s = 0;  // dense matrix products (CPU: sgemm; CUDA: bf16 tensor cores)
   double bytes_per_s = 0;  // memory bandwidth, read + write bytes (a large copy)
+  double l2_gather_bytes_per_s = 0;  // CUDA: 2 KB rows gathered from L2 (context, not in the floor)
   bool known() const { return flops_per_s > 0 && bytes_per_s > 0; }
 };
 

@@ -88,6 +88,9 @@ int cmd_bench(Args& args) {
   if (ceil.known())
     std::fprintf(stderr, "ceilings: %.2f TFLOP/s products, %.1f GB/s copy\n", ceil.flops_per_s * 1e-12,
                  ceil.bytes_per_s * 1e-9);
+  if (ceil.l2_gather_bytes_per_s > 0)
+    std::fprintf(stderr, "context: %.1f GB/s gathering 2 KB rows from L2 (16 MB table, random order)\n",
+                 ceil.l2_gather_bytes_per_s * 1e-9);
   const bool mlp_baseline = cpu && dtype == DType::f32 && !train_step;
 
   const bool gpu = device == Device::cuda;
