@@ -13,9 +13,11 @@
 #   BENCH_ONLY=text   limit the benchmark to configurations whose name contains text
 #   PROFILE_ONLY=text configuration(s) to profile (default: two representative ones)
 #   PROFILE_KERNEL=re the profile step instead reads one launch of the kernels matching re
-#                     (ncu's throughput, memory, warp-state and occupancy sections), forward
-#                     of the PROFILE_ONLY configurations; PROFILE_SKIP launches skipped first
-#                     (default 20: past the first chunks and the warm-up)
+#                     (ncu's throughput, memory, warp-state and occupancy sections and the
+#                     stall reasons), forward of the PROFILE_ONLY configurations (default
+#                     paper-k512-t4096); PROFILE_SKIP matching launches skipped first (default
+#                     20: inside the warm-up forward, past its first expert chunks; the bench's
+#                     ceilings run first, so a regex must not match their kernels)
 #   TESTS_ONLY=regex  limit the CUDA test suites to those ctest -R matches
 #   SANITIZE_FILTER=f the gtest filter the sanitizers run (default: a cross-section)
 #   SANITIZE_DENSE_FILTER=f the same for the runs with the dense path's output forced
@@ -74,7 +76,7 @@ racecheck() {
   grep -E "RACECHECK SUMMARY|PASSED|FAILED" "$OUT/racecheck.log" | tee -a "$OUT/sanitize.log"
   [[ $rc == 0 && $ours == 0 ]] || status=1
   grep -E "Race reported" "$OUT/racecheck.log" | grep -v nvjet | head -5 >>"$OUT/sanitize.log"
-  [[ $rc == 0 ]] || { grep -vE "^=========  |^=========$" "$OUT/racecheck.log" | tail -40 >>"$OUT/sanitize.log"; }
+  [[ $rc == 0 ]] || { grep -vE "^=========  |^=========$|Race reported" "$OUT/racecheck.log" | tail -40 >>"$OUT/sanitize.log"; }
   rm -f "$OUT/racecheck.log"
 }
 if want sanitize; then
@@ -96,7 +98,7 @@ if want bench; then
   grep -E "FAIL|passed" "$OUT/check_cuda.log"
   build-gpu/omnimoe bench --device cuda --suite omnimoe ${BENCH_ONLY:+--only $BENCH_ONLY} --csv "$OUT/bench_omnimoe.csv" \
     >"$OUT/bench_omnimoe.log" 2>&1 || status=1
-  grep -E "ceilings|MISS|PASS" "$OUT/bench_omnimoe.log" | grep -v workspace
+  grep -E "ceilings|context:|L2 gather|MISS|PASS" "$OUT/bench_omnimoe.log" | grep -v workspace
 fi
 if want bench_backward; then
   build-gpu/omnimoe bench --device cuda --suite omnimoe --backward ${BENCH_ONLY:+--only $BENCH_ONLY} \
@@ -124,11 +126,12 @@ if want profile && [[ -n ${PROFILE_KERNEL:-} ]]; then
     echo "=== $cfg, kernels ~ $PROFILE_KERNEL" >>"$OUT/profile.log"
     ncu --clock-control none --cache-control none --section SpeedOfLight --section MemoryWorkloadAnalysis \
       --section WarpStateStats --section Occupancy --section LaunchStats -k "regex:$PROFILE_KERNEL" \
+      --metrics "regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio" \
       --launch-skip "${PROFILE_SKIP:-20}" --launch-count 1 \
       build-gpu/omnimoe bench --device cuda --suite omnimoe --only "$cfg" --reps 2 >>"$OUT/profile.log" 2>&1
   done
-  grep -vE "^\[" "$OUT/profile.log" | grep -E "^===|  [a-z_]+.*\(|Throughput|Hit Rate|Duration|Stall|Occupancy|Registers|Bandwidth" |
-    head -60
+  grep -vE "^\[" "$OUT/profile.log" |
+    grep -iE "^===|^  [a-zA-Z_].*\(|Throughput|Hit Rate|Duration|stalled|Occupancy|Registers Per|Bandwidth" | head -80
 elif want profile; then
   : >"$OUT/profile.log"
   for cfg in ${PROFILE_ONLY:-lm-1024x1024-t4096 paper-k512-t4096}; do

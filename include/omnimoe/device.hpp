@@ -53,7 +53,7 @@ namespace omnimoe {
 Status measure_ceilings(Device d, double* flops_per_s, double* bytes_per_s);
 // The rate of whole-row gathers from L2 (CUDA): 2 KB rows of a 16 MB table (an expert
 // chunk's rows at H = 1024 in 16-bit storage) read in random order, a warp per row, two rows
-// in flight, every SM busy; bytes of rows read per second. For the cost models of paths that
+// in flight, one wave of as many warps per SM as fit; bytes of rows read per second. For the cost models of paths that
 // read expert rows from L2 (the dense path's sparse output). CUDA only.
 Status measure_l2_gather_rate(Device d, double* bytes_per_s);
 

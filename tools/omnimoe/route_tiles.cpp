@@ -13,6 +13,8 @@
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <exception>
+#include <string>
 #include <memory>
 #include <vector>
 
@@ -21,7 +23,9 @@
 using namespace omnimoe;
 using namespace omnimoe::tool;
 
-int main(int argc, char** argv) {
+namespace {
+
+int run(int argc, char** argv) {
   const long T = argc > 1 ? std::atol(argv[1]) : 1024, K = argc > 2 ? std::atol(argv[2]) : 512;
   const auto seed = static_cast<std::uint64_t>(argc > 3 ? std::atoll(argv[3]) : 1);
   Config cfg;
@@ -39,6 +43,7 @@ int main(int argc, char** argv) {
   Status st = forward_workspace_size(cfg, T, DType::f32, Device::cpu, &bytes);
   const std::size_t rounded = (bytes + 255) / 256 * 256;
   std::unique_ptr<void, decltype(&std::free)> ws(std::aligned_alloc(256, std::max<std::size_t>(rounded, 256)), std::free);
+  if (st.ok() && ws == nullptr) st = {StatusCode::internal, "no host memory for a " + std::to_string(bytes) + "-byte workspace"};
   if (st.ok()) st = forward(cfg, Mode::inference, l.x[0].view(), l.params(), out.outputs(), Workspace{ws.get(), bytes});
   if (!st.ok()) {
     std::fprintf(stderr, "route_tiles: %s\n", st.message().c_str());
@@ -73,8 +78,19 @@ int main(int argc, char** argv) {
     const double random = static_cast<double>(tiles) * (1 - std::pow(1 - static_cast<double>(tile) / N, K));
     char spread[64];
     std::snprintf(spread, sizeof spread, "%ld/%ld/%ld/%ld", sorted[0], sorted[T / 2], sorted[T * 9 / 10], sorted[T - 1]);
-    std::printf("%6ld %6ld %27s %11.0f %9.0f %6.3f %12.0f %5ld\n", tile, tiles, spread, random, pairs,
+    std::printf("%6ld %6ld %27s %11.0f %9.0f %6.3f %12.1f %5ld\n", tile, tiles, spread, random, pairs,
                 pairs / (static_cast<double>(T) * tiles), pairs / static_cast<double>(tiles), most);
   }
   return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  try {
+    return run(argc, argv);
+  } catch (const std::exception& e) {  // random_layer and the tensors throw on failure
+    std::fprintf(stderr, "route_tiles: %s\n", e.what());
+    return 1;
+  }
 }
