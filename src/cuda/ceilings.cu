@@ -9,26 +9,24 @@
 namespace omnimoe {
 namespace {
 
-// Random bf16 in [-1, 1) (never zeros: zeros run faster than real data).
-__global__ void fill_random_bf16(__nv_bfloat16* p, std::int64_t n, unsigned seed) {
-  const std::int64_t i = static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (i >= n) return;
+// A well-mixed 32-bit hash of an element index.
+__device__ __forceinline__ unsigned hash_index(std::int64_t i, unsigned seed) {
   unsigned h = static_cast<unsigned>(i) * 2654435761u ^ seed;
   h ^= h >> 15;
   h *= 2246822519u;
-  h ^= h >> 13;
-  p[i] = __float2bfloat16(static_cast<float>(h & 0xffff) / 32768.f - 1.f + 1.f / 65536.f);
+  return h ^ (h >> 13);
+}
+
+// Random bf16 in [-1, 1) (never zeros: zeros run faster than real data).
+__global__ void fill_random_bf16(__nv_bfloat16* p, std::int64_t n, unsigned seed) {
+  const std::int64_t i = static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i < n) p[i] = __float2bfloat16(static_cast<float>(hash_index(i, seed) & 0xffff) / 32768.f - 1.f + 1.f / 65536.f);
 }
 
 // Random row indices in [0, rows).
 __global__ void fill_random_rows(std::int32_t* p, std::int64_t n, std::int32_t rows, unsigned seed) {
   const std::int64_t i = static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (i >= n) return;
-  unsigned h = static_cast<unsigned>(i) * 2654435761u ^ seed;
-  h ^= h >> 16;
-  h *= 2246822519u;
-  h ^= h >> 13;
-  p[i] = static_cast<std::int32_t>(h % static_cast<unsigned>(rows));
+  if (i < n) p[i] = static_cast<std::int32_t>(hash_index(i, seed) % static_cast<unsigned>(rows));
 }
 
 // Gathers of whole 2 KB rows by index, a warp per row, two rows in flight, 16-byte loads:
