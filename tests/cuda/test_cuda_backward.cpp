@@ -4,7 +4,11 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdlib>
+#include <numeric>
+#include <random>
+#include <vector>
 
 #include "core/backend.hpp"
 #include "cuda/cuda_helpers.hpp"
@@ -228,6 +232,77 @@ TEST(CudaBackwardHot, SplitSegmentsMatchReference) {
     EXPECT_TRUE(again.all()[i]->bitwise_equal(*got.all()[i])) << kTrainableNames[i];
   }
   expect_sparse_matches_dense(cfg, Mode::training, dev, dids, ids, ddy, got, dt, ws);
+}
+
+// A caller's routing may name one expert twice for a token (its terms sum, as in the
+// forward) or name an id outside [0, N). Duplicates: every gradient as the CPU float64
+// backward's. A bad id: that token's dx row becomes NaN (the GPU cannot report it without a
+// host synchronisation), and in inference mode, where tokens do not meet in batch
+// statistics, every other token's dx row is as it was with a valid id there.
+TEST(CudaBackwardCallerIds, DuplicatesSumAndBadIdsPoisonTheirRow) {
+  if (!have_gpu()) GTEST_SKIP() << "no CUDA device";
+  for (DType dt : {DType::f32, DType::bf16}) {
+    const Config cfg = make_config(64, 32, 12, 10, 8, RouterNorm::batchnorm, GateKind::softmax, Activation::gelu);
+    const std::int64_t T = 40, K = cfg.top_k, N = cfg.num_experts(), H = cfg.hidden;
+    const Problem stored = convert_problem(make_problem(cfg, T, DType::f64, test_seed(dt == DType::f32)), dt);
+    const Problem ref = convert_problem(stored, DType::f64);
+    std::mt19937_64 rng(test_seed(13));
+    HostTensor ids(DType::i64, {T, K});
+    for (std::int64_t t = 0; t < T; ++t) {
+      std::vector<std::int64_t> perm(N);
+      std::iota(perm.begin(), perm.end(), 0);
+      std::shuffle(perm.begin(), perm.end(), rng);
+      for (std::int64_t k = 0; k < K; ++k) ids.set(t * K + k, static_cast<double>(perm[k]));
+    }
+    ids.set(6 * K + 1, ids.get(6 * K + 0));  // token 6 names one expert twice
+    HostTensor dy(dt, {T, H}), dy64(DType::f64, {T, H});
+    fill_normal(dy, rng, 1.0);
+    dy64.from_f64(dy.to_f64());
+    Grads want = make_grads(cfg, T, DType::f64);
+    ASSERT_TRUE(run_backward(ref, Mode::inference, ids, dy64, want).ok());
+
+    DeviceProblem dev(stored);
+    DeviceTensor ddy(dy);
+    std::size_t bytes = 0;
+    ASSERT_TRUE(backward_workspace_size(cfg, T, dt, Device::cuda, &bytes).ok());
+    DeviceWorkspace ws(bytes);
+    auto run = [&](const HostTensor& routing, Grads& out) {
+      DeviceTensor dids(routing);
+      DeviceGrads dg(out);
+      dg.poison();
+      const Status st =
+          backward(cfg, Mode::inference, dev.x.view(), dev.params(), dids.view(), ddy.view(), dg.view(), ws.ws());
+      ASSERT_TRUE(st.ok()) << st.message();
+      ASSERT_TRUE(synchronize(Device::cuda).ok());
+      dg.download(out);
+    };
+    Grads got = make_grads(cfg, T, dt);
+    run(ids, got);
+    const double tol = dt == DType::f32 ? 1e-4 : 3e-2;
+    const auto gw = want.all();
+    for (std::size_t i = 0; i < gw.size(); ++i) {
+      if (!gw[i]->defined()) continue;
+      EXPECT_EQ(got.all()[i]->count_nonfinite(), 0) << kTrainableNames[i] << " " << dtype_name(dt);
+      EXPECT_LE(rel_error(got.all()[i]->to_f64(), gw[i]->to_f64()), tol) << kTrainableNames[i] << " " << dtype_name(dt);
+    }
+
+    HostTensor bad_ids = ids;
+    bad_ids.set(5 * K + 3, static_cast<double>(N + 4));  // token 5: out of range
+    Grads bad = make_grads(cfg, T, dt);
+    run(bad_ids, bad);
+    const auto bx = bad.x.to_f64(), gx = got.x.to_f64();
+    std::vector<double> a, b;
+    for (std::int64_t t = 0; t < T; ++t)
+      for (std::int64_t h = 0; h < H; ++h) {
+        if (t == 5) {
+          ASSERT_TRUE(std::isnan(bx[t * H + h])) << "a bad id must poison its token's dx row, " << dtype_name(dt);
+          continue;
+        }
+        a.push_back(bx[t * H + h]);
+        b.push_back(gx[t * H + h]);
+      }
+    EXPECT_LE(rel_error(a, b), 1e-6) << "other tokens' dx rows, " << dtype_name(dt);
+  }
 }
 
 using RN = RouterNorm;
