@@ -4,6 +4,9 @@
 
 #include <cuda_runtime.h>
 
+#include <algorithm>
+#include <numeric>
+#include <random>
 #include <vector>
 
 #include "core/backend.hpp"
@@ -138,6 +141,18 @@ class MisalignedCopies {
 };
 
 inline bool have_gpu() { return cuda_available(); }
+
+// A caller's routing [T, K] (i64): K distinct uniform random experts of N per token.
+inline HostTensor random_distinct_ids(std::int64_t T, std::int64_t K, std::int64_t N, std::mt19937_64& rng) {
+  HostTensor ids(DType::i64, {T, K});
+  std::vector<std::int64_t> perm(static_cast<std::size_t>(N));
+  for (std::int64_t t = 0; t < T; ++t) {
+    std::iota(perm.begin(), perm.end(), 0);
+    std::shuffle(perm.begin(), perm.end(), rng);
+    for (std::int64_t k = 0; k < K; ++k) ids.set(t * K + k, static_cast<double>(perm[k]));
+  }
+  return ids;
+}
 
 // The config.schedule cases: the config must take the experts path `want`, and the
 // automatic rule must not (else the case would not show that the config decides). Host code:

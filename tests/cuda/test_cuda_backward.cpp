@@ -6,8 +6,6 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
-#include <numeric>
-#include <random>
 #include <vector>
 
 #include "core/backend.hpp"
@@ -247,13 +245,7 @@ TEST(CudaBackwardCallerIds, DuplicatesSumAndBadIdsPoisonTheirRow) {
     const Problem stored = convert_problem(make_problem(cfg, T, DType::f64, test_seed(dt == DType::f32)), dt);
     const Problem ref = convert_problem(stored, DType::f64);
     std::mt19937_64 rng(test_seed(13));
-    HostTensor ids(DType::i64, {T, K});
-    for (std::int64_t t = 0; t < T; ++t) {
-      std::vector<std::int64_t> perm(N);
-      std::iota(perm.begin(), perm.end(), 0);
-      std::shuffle(perm.begin(), perm.end(), rng);
-      for (std::int64_t k = 0; k < K; ++k) ids.set(t * K + k, static_cast<double>(perm[k]));
-    }
+    HostTensor ids = random_distinct_ids(T, K, N, rng);
     ids.set(6 * K + 1, ids.get(6 * K + 0));  // token 6 names one expert twice
     HostTensor dy(dt, {T, H}), dy64(DType::f64, {T, H});
     fill_normal(dy, rng, 1.0);

@@ -372,16 +372,8 @@ TEST(CudaRouted, MatchesCpuForSameRouting) {
     const Problem stored = convert_problem(make_problem(cfg, T, DType::f64, test_seed(dt == DType::f32)), dt);
     const Problem ref = convert_problem(stored, DType::f64);
     std::mt19937_64 rng(test_seed(7));
-    HostTensor ids(DType::i64, {T, K}), gates32(DType::f32, {T, K});
-    for (std::int64_t t = 0; t < T; ++t) {
-      std::vector<std::int64_t> perm(N);
-      std::iota(perm.begin(), perm.end(), 0);
-      std::shuffle(perm.begin(), perm.end(), rng);
-      for (std::int64_t k = 0; k < K; ++k) {
-        ids.set(t * K + k, static_cast<double>(perm[k]));
-        gates32.set(t * K + k, std::uniform_real_distribution<double>(0.01, 1.0)(rng));
-      }
-    }
+    HostTensor ids = random_distinct_ids(T, K, N, rng), gates32(DType::f32, {T, K});
+    for (std::int64_t i = 0; i < T * K; ++i) gates32.set(i, std::uniform_real_distribution<double>(0.01, 1.0)(rng));
     ids.set(5 * K + 3, static_cast<double>(N + 4));  // token 5: out of range
     ids.set(6 * K + 1, ids.get(6 * K + 0));          // token 6 names one expert twice: the terms sum
     HostTensor gates64(DType::f64, {T, K});

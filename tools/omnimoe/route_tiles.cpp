@@ -14,8 +14,6 @@
 #include <cstdio>
 #include <cstdlib>
 #include <exception>
-#include <string>
-#include <memory>
 #include <vector>
 
 #include "layer_tensors.hpp"
@@ -39,12 +37,9 @@ int run(int argc, char** argv) {
   }
   const LayerTensors l = random_layer(cfg, T, DType::f32, Device::cpu, seed);
   const ForwardBuffers out = forward_buffers(l, DType::i64);
-  std::size_t bytes = 0;
-  Status st = forward_workspace_size(cfg, T, DType::f32, Device::cpu, &bytes);
-  const std::size_t rounded = (bytes + 255) / 256 * 256;
-  std::unique_ptr<void, decltype(&std::free)> ws(std::aligned_alloc(256, std::max<std::size_t>(rounded, 256)), std::free);
-  if (st.ok() && ws == nullptr) st = {StatusCode::internal, "no host memory for a " + std::to_string(bytes) + "-byte workspace"};
-  if (st.ok()) st = forward(cfg, Mode::inference, l.x[0].view(), l.params(), out.outputs(), Workspace{ws.get(), bytes});
+  const Buffer ws = workspace(l, false);
+  const Status st =
+      forward(cfg, Mode::inference, l.x[0].view(), l.params(), out.outputs(), Workspace{ws.data(), ws.bytes()});
   if (!st.ok()) {
     std::fprintf(stderr, "route_tiles: %s\n", st.message().c_str());
     return 1;
@@ -69,15 +64,14 @@ int run(int argc, char** argv) {
       }
       per_token[t] = n;
     }
-    std::vector<long> sorted = per_token;
-    std::sort(sorted.begin(), sorted.end());
+    std::sort(per_token.begin(), per_token.end());
     double pairs = 0;
     long most = 0;
     for (long c : tokens_of) pairs += static_cast<double>(c), most = std::max(most, c);
     // Uniform random distinct ids: a tile of width w is missed with probability ~(1 - w/N)^K.
     const double random = static_cast<double>(tiles) * (1 - std::pow(1 - static_cast<double>(tile) / N, K));
     char spread[64];
-    std::snprintf(spread, sizeof spread, "%ld/%ld/%ld/%ld", sorted[0], sorted[T / 2], sorted[T * 9 / 10], sorted[T - 1]);
+    std::snprintf(spread, sizeof spread, "%ld/%ld/%ld/%ld", per_token[0], per_token[T / 2], per_token[T * 9 / 10], per_token[T - 1]);
     std::printf("%6ld %6ld %27s %11.0f %9.0f %6.3f %12.1f %5ld\n", tile, tiles, spread, random, pairs,
                 pairs / (static_cast<double>(T) * tiles), pairs / static_cast<double>(tiles), most);
   }
