@@ -136,9 +136,10 @@ inline int token_warps(i64 T, i64 K) {
 // slots of a tile are cut into blocks of 64, one CTA of the tile product each.
 struct TaskScores {
   GroupSchedule sort;          // the chunk's tasks by 64-expert tile (groups: n_ec tiles)
-  i32* first = nullptr;        // [chunk K + 1] slot-start flags per sorted position, then per
-                               // slot its first sorted position (entry `slots`: the tasks' end)
-  i32* incl = nullptr;         // [chunk K] inclusive scan of the flags: position p is in slot incl[p] - 1
+  i32* first = nullptr;        // [chunk K] slot-start flags per sorted position, then per slot its
+                               // first sorted position (set per call: the sort's spare keys)
+  i32* incl = nullptr;         // [chunk K] inclusive scan of the flags: position p is in slot
+                               // incl[p] - 1 (set per call: the sort's spare values)
   i32* tile_slots = nullptr;   // [tiles + 1] first slot of each tile; entry `tiles`: the slot count
   i32* tile_blocks = nullptr;  // [tiles + 1] 64-slot blocks per tile (entry `tiles`: 0)
   i32* block_off = nullptr;    // [tiles + 1] their exclusive scan; entry `tiles`: the block count

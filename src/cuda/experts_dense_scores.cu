@@ -7,7 +7,9 @@
 //      tasks are in token order), ids < 0 past the last tile;
 //   2. slots: the distinct (tile, token) pairs of the sorted tasks (a flag where the tile or
 //      the token changes, a CUB scan), per slot its first sorted position, per tile its
-//      first slot and its blocks of 64 slots (CUB scan into block offsets);
+//      first slot and its blocks of 64 slots (CUB scan into block offsets); the per-task
+//      arrays live in the sort's spare halves (its double buffers), so the slots cost no
+//      memory per task beyond the sort's 16 bytes;
 //   3. one CTA per block: the 64 slots' x rows gathered against the tile's 64 w_in rows
 //      (grouped::tile_product), then each of the block's sorted positions (a contiguous
 //      range) reads its cell: s[task] = C[slot][id - tile base], rounded to the storage
@@ -43,15 +45,13 @@ __global__ void slot_flags_kernel(const unsigned* __restrict__ keys, const i32* 
   if (p < n) flags[p] = slot_start(keys, tasks, p, tiles, K) ? 1 : 0;
 }
 
-// first[slot] = its first sorted position, and first[slots] = the end of the valid tasks.
-// Overwrites the flags (recomputed here, never read): each entry has one writer.
+// first[slot] = its first sorted position. Overwrites the flags (recomputed here, never
+// read): each entry has one writer.
 __global__ void slot_first_kernel(const unsigned* __restrict__ keys, const i32* __restrict__ tasks,
                                   const i32* __restrict__ incl, i64 n, unsigned tiles, int K, i32* __restrict__ first) {
   const i64 p = static_cast<i64>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (p >= n) return;
   if (slot_start(keys, tasks, p, tiles, K)) first[incl[p] - 1] = static_cast<i32>(p);
-  const bool last_valid = keys[p] < tiles && (p + 1 == n || keys[p + 1] >= tiles);
-  if (last_valid) first[incl[p]] = static_cast<i32>(p + 1);
 }
 
 // Per tile g (and g = tiles): its first slot, and its blocks of kBM slots (0 for g = tiles).
@@ -69,6 +69,7 @@ struct TileArgs {
   i64 tiles, width;  // tile count and experts per tile (the last tile may hold fewer)
   const i32* block_off;
   const i32* tile_slots;
+  const i32* offsets;  // the sort's: offsets[tiles] is the end of the valid tasks
   const i32* first;
   const i32* incl;
   const i32* tasks;
@@ -106,10 +107,11 @@ __global__ void __launch_bounds__(kThreads) task_scores_tile_kernel(TileArgs p) 
   const S* B[2] = {static_cast<const S*>(p.w_in) + e0 * p.H, nullptr};
   grouped::tile_product<S, 1>(sm, arow, static_cast<const S*>(p.x), B, 0, cols, p.H, p.H);
 
-  // The block's tasks are the sorted positions of its slots: one contiguous range.
+  // The block's tasks are the sorted positions of its slots: one contiguous range, which
+  // ends where the next slot starts or, after the last slot, where the valid tasks end.
   const float* out = reinterpret_cast<const float*>(sm);
   S* s = static_cast<S*>(p.s);
-  const i32 end = p.first[slot0 + rows];
+  const i32 end = slot0 + rows < p.tile_slots[p.tiles] ? p.first[slot0 + rows] : p.offsets[p.tiles];
   for (i32 q = p.first[slot0] + threadIdx.x; q < end; q += kThreads) {
     const i32 task = p.tasks[q];
     const i64 r = p.incl[q] - 1 - slot0;
@@ -148,6 +150,9 @@ Status warp_scores(const ExpertsArgs& a, const TaskScores& ts, i64 t0, i64 rows,
 Status build_slots(const i32* ids, i64 rows, i64 K, TaskScores& ts, cudaStream_t stream) {
   GroupSchedule& sc = ts.sort;
   OMNIMOE_RETURN_IF_ERROR(schedule_groups(ids, rows, K, sc, stream));
+  // The sort's other halves are free now (which ones: decided on the host from the sizes).
+  ts.incl = sc.tasks == sc.vals[0] ? sc.vals[1] : sc.vals[0];
+  ts.first = reinterpret_cast<i32*>(sc.sorted == sc.keys[0] ? sc.keys[1] : sc.keys[0]);
   const i64 n = rows * K, tiles = sc.n_ec;
   const auto utiles = static_cast<unsigned>(tiles);
   slot_flags_kernel<<<ceil_div(n, 256), 256, 0, stream>>>(sc.sorted, sc.tasks, n, utiles, static_cast<int>(K),
@@ -177,7 +182,7 @@ Status tile_scores(const ExpertsArgs& a, TaskScores& ts, i64 t0, i64 rows, cudaS
   // Blocks: sum over tiles of ceil(slots / kBM) < tiles + slots / kBM, slots <= rows min(K, tiles).
   const i64 grid = sc.n_ec + (rows * std::min(K, sc.n_ec) + kBM - 1) / kBM;
   if (grid >= (i64{1} << 31)) return {StatusCode::internal, "experts_dense task scores: grid too large"};
-  const TileArgs p{sc.n_ec, sc.expert_chunk, ts.block_off, ts.tile_slots, ts.first, ts.incl, sc.tasks, ids,
+  const TileArgs p{sc.n_ec, sc.expert_chunk, ts.block_off, ts.tile_slots, sc.offsets, ts.first, ts.incl, sc.tasks, ids,
                    at(a.x, t0 * H, a.dtype), a.w_in, H, N, static_cast<int>(K), ts.s};
   task_scores_tile_kernel<S><<<static_cast<unsigned>(grid), kThreads, 0, stream>>>(p);
   OMNIMOE_CUDA_LAUNCH_CHECK("experts_dense task_scores_tile_kernel");
@@ -213,8 +218,6 @@ TaskScores carve_task_scores(Arena& a, i64 rows, i64 K, i64 N, DType dtype) {
   TaskScores s;
   s.sort = carve_group_schedule(a, rows, K, N, rows, kBM);  // one token chunk: groups are the tiles
   const i64 n = rows * K, tiles = s.sort.n_ec;
-  s.first = a.take<i32>(static_cast<std::size_t>(n + 1));
-  s.incl = a.take<i32>(static_cast<std::size_t>(n));
   s.tile_slots = a.take<i32>(static_cast<std::size_t>(tiles + 1));
   s.tile_blocks = a.take<i32>(static_cast<std::size_t>(tiles + 1));
   s.block_off = a.take<i32>(static_cast<std::size_t>(tiles + 1));
