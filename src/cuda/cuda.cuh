@@ -88,6 +88,7 @@ struct GroupSchedule {
   void* temp = nullptr;                    // CUB scratch
   std::size_t temp_bytes = 0;
   i32* tasks = nullptr;                    // out: the sorted task indices (one of vals)
+  const unsigned* sorted = nullptr;        // out: their group keys, ascending (one of keys)
 };
 std::size_t schedule_temp_bytes(i64 tasks, i64 groups);
 Status schedule_groups(const i32* ids, i64 T, i64 K, GroupSchedule& s, cudaStream_t stream);
@@ -121,15 +122,43 @@ inline int token_warps(i64 T, i64 K) {
   while (T < 4096 && w < 8 && 2 * w <= K && T * 2 * w <= 8192) w *= 2;
   return w;
 }
-// Dense regime: per (token chunk, expert chunk), S = x w_inᵀ (cuBLASLt), then the output at
-// the chosen (t, e) only: either warps per token adding g act(S) w_out[e] over its tasks
-// (sparse output), or P = g * act(S) at the chosen cells and 0 elsewhere, y += P w_out
-// (cuBLASLt). No T x N buffer, deterministic (no atomics). Buffers from DenseBuffers.
+// Dense regime, per token chunk. Two output forms (dense_output_sparse decides):
+//   product: per expert chunk, S = x w_inᵀ (cuBLASLt), P = g * act(S) at the chosen cells
+//            and 0 elsewhere, y += P w_out (cuBLASLt).
+//   sparse:  the scores at the chosen cells only (TaskScores: the chunk's tasks by 64-expert
+//            tile, a gathered tile product per (tile, 64 tokens that chose one of its
+//            experts)), then per expert chunk warps per token add g act(s) w_out[e] over its
+//            tasks in that chunk.
+// No T x N buffer, deterministic (no atomics). Buffers from DenseBuffers.
+//
+// The sparse form's scores of one token chunk of `rows` tokens (tasks numbered t K + k from
+// its first token). A slot is a distinct (tile, token) pair of the tile-sorted tasks; the
+// slots of a tile are cut into blocks of 64, one CTA of the tile product each.
+struct TaskScores {
+  GroupSchedule sort;          // the chunk's tasks by 64-expert tile (groups: n_ec tiles)
+  i32* first = nullptr;        // [chunk K] slot-start flags per sorted position, then per slot its
+                               // first sorted position (set per call: the sort's spare keys)
+  i32* incl = nullptr;         // [chunk K] inclusive scan of the flags: position p is in slot
+                               // incl[p] - 1 (set per call: the sort's spare values)
+  i32* tile_slots = nullptr;   // [tiles + 1] first slot of each tile; entry `tiles`: the slot count
+  i32* tile_blocks = nullptr;  // [tiles + 1] 64-slot blocks per tile (entry `tiles`: 0)
+  i32* block_off = nullptr;    // [tiles + 1] their exclusive scan; entry `tiles`: the block count
+  void* scan_temp = nullptr;   // CUB scan scratch
+  std::size_t scan_bytes = 0;
+  void* s = nullptr;           // [chunk K] out: s[t K + k] = x[t] . w_in[ids[t K + k]] in the storage
+                               // dtype (tasks with an id < 0 are left unwritten)
+};
+// Carved for token chunks of up to `rows` tokens (host-side CUB size queries only).
+TaskScores carve_task_scores(Arena& a, i64 rows, i64 K, i64 N, DType dtype);
+// The scores of tokens [t0, t0 + rows) at their tasks, into s.s: the tile product where
+// rows are whole 16-byte vectors and x, w_in 16-byte aligned, else a warp per task.
+Status dense_task_scores(const ExpertsArgs& a, TaskScores& s, i64 t0, i64 rows, cudaStream_t stream);
 struct DenseBuffers {
   GroupSchedule schedule;  // chunk extents; its sort buffers only with the product output
-  void* s = nullptr;       // [token_chunk, expert_chunk] scores, storage dtype
-  void* p = nullptr;       // [token_chunk, expert_chunk] storage dtype, kept zero between groups;
-                           // null: the sparse output
+  void* s = nullptr;       // product: [token_chunk, expert_chunk] scores, storage dtype
+  void* p = nullptr;       // product: [token_chunk, expert_chunk] storage dtype, kept zero between
+                           // groups; null: the sparse output
+  TaskScores scores;       // sparse: the chunk's scores at its tasks
   float* yacc = nullptr;   // [token_chunk, H]
   GemmWorkspace gemm;
 };

@@ -1,17 +1,19 @@
-// CUDA experts stage, dense regime (many tokens per expert): tensor-core products over
-// chunks of experts. Per token chunk, per expert chunk:
-//   S = x w_inᵀ                 cuBLASLt, storage dtype [rows, Ec]
-// then the output at the chunk's tasks, one of two ways (dense_output_sparse decides from
-// sizes, or the OMNIMOE_DENSE_OUTPUT test switch):
-//   sparse:  warps per token add g * act(S[t, e]) * w_out[e] over the token's tasks in this
-//            chunk, in a fixed order, into its fp32 row (the chunk's w_out rows stay in L2);
-//            the last chunk stores y. No schedule, no P buffer.
-//   product: its tasks sorted by expert chunk (CUB), P = g * act(S) at the tasks (0
-//            elsewhere), yacc (+)= P w_out (cuBLASLt, fp32), and y (+)= yacc at the end.
-// Only chunk-sized buffers exist (never T x N, and the schedule covers one token chunk), no
-// atomics on the outputs, sums in a fixed chunk and task order: deterministic. (P's cells
-// are added to, which only matters when a caller's routing names one expert twice for a
-// token.)
+// CUDA experts stage, dense regime (many tokens per expert), per token chunk. Two output
+// forms (dense_output_sparse decides from sizes, or the OMNIMOE_DENSE_OUTPUT test switch):
+//   sparse:  the scores at the chunk's tasks only, s[t K + k] = x[t] . w_in[e] in the storage
+//            dtype (experts_dense_scores.cu: the tasks sorted by 64-expert tile, a gathered
+//            tile product per 64 (tile, token) slots, each task's cell picked out of the
+//            tile; no [tokens, experts] scores), then per expert chunk warps per token add
+//            g * act(s) * w_out[e] over the token's tasks in that chunk, in a fixed order,
+//            into its fp32 row (the chunk's w_out rows stay in L2); the last chunk stores y.
+//            No P buffer.
+//   product: per expert chunk, S = x w_inᵀ (cuBLASLt, storage dtype [rows, Ec]), the tasks
+//            sorted by expert chunk (CUB), P = g * act(S) at the tasks (0 elsewhere),
+//            yacc (+)= P w_out (cuBLASLt, fp32), and y (+)= yacc at the end.
+// Only chunk-sized buffers exist (never T x N, and the schedules cover one token chunk), no
+// atomics on the outputs or the scores, sums in a fixed chunk and task order: deterministic.
+// (P's cells are added to, which only matters when a caller's routing names one expert twice
+// for a token.)
 #include <cstdlib>
 #include <string>
 
@@ -61,8 +63,9 @@ __global__ void poison_kernel(const i32* __restrict__ ids, i64 n, int K, int H, 
 
 constexpr int kOutWarps = 8;  // warps per block of the sparse output kernel
 
-// Sparse output of one expert chunk (t counts from the chunk's first token; ids, gates and
-// scores are the chunk's). W warps per token share its tasks: warp `sub` takes k = sub,
+// Sparse output of one expert chunk (t counts from the token chunk's first token; ids, gates
+// and scores are the token chunk's, scores[t K + k] the score of task (t, k): TaskScores).
+// W warps per token share its tasks: warp `sub` takes k = sub,
 // sub + W, .., scanned 32 at a time, and serves those whose expert lies in [e0, e0 + cols)
 // in task order, two rows in flight; lane owns the 16-byte vectors lane + 32 j of the row
 // (VPL per lane, V elements each). The partial rows are added in warp order
@@ -74,10 +77,9 @@ constexpr int kOutWarps = 8;  // warps per block of the sparse output kernel
 // y's own when `add`) is stored there instead of in yacc.
 template <class S, int VPL, int W>
 __global__ void __launch_bounds__(kOutWarps * 32)
-    out_sparse_kernel(i64 rows, int H, int K, Activation act, const S* __restrict__ scores, i64 ld, i64 e0,
-                      i64 cols, const S* __restrict__ w_out, const i32* __restrict__ ids,
-                      const float* __restrict__ gates, float* __restrict__ yacc, bool first, S* __restrict__ y,
-                      bool add) {
+    out_sparse_kernel(i64 rows, int H, int K, Activation act, const S* __restrict__ scores, i64 e0, i64 cols,
+                      const S* __restrict__ w_out, const i32* __restrict__ ids, const float* __restrict__ gates,
+                      float* __restrict__ yacc, bool first, S* __restrict__ y, bool add) {
   constexpr int V = Vec<S>::kN, R = 2;
   constexpr unsigned kAll = 0xffffffffu;
   __shared__ __align__(16) float red[W > 1 ? kOutWarps : 1][W > 1 ? 32 * VPL * V : 4];
@@ -92,11 +94,12 @@ __global__ void __launch_bounds__(kOutWarps * 32)
     for (int i = 0; i < V; ++i) acc[j][i] = 0.f;
   const i32* tid = ids + t * K;
   const float* tg = gates + t * K;
+  const S* ts = scores + t * K;
   for (int k0 = 0; live && k0 < K; k0 += 32 * W) {
     const int k = k0 + lane * W + sub;
     const i32 e = k < K ? tid[k] : -1;  // -1: an id out of range (poisoned at the end)
     const bool mine = e >= e0 && e < e0 + cols;
-    const float g = mine ? tg[k] * activate(act, to_f32(scores[t * ld + (e - e0)])) : 0.f;
+    const float g = mine ? tg[k] * activate(act, to_f32(ts[k])) : 0.f;
     unsigned m = __ballot_sync(kAll, mine);
     while (m != 0) {  // warp-uniform
       const int n = min(__popc(m), R);
@@ -163,8 +166,8 @@ __global__ void __launch_bounds__(kOutWarps * 32)
 // 16-byte aligned): a block per token, each thread a column, the token's tasks walked in
 // order (ids, gates and the activation re-read per column: a fallback, not a fast path).
 template <class S>
-__global__ void out_sparse_generic_kernel(int H, int K, Activation act, const S* __restrict__ scores, i64 ld,
-                                          i64 e0, i64 cols, const S* __restrict__ w_out,
+__global__ void out_sparse_generic_kernel(int H, int K, Activation act, const S* __restrict__ scores, i64 e0,
+                                          i64 cols, const S* __restrict__ w_out,
                                           const i32* __restrict__ ids, const float* __restrict__ gates,
                                           float* __restrict__ yacc, bool first, S* __restrict__ y, bool add) {
   const i64 t = blockIdx.x;
@@ -173,7 +176,7 @@ __global__ void out_sparse_generic_kernel(int H, int K, Activation act, const S*
     for (int k = 0; k < K; ++k) {
       const i64 e = ids[t * K + k];
       if (e < e0 || e >= e0 + cols) continue;
-      const float g = gates[t * K + k] * activate(act, to_f32(scores[t * ld + (e - e0)]));
+      const float g = gates[t * K + k] * activate(act, to_f32(scores[t * K + k]));
       acc = fmaf(g, to_f32(w_out[e * H + h]), acc);
     }
     if (!first) acc += yacc[t * H + h];  // earlier chunks after this one's sum, as the vector kernel adds them
@@ -187,15 +190,14 @@ Status launch_out_sparse(const ExpertsArgs& a, const DenseBuffers& b, i64 t0, i6
                          bool first, bool last, cudaStream_t stream) {
   const Config& c = *a.cfg;
   const int H = static_cast<int>(c.hidden), K = static_cast<int>(c.top_k);
-  const i64 ld = b.schedule.expert_chunk;
-  const auto* scores = static_cast<const S*>(b.s);
+  const auto* scores = static_cast<const S*>(b.scores.s);  // the chunk's, at its tasks
   const auto* w_out = static_cast<const S*>(a.w_out);
   const i32* ids = a.ids + t0 * K;
   const float* gates = a.gates + t0 * K;
   S* y = last ? static_cast<S*>(a.y) + t0 * H : nullptr;
   if (!vector_rows(a)) {
     out_sparse_generic_kernel<S><<<static_cast<unsigned>(rows), 256, 0, stream>>>(
-        H, K, c.activation, scores, ld, e0, cols, w_out, ids, gates, b.yacc, first, y, a.add);
+        H, K, c.activation, scores, e0, cols, w_out, ids, gates, b.yacc, first, y, a.add);
     OMNIMOE_CUDA_LAUNCH_CHECK("experts_dense out_sparse_generic_kernel");
     return Status::Ok();
   }
@@ -203,14 +205,14 @@ Status launch_out_sparse(const ExpertsArgs& a, const DenseBuffers& b, i64 t0, i6
   dispatch_tile<16>(vpl, std::min(8, K), [&](auto p, auto w) {  // 8 warps per token where the tile allows
     constexpr int W = decltype(w)::value;
     out_sparse_kernel<S, decltype(p)::value, W><<<ceil_div(rows * W, kOutWarps), kOutWarps * 32, 0, stream>>>(
-        rows, H, K, c.activation, scores, ld, e0, cols, w_out, ids, gates, b.yacc, first, y, a.add);
+        rows, H, K, c.activation, scores, e0, cols, w_out, ids, gates, b.yacc, first, y, a.add);
   });
   OMNIMOE_CUDA_LAUNCH_CHECK("experts_dense out_sparse_kernel");
   return Status::Ok();
 }
 
-// S = x w_inᵀ for tokens [t0, t0 + rows) and experts [e0, e0 + cols), into b.s, in the
-// storage dtype (as a framework's bf16 product would give).
+// Product form: S = x w_inᵀ for tokens [t0, t0 + rows) and experts [e0, e0 + cols), into
+// b.s, in the storage dtype (as a framework's bf16 product would give).
 Status scores_product(const ExpertsArgs& a, const DenseBuffers& b, i64 t0, i64 rows, i64 e0, i64 cols,
                       cudaStream_t stream) {
   const i64 H = a.cfg->hidden;
@@ -220,42 +222,63 @@ Status scores_product(const ExpertsArgs& a, const DenseBuffers& b, i64 t0, i64 r
               b.gemm, stream);
 }
 
+// Sparse form, one token chunk: the scores at its tasks, then per expert chunk its outputs
+// added into the tokens' rows (the last chunk stores y).
 template <class S>
-Status run(const ExpertsArgs& a, const DenseBuffers& b, cudaStream_t stream) {
+Status run_sparse_chunk(const ExpertsArgs& a, const DenseBuffers& b, i64 t0, i64 rows, cudaStream_t stream) {
+  const GroupSchedule& sc = b.schedule;  // extents only
+  const i64 N = a.cfg->num_experts(), Ec = sc.expert_chunk;
+  TaskScores ts = b.scores;  // its sort's outputs are per call
+  OMNIMOE_RETURN_IF_ERROR(dense_task_scores(a, ts, t0, rows, stream));
+  for (i64 ec = 0; ec < sc.n_ec; ++ec) {
+    const i64 e0 = ec * Ec, cols = std::min(Ec, N - e0);
+    OMNIMOE_RETURN_IF_ERROR(launch_out_sparse<S>(a, b, t0, rows, e0, cols, ec == 0, ec + 1 == sc.n_ec, stream));
+  }
+  return Status::Ok();
+}
+
+// Product form, one token chunk: per expert chunk S, P at its tasks, yacc (+)= P w_out; then y.
+template <class S>
+Status run_product_chunk(const ExpertsArgs& a, const DenseBuffers& b, i64 t0, i64 rows, cudaStream_t stream) {
   const Config& c = *a.cfg;
   GroupSchedule sc = b.schedule;  // one token chunk: groups are the expert chunks
-  const i64 T = a.T, H = c.hidden, K = c.top_k, N = c.num_experts(), Ec = sc.expert_chunk, Tc = sc.token_chunk;
+  const i64 H = c.hidden, K = c.top_k, N = c.num_experts(), Ec = sc.expert_chunk;
   const DType dt = a.dtype;
+  const i32* ids = a.ids + t0 * K;  // this chunk's tasks, numbered from its first token
+  const float* gates = a.gates + t0 * K;
+  OMNIMOE_RETURN_IF_ERROR(schedule_groups(ids, rows, K, sc, stream));
+  for (i64 ec = 0; ec < sc.n_ec; ++ec) {
+    const i64 e0 = ec * Ec, cols = std::min(Ec, N - e0);
+    OMNIMOE_RETURN_IF_ERROR(scores_product(a, b, t0, rows, e0, cols, stream));
+    scatter_kernel<S, false><<<kScatterBlocks, kScatterThreads, 0, stream>>>(
+        sc.tasks, sc.offsets, ec, ids, gates, static_cast<const S*>(b.s), static_cast<S*>(b.p), 0, e0, Ec,
+        static_cast<int>(K), c.activation);
+    OMNIMOE_CUDA_LAUNCH_CHECK("experts_dense scatter_kernel");
+    OMNIMOE_RETURN_IF_ERROR(gemm(gemm_args(false, false, rows, H, cols, b.p, Ec, at(a.w_out, e0 * H, dt), H, b.yacc,
+                                           H, dt, DType::f32, ec > 0 ? 1.f : 0.f),
+                                 b.gemm, stream));  // yacc (+)= P w_out
+    scatter_kernel<S, true><<<kScatterBlocks, kScatterThreads, 0, stream>>>(
+        sc.tasks, sc.offsets, ec, ids, gates, static_cast<const S*>(b.s), static_cast<S*>(b.p), 0, e0, Ec,
+        static_cast<int>(K), c.activation);
+    OMNIMOE_CUDA_LAUNCH_CHECK("experts_dense clear_kernel");
+  }
+  store_kernel<S><<<ceil_div(rows * H, 256), 256, 0, stream>>>(b.yacc, rows * H, static_cast<S*>(a.y) + t0 * H,
+                                                                 a.add);
+  OMNIMOE_CUDA_LAUNCH_CHECK("experts_dense store_kernel");
+  return Status::Ok();
+}
+
+template <class S>
+Status run(const ExpertsArgs& a, const DenseBuffers& b, cudaStream_t stream) {
+  const i64 T = a.T, H = a.cfg->hidden, K = a.cfg->top_k, Tc = b.schedule.token_chunk;
   const bool sparse = b.p == nullptr;  // the sparse output (carve_forward decided)
-  if (!sparse) OMNIMOE_CUDA_TRY(cudaMemsetAsync(b.p, 0, static_cast<std::size_t>(Tc * Ec) * sizeof(S), stream));
+  if (!sparse)
+    OMNIMOE_CUDA_TRY(
+        cudaMemsetAsync(b.p, 0, static_cast<std::size_t>(Tc * b.schedule.expert_chunk) * sizeof(S), stream));
   for (i64 t0 = 0; t0 < T; t0 += Tc) {
     const i64 rows = std::min(Tc, T - t0);
-    const i32* ids = a.ids + t0 * K;  // this chunk's tasks, numbered from its first token
-    const float* gates = a.gates + t0 * K;
-    if (!sparse) OMNIMOE_RETURN_IF_ERROR(schedule_groups(ids, rows, K, sc, stream));
-    for (i64 ec = 0; ec < sc.n_ec; ++ec) {
-      const i64 e0 = ec * Ec, cols = std::min(Ec, N - e0);
-      OMNIMOE_RETURN_IF_ERROR(scores_product(a, b, t0, rows, e0, cols, stream));
-      if (sparse) {
-        OMNIMOE_RETURN_IF_ERROR(launch_out_sparse<S>(a, b, t0, rows, e0, cols, ec == 0, ec + 1 == sc.n_ec, stream));
-        continue;
-      }
-      scatter_kernel<S, false><<<kScatterBlocks, kScatterThreads, 0, stream>>>(
-          sc.tasks, sc.offsets, ec, ids, gates, static_cast<const S*>(b.s), static_cast<S*>(b.p), 0, e0, Ec,
-          static_cast<int>(K), c.activation);
-      OMNIMOE_CUDA_LAUNCH_CHECK("experts_dense scatter_kernel");
-      OMNIMOE_RETURN_IF_ERROR(gemm(gemm_args(false, false, rows, H, cols, b.p, Ec, at(a.w_out, e0 * H, dt), H, b.yacc,
-                                             H, dt, DType::f32, ec > 0 ? 1.f : 0.f),
-                                   b.gemm, stream));  // yacc (+)= P w_out
-      scatter_kernel<S, true><<<kScatterBlocks, kScatterThreads, 0, stream>>>(
-          sc.tasks, sc.offsets, ec, ids, gates, static_cast<const S*>(b.s), static_cast<S*>(b.p), 0, e0, Ec,
-          static_cast<int>(K), c.activation);
-      OMNIMOE_CUDA_LAUNCH_CHECK("experts_dense clear_kernel");
-    }
-    if (sparse) continue;  // the sparse output's last chunk stored y
-    store_kernel<S><<<ceil_div(rows * H, 256), 256, 0, stream>>>(b.yacc, rows * H,
-                                                                   static_cast<S*>(a.y) + t0 * H, a.add);
-    OMNIMOE_CUDA_LAUNCH_CHECK("experts_dense store_kernel");
+    OMNIMOE_RETURN_IF_ERROR(sparse ? run_sparse_chunk<S>(a, b, t0, rows, stream)
+                                   : run_product_chunk<S>(a, b, t0, rows, stream));
   }
   poison_kernel<S><<<ceil_div(T * K, 256), 256, 0, stream>>>(a.ids, T * K, static_cast<int>(K), static_cast<int>(H),
                                                              static_cast<S*>(a.y));

@@ -87,17 +87,19 @@ ForwardBuffers carve_forward(Arena& a, const Config& cfg, i64 T, DType dtype) {
     const i64 tc = std::min(T, kDenseTokens);
     const bool sparse = dense_output_sparse(cfg, dtype);  // read once: it may consult the environment
     if (sparse) {
-      // No schedule and no P: the scores take P's place, twice the experts per chunk in
-      // 16-bit storage (half as many passes over the tokens' fp32 rows).
+      // No P and no [tokens, experts] scores: the scores at one token chunk's tasks, from its
+      // own tile schedule (TaskScores). Twice the experts per output chunk in 16-bit storage
+      // (half as many passes over the tokens' fp32 rows).
       b.dense.schedule = group_extents(tc, cfg.num_experts(), kDenseTokens, kDenseExperts * (es == 2 ? 2 : 1));
+      b.dense.scores = carve_task_scores(a, tc, cfg.top_k, cfg.num_experts(), dtype);
     } else {
       // One token chunk is scheduled at a time: schedule memory is bounded by the chunk.
       b.dense.schedule = carve_group_schedule(a, tc, cfg.top_k, cfg.num_experts(), kDenseTokens, kDenseExperts);
+      const auto chunk = static_cast<std::size_t>(b.dense.schedule.token_chunk * b.dense.schedule.expert_chunk);
+      b.dense.s = a.take<char>(chunk * es);
+      b.dense.p = a.take<char>(chunk * es);
     }
     const GroupSchedule& s = b.dense.schedule;
-    const auto chunk = static_cast<std::size_t>(s.token_chunk * s.expert_chunk);
-    b.dense.s = a.take<char>(chunk * es);
-    b.dense.p = sparse ? nullptr : a.take<char>(chunk * es);
     b.dense.yacc = a.take<float>(static_cast<std::size_t>(s.token_chunk * cfg.hidden));
     b.dense.gemm = b.gemm;
   }

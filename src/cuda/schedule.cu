@@ -84,6 +84,7 @@ Status schedule_groups(const i32* ids, i64 T, i64 K, GroupSchedule& s, cudaStrea
   std::size_t bytes = s.temp_bytes;
   OMNIMOE_CUDA_TRY(cub::DeviceRadixSort::SortPairs(s.temp, bytes, keys, vals, n, 0, key_bits(groups + 1), stream));
   s.tasks = vals.Current();
+  s.sorted = keys.Current();
   group_offsets_kernel<<<ceil_div(groups + 1, 256), 256, 0, stream>>>(keys.Current(), n, groups, s.offsets);
   OMNIMOE_CUDA_LAUNCH_CHECK("schedule group_offsets_kernel");
   return Status::Ok();

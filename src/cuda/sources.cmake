@@ -6,6 +6,7 @@ set(OMNIMOE_CUDA_SOURCES
   cuda/experts_backward.cu
   cuda/experts_backward_dense.cu
   cuda/experts_dense.cu
+  cuda/experts_dense_scores.cu
   cuda/gemm.cu
   cuda/layer.cu
   cuda/layer_backward.cu

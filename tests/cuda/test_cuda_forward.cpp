@@ -180,6 +180,12 @@ const Case kCases[] = {
     // storage (two chunks), 4096 otherwise (three), so the rows carried from chunk to chunk count.
     {"expert_chunks_bf16", 128, 32, 100, 90, 24, 40, RN::batchnorm, Mode::training, GK::exp, AC::silu, DType::bf16},
     {"expert_chunks_f32", 64, 0, 90, 100, 12, 30, RN::none, Mode::inference, GK::softmax, AC::gelu, DType::f32},
+    // N = 1050 (not a multiple of 64: the sparse form's last score tile is partial) over two
+    // token chunks of the dense path (2048 + 52 tokens): its tile schedule and slots per chunk.
+    {"partial_tile_two_chunks_bf16", 64, 0, 30, 35, 12, 2100, RN::none, Mode::inference, GK::exp, AC::silu,
+     DType::bf16},
+    {"partial_tile_two_chunks_f32", 32, 16, 35, 30, 40, 2100, RN::batchnorm, Mode::inference, GK::softmax, AC::gelu,
+     DType::f32},
     // Block top-K kernels sized by axis and K separately.
     {"axis700_k100", 32, 16, 700, 3, 100, 30, RN::batchnorm, Mode::training, GK::softmax, AC::silu, DType::f32},
     {"axis600_k1500", 32, 0, 600, 4, 1500, 10, RN::none, Mode::inference, GK::exp, AC::gelu, DType::bf16},
@@ -553,8 +559,9 @@ TEST(CudaForwardErrors, RefusesWhatItCannotServe) {
 }
 
 // The dense path's output form, seen through the workspace query (host only, no GPU): the
-// size rule gives the paper family's K = 512 the sparse output (no P, no sort buffers) and
-// K = 4096 the product; OMNIMOE_DENSE_OUTPUT forces either.
+// size rule gives the paper family's K = 512 the sparse output (no P and no [tokens, experts]
+// scores: the scores at the tasks, from a tile schedule) and K = 4096 the product;
+// OMNIMOE_DENSE_OUTPUT forces either.
 TEST(CudaDenseOutput, SizeRuleAndSwitchShapeTheWorkspace) {
   const char* saved = std::getenv("OMNIMOE_DENSE_OUTPUT");
   const std::string keep = saved != nullptr ? saved : "";
