@@ -61,104 +61,129 @@ __global__ void poison_kernel(const i32* __restrict__ ids, i64 n, int K, int H, 
 }
 
 
-constexpr int kOutWarps = 8;  // warps per block of the sparse output kernel
+constexpr int kOutWarps = 8;  // at most, per block (one token) of the sparse output kernel
+constexpr int kOutScan = 128;  // ids each warp lists per window (four ballots)
 
-// Sparse output of one expert chunk (t counts from the token chunk's first token; ids, gates
-// and scores are the token chunk's, scores[t K + k] the score of task (t, k): TaskScores).
-// W warps per token share its tasks: warp `sub` takes k = sub,
-// sub + W, .., scanned 32 at a time, and serves those whose expert lies in [e0, e0 + cols)
-// in task order, two rows in flight; lane owns the 16-byte vectors lane + 32 j of the row
-// (VPL per lane, V elements each). The partial rows are added in warp order
-// (reduce_token_warps): deterministic. Several warps per token because a router's choices
-// cluster in few grid rows, hence in few expert chunks: a token may have a hundred rows in
-// one chunk and none in the next, and one warp walking them was latency-bound (H200: the
-// forward at paper-k512-t4096 took 4.4 ms with a router, 2.5 ms with random ids).
-// `first`: the row starts at 0 (else from yacc); `y` non-null: the last chunk, the row (plus
-// y's own when `add`) is stored there instead of in yacc.
-template <class S, int VPL, int W>
+// Sparse output of one expert chunk for one token per block (t counts from the token chunk's
+// first token; ids, gates and scores are the token chunk's, scores[t K + k] the score of task
+// (t, k): TaskScores). Per window of W * 128 tasks, the warps list the token's tasks whose
+// expert lies in [e0, e0 + cols) in shared memory, in task order (expert id and
+// g * act(s)); then warp w adds, over the whole list, column slices w and w + W of each row
+// (a slice: 32 lanes x 16 bytes), R rows in flight. Each row is read once, in 512-byte
+// pieces by the W warps; no warp holds a whole row, so there are no partial rows to sum
+// across warps and the kernel needs few registers (many blocks per SM keep the L2 busy: the
+// earlier form, W warps each summing whole rows over a share of the tasks and then adding
+// them in shared memory, ran two blocks per SM and about a third of the L2 gather rate).
+// The terms are added in task order: deterministic. `first`: the row starts at 0 (else
+// from yacc); `y` non-null: the last chunk, the row (plus y's own when `add`) is stored there
+// instead of in yacc.
+template <class S, int SPW>
 __global__ void __launch_bounds__(kOutWarps * 32)
-    out_sparse_kernel(i64 rows, int H, int K, Activation act, const S* __restrict__ scores, i64 e0, i64 cols,
+    out_sparse_kernel(int H, int K, Activation act, const S* __restrict__ scores, i64 e0, i64 cols,
                       const S* __restrict__ w_out, const i32* __restrict__ ids, const float* __restrict__ gates,
                       float* __restrict__ yacc, bool first, S* __restrict__ y, bool add) {
-  constexpr int V = Vec<S>::kN, R = 2;
+  constexpr int V = Vec<S>::kN, R = 4, kPer = kOutScan / 32;
   constexpr unsigned kAll = 0xffffffffu;
-  __shared__ __align__(16) float red[W > 1 ? kOutWarps : 1][W > 1 ? 32 * VPL * V : 4];
-  const int lane = threadIdx.x & 31, wi = threadIdx.x >> 5, sub = wi % W;
-  const i64 t = static_cast<i64>(blockIdx.x) * (kOutWarps / W) + wi / W;
-  const bool live = t < rows;  // no early return: the warps of a block meet at a barrier
+  __shared__ i32 list_e[kOutWarps * kOutScan];
+  __shared__ float list_g[kOutWarps * kOutScan];
+  __shared__ int counts[kOutWarps];
+  const int lane = threadIdx.x & 31, wi = threadIdx.x >> 5, W = static_cast<int>(blockDim.x >> 5);
+  const i64 t = blockIdx.x;
   const int nvec = H / V;
-  float acc[VPL][V];
-#pragma unroll
-  for (int j = 0; j < VPL; ++j)
-#pragma unroll
-    for (int i = 0; i < V; ++i) acc[j][i] = 0.f;
   const i32* tid = ids + t * K;
   const float* tg = gates + t * K;
   const S* ts = scores + t * K;
-  for (int k0 = 0; live && k0 < K; k0 += 32 * W) {
-    const int k = k0 + lane * W + sub;
-    const i32 e = k < K ? tid[k] : -1;  // -1: an id out of range (poisoned at the end)
-    const bool mine = e >= e0 && e < e0 + cols;
-    const float g = mine ? tg[k] * activate(act, to_f32(ts[k])) : 0.f;
-    unsigned m = __ballot_sync(kAll, mine);
-    while (m != 0) {  // warp-uniform
-      const int n = min(__popc(m), R);
-      i32 er[R];
+  float acc[SPW][V];
+#pragma unroll
+  for (int s = 0; s < SPW; ++s)
+#pragma unroll
+    for (int i = 0; i < V; ++i) acc[s][i] = 0.f;
+  for (int k0 = 0; k0 < K; k0 += W * kOutScan) {
+    // The window's list: warp wi takes tasks [k0 + 128 wi, k0 + 128 (wi + 1)).
+    i32 ev[kPer];
+    float gv[kPer];
+    unsigned mv[kPer];
+    int cnt = 0;
+#pragma unroll
+    for (int q = 0; q < kPer; ++q) {
+      const int k = k0 + wi * kOutScan + q * 32 + lane;
+      ev[q] = k < K ? tid[k] : -1;  // -1: an id out of range (poisoned at the end)
+      const bool mine = ev[q] >= e0 && ev[q] < e0 + cols;
+      gv[q] = mine ? tg[k] * activate(act, to_f32(ts[k])) : 0.f;
+      mv[q] = __ballot_sync(kAll, mine);
+      cnt += __popc(mv[q]);
+    }
+    if (lane == 0) counts[wi] = cnt;
+    __syncthreads();
+    int at = 0, total = 0;
+    for (int w = 0; w < W; ++w) {
+      const int c = counts[w];
+      at += w < wi ? c : 0;
+      total += c;
+    }
+    const unsigned below = (1u << lane) - 1u;
+#pragma unroll
+    for (int q = 0; q < kPer; ++q) {
+      if ((mv[q] >> lane) & 1u) {
+        const int pos = at + __popc(mv[q] & below);
+        list_e[pos] = ev[q];
+        list_g[pos] = gv[q];
+      }
+      at += __popc(mv[q]);
+    }
+    __syncthreads();
+    for (int i = 0; i < total; i += R) {
+      uint4 raw[R][SPW];
       float gr[R];
 #pragma unroll
       for (int r = 0; r < R; ++r) {
-        const int src = m != 0 ? __ffs(m) - 1 : 0;
-        er[r] = __shfl_sync(kAll, e, src);
-        gr[r] = __shfl_sync(kAll, g, src);
-        m &= m - 1;
+        const bool ok = i + r < total;
+        const i64 e = ok ? list_e[i + r] : 0;
+        gr[r] = ok ? list_g[i + r] : 0.f;
+#pragma unroll
+        for (int s = 0; s < SPW; ++s) {
+          const int v = (wi + s * W) * 32 + lane;
+          raw[r][s] = ok && v < nvec ? *reinterpret_cast<const uint4*>(w_out + e * H + v * V) : make_uint4(0, 0, 0, 0);
+        }
       }
-      uint4 raw[R][VPL];
-#pragma unroll
-      for (int r = 0; r < R; ++r)
-#pragma unroll
-        for (int j = 0; j < VPL; ++j)
-          if (r < n && j * 32 + lane < nvec)
-            raw[r][j] = *reinterpret_cast<const uint4*>(w_out + static_cast<i64>(er[r]) * H + (j * 32 + lane) * V);
 #pragma unroll
       for (int r = 0; r < R; ++r) {
-        if (r >= n) break;
+        if (i + r >= total) break;
 #pragma unroll
-        for (int j = 0; j < VPL; ++j) {
-          if (j * 32 + lane >= nvec) continue;
+        for (int s = 0; s < SPW; ++s) {
           float w[V];
-          unpack16<S>(raw[r][j], w);
+          unpack16<S>(raw[r][s], w);
 #pragma unroll
-          for (int i = 0; i < V; ++i) acc[j][i] = fmaf(gr[r], w[i], acc[j][i]);
+          for (int j = 0; j < V; ++j) acc[s][j] = fmaf(gr[r], w[j], acc[s][j]);
         }
       }
     }
+    __syncthreads();  // the next window rewrites the list
   }
-  reduce_token_warps<W, VPL, V>(acc, &red[0][0], sub);
-  if (sub != 0 || !live) return;
 #pragma unroll
-  for (int j = 0; j < VPL; ++j) {
-    const int v = j * 32 + lane;
+  for (int s = 0; s < SPW; ++s) {
+    const int v = (wi + s * W) * 32 + lane;
     if (v >= nvec) continue;
     if (!first)  // the chunks before this one, added after this chunk's sum (a fixed order)
 #pragma unroll
       for (int i = 0; i < V; i += 4) {
         const float4 o = *reinterpret_cast<const float4*>(yacc + t * H + v * V + i);
-        acc[j][i] += o.x, acc[j][i + 1] += o.y, acc[j][i + 2] += o.z, acc[j][i + 3] += o.w;
+        acc[s][i] += o.x, acc[s][i + 1] += o.y, acc[s][i + 2] += o.z, acc[s][i + 3] += o.w;
       }
     if (y == nullptr) {
 #pragma unroll
       for (int i = 0; i < V; i += 4)
         *reinterpret_cast<float4*>(yacc + t * H + v * V + i) =
-            make_float4(acc[j][i], acc[j][i + 1], acc[j][i + 2], acc[j][i + 3]);
+            make_float4(acc[s][i], acc[s][i + 1], acc[s][i + 2], acc[s][i + 3]);
       continue;
     }
     if (add) {  // y already holds the shared branch
       float yr[V];
       load16(y + t * H + v * V, yr);
 #pragma unroll
-      for (int i = 0; i < V; ++i) acc[j][i] += yr[i];
+      for (int i = 0; i < V; ++i) acc[s][i] += yr[i];
     }
-    store16(y + t * H + v * V, acc[j]);
+    store16(y + t * H + v * V, acc[s]);
   }
 }
 
@@ -201,12 +226,16 @@ Status launch_out_sparse(const ExpertsArgs& a, const DenseBuffers& b, i64 t0, i6
     OMNIMOE_CUDA_LAUNCH_CHECK("experts_dense out_sparse_generic_kernel");
     return Status::Ok();
   }
-  const int vpl = (H / Vec<S>::kN + 31) / 32;
-  dispatch_tile<16>(vpl, std::min(8, K), [&](auto p, auto w) {  // 8 warps per token where the tile allows
-    constexpr int W = decltype(w)::value;
-    out_sparse_kernel<S, decltype(p)::value, W><<<ceil_div(rows * W, kOutWarps), kOutWarps * 32, 0, stream>>>(
-        rows, H, K, c.activation, scores, e0, cols, w_out, ids, gates, b.yacc, first, y, a.add);
-  });
+  // Column slices of 32 16-byte vectors: one per warp up to 8 warps, else two (vector_rows
+  // caps a row at 16 slices).
+  const int slices = (H / Vec<S>::kN + 31) / 32, warps = std::min(slices, kOutWarps);
+  const auto threads = static_cast<unsigned>(32 * warps);
+  if (slices <= warps)
+    out_sparse_kernel<S, 1><<<static_cast<unsigned>(rows), threads, 0, stream>>>(
+        H, K, c.activation, scores, e0, cols, w_out, ids, gates, b.yacc, first, y, a.add);
+  else
+    out_sparse_kernel<S, 2><<<static_cast<unsigned>(rows), threads, 0, stream>>>(
+        H, K, c.activation, scores, e0, cols, w_out, ids, gates, b.yacc, first, y, a.add);
   OMNIMOE_CUDA_LAUNCH_CHECK("experts_dense out_sparse_kernel");
   return Status::Ok();
 }
