@@ -58,12 +58,12 @@ struct BackwardBuffers {
   float *gates, *dg;    // [T, K]
   int* bad;             // [T] token has an id out of range
   float* dx;            // [T, H] fp32 accumulator
-  SegmentScratch seg;   // active experts, sparse slots, split segments
   ExpertsPath path;
   // Phases that run one after the other share one region:
   float* logits;        // route: [route_rows, n] logits, normalised in place (lhat)
   float* dlogp;         // route: [route_rows, n] gradient w.r.t. logp, then lhat, then the logits
   void* dl;             // route: [route_rows, n] that gradient in the storage dtype
+  SegmentScratch seg;   // experts: active experts, sparse slots, split segments
   float *a, *dh;        // experts, gather path: [T, K] a = g act(h) and dh
   GroupSchedule by_expert;     // experts, gather path: tasks sorted by expert
   DenseBackwardBuffers dense;  // experts, dense path
@@ -91,7 +91,6 @@ BackwardBuffers carve_backward(Arena& a, const Config& cfg, i64 T, DType dt) {
   b.bad = a.take<int>(t);
   b.dx = a.take<float>(t * static_cast<std::size_t>(H));
   b.path = choose_path(cfg, T, dt);
-  b.seg = carve_segment_scratch(a, N, b.path == ExpertsPath::gather ? T * cfg.top_k : 0, H);
   const std::size_t phase = a.mark();
 
   const auto rn = static_cast<std::size_t>(b.plan.route_rows) * n;
@@ -100,6 +99,9 @@ BackwardBuffers carve_backward(Arena& a, const Config& cfg, i64 T, DType dt) {
   b.dl = dt == DType::f32 ? static_cast<void*>(b.dlogp) : a.take<char>(rn * es);
   a.rewind(phase);
 
+  // The experts phase: the segment scratch (N + 1 entries four times: 16 MB at N = 2^20) is
+  // only used here, so it shares the region with the router's and the MLP's buffers.
+  b.seg = carve_segment_scratch(a, N, b.path == ExpertsPath::gather ? T * cfg.top_k : 0, H);
   if (b.path == ExpertsPath::gather) {
     b.a = a.take<float>(tk);
     b.dh = a.take<float>(tk);
