@@ -93,6 +93,24 @@ struct GroupSchedule {
 std::size_t schedule_temp_bytes(i64 tasks, i64 groups);
 Status schedule_groups(const i32* ids, i64 T, i64 K, GroupSchedule& s, cudaStream_t stream);
 
+// The same grouping with the sort done one token chunk at a time (the dense backward, whose
+// expert-chunk loop visits every token chunk once per expert chunk): chunk tc's tasks,
+// sorted by expert chunk (stable: tokens ascending inside a group), fill its slice
+// [t0 K, (t0 + rows) K) of a task array over all T. Only that array (4 bytes per pair) spans
+// T; the sort's buffers (16-bit keys) cover one token chunk.
+struct TokenChunkSchedule {
+  i64 token_chunk = 0, expert_chunk = 0;   // chunk extents
+  i64 n_tc = 0, n_ec = 0;                  // chunk counts
+  i32* tasks = nullptr;                    // [T K] out: task indices t K + k, sorted per token chunk
+  i32* offsets = nullptr;                  // [n_tc (n_ec + 1)] out: group (tc, ec) is
+                                           // tasks[offsets[tc (n_ec + 1) + ec] .. offsets[.. + 1])
+  unsigned short* keys[2] = {nullptr, nullptr};  // [Tc K] each: CUB double buffer of expert chunks
+  i32* vals = nullptr;                     // [Tc K]: the values' second buffer
+  void* temp = nullptr;                    // CUB scratch
+  std::size_t temp_bytes = 0;
+};
+Status schedule_token_chunks(const i32* ids, i64 T, i64 K, const TokenChunkSchedule& s, cudaStream_t stream);
+
 // ---- experts ----------------------------------------------------------------------------
 // y[t] = sum_k g * act(x[t] . w_in[e]) * w_out[e]: one warp per token, 16-byte loads; the
 // shared branch is added afterwards by its last product (beta = 1).
@@ -257,7 +275,7 @@ Status experts_active_from_ids(const i32* ids, i64 tasks, i64 N, const SegmentSc
 // chunk, expert chunk) groups; writes dgates per task, adds the experts' dx to dx_acc and
 // stores every expert row once (dense tables, or sparse slots from experts_active_from_ids).
 struct DenseBackwardBuffers {
-  GroupSchedule schedule;  // grouped by (token chunk, expert chunk)
+  TokenChunkSchedule schedule;  // grouped by (token chunk, expert chunk), sorted per token chunk
   void* s = nullptr;       // [Tc, Ec] storage dtype: scores
   void* da = nullptr;      // [Tc, Ec] storage dtype: dy w_outᵀ
   void* pa = nullptr;      // [Tc, Ec] storage dtype: g act(S) at the tasks, kept zero elsewhere
@@ -294,6 +312,8 @@ ExpertsPath choose_path(const Config& cfg, i64 T, DType dtype);
 GroupSchedule carve_group_schedule(Arena& a, i64 T, i64 K, i64 N, i64 token_chunk, i64 expert_chunk);
 // Only the chunk extents and counts of such a schedule (no buffers).
 GroupSchedule group_extents(i64 T, i64 N, i64 token_chunk, i64 expert_chunk);
+// The buffers of a schedule sorted one token chunk at a time, carved from `a`.
+TokenChunkSchedule carve_token_chunk_schedule(Arena& a, i64 T, i64 K, i64 N, i64 token_chunk, i64 expert_chunk);
 
 // SwiGLU backward in place: (u, v, dm) -> (du, m, dv).
 Status shared_mlp_swiglu_backward(DType dtype, void* u, void* v, void* dm, i64 n, cudaStream_t stream);

@@ -84,19 +84,19 @@ template <class S>
 Status run(const DenseBackwardArgs& a, cudaStream_t stream) {
   const Config& c = *a.cfg;
   const DenseBackwardBuffers& b = *a.buf;
-  GroupSchedule sc = b.schedule;
+  const TokenChunkSchedule& sc = b.schedule;
   const i64 T = a.T, H = c.hidden, K = c.top_k, N = c.num_experts(), Ec = sc.expert_chunk, Tc = sc.token_chunk;
   const DType dt = a.dtype, f32 = DType::f32;
   bad_tokens_kernel<<<ceil_div(T, 256), 256, 0, stream>>>(a.ids, T, static_cast<int>(K), a.dgates, a.bad);
   OMNIMOE_CUDA_LAUNCH_CHECK("experts_backward_dense bad_tokens_kernel");
-  OMNIMOE_RETURN_IF_ERROR(schedule_groups(a.ids, T, K, sc, stream));
+  OMNIMOE_RETURN_IF_ERROR(schedule_token_chunks(a.ids, T, K, sc, stream));
   const auto chunk_bytes = static_cast<std::size_t>(Tc * Ec) * sizeof(S);
   OMNIMOE_CUDA_TRY(cudaMemsetAsync(b.pa, 0, chunk_bytes, stream));
   OMNIMOE_CUDA_TRY(cudaMemsetAsync(b.pdh, 0, chunk_bytes, stream));
   for (i64 ec = 0; ec < sc.n_ec; ++ec) {
     const i64 e0 = ec * Ec, cols = std::min(Ec, N - e0);
     for (i64 tc = 0; tc < sc.n_tc; ++tc) {
-      const i64 t0 = tc * Tc, rows = std::min(Tc, T - t0), group = tc * sc.n_ec + ec;
+      const i64 t0 = tc * Tc, rows = std::min(Tc, T - t0), group = tc * (sc.n_ec + 1) + ec;
       const char* x = at(a.x, t0 * H, dt);
       const char* dy = at(a.dy, t0 * H, dt);
       OMNIMOE_RETURN_IF_ERROR(gemm(

@@ -108,7 +108,7 @@ BackwardBuffers carve_backward(Arena& a, const Config& cfg, i64 T, DType dt) {
     b.by_expert = carve_group_schedule(a, T, cfg.top_k, N, T, 1);  // group = expert id
   } else {
     DenseBackwardBuffers& d = b.dense;
-    d.schedule = carve_group_schedule(a, T, cfg.top_k, N, kDenseTokens, kDenseExperts);
+    d.schedule = carve_token_chunk_schedule(a, T, cfg.top_k, N, kDenseTokens, kDenseExperts);
     const auto chunk = static_cast<std::size_t>(d.schedule.token_chunk * d.schedule.expert_chunk) * es;
     d.s = a.take<char>(chunk);
     d.da = a.take<char>(chunk);

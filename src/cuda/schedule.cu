@@ -3,6 +3,7 @@
 #include <cub/device/device_radix_sort.cuh>
 
 #include <algorithm>
+#include <string>
 
 #include "cuda/cuda.cuh"
 
@@ -32,6 +33,31 @@ __global__ void group_offsets_kernel(const unsigned* __restrict__ keys, i64 n, i
     else hi = mid;
   }
   offsets[g] = static_cast<i32>(lo);
+}
+
+// Token chunk [first / K, ..): key = expert chunk (n_ec for an id out of range, after the
+// last group), value = the task's index over all T.
+__global__ void chunk_keys_kernel(const i32* __restrict__ ids, i64 first, i64 n, i64 expert_chunk, i64 n_ec,
+                                  unsigned short* __restrict__ keys, i32* __restrict__ vals) {
+  const i64 i = static_cast<i64>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= n) return;
+  const i32 e = ids[first + i];
+  keys[i] = static_cast<unsigned short>(e < 0 ? n_ec : e / expert_chunk);
+  vals[i] = static_cast<i32>(first + i);
+}
+
+// offsets[g] = first + (first sorted position with key >= g), g = 0 .. n_ec.
+__global__ void chunk_offsets_kernel(const unsigned short* __restrict__ keys, i64 n, i64 first, i64 n_ec,
+                                     i32* __restrict__ offsets) {
+  const i64 g = static_cast<i64>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (g > n_ec) return;
+  i64 lo = 0, hi = n;
+  while (lo < hi) {
+    const i64 mid = (lo + hi) / 2;
+    if (keys[mid] < g) lo = mid + 1;
+    else hi = mid;
+  }
+  offsets[g] = static_cast<i32>(first + lo);
 }
 
 int key_bits(i64 groups) {
@@ -70,6 +96,58 @@ GroupSchedule carve_group_schedule(Arena& a, i64 T, i64 K, i64 N, i64 token_chun
   s.temp_bytes = schedule_temp_bytes(T * K, s.n_tc * s.n_ec);
   s.temp = a.take<char>(s.temp_bytes);
   return s;
+}
+
+namespace {
+std::size_t chunk_sort_temp_bytes(i64 tasks, i64 n_ec) {
+  std::size_t bytes = 0;
+  cub::DoubleBuffer<unsigned short> keys(nullptr, nullptr);
+  cub::DoubleBuffer<i32> vals(nullptr, nullptr);
+  cub::DeviceRadixSort::SortPairs(nullptr, bytes, keys, vals, tasks, 0, key_bits(n_ec + 1));
+  return bytes;
+}
+}  // namespace
+
+TokenChunkSchedule carve_token_chunk_schedule(Arena& a, i64 T, i64 K, i64 N, i64 token_chunk, i64 expert_chunk) {
+  const GroupSchedule e = group_extents(T, N, token_chunk, expert_chunk);
+  TokenChunkSchedule s;
+  s.token_chunk = e.token_chunk;
+  s.expert_chunk = e.expert_chunk;
+  s.n_tc = e.n_tc;
+  s.n_ec = e.n_ec;
+  const auto chunk = static_cast<std::size_t>(s.token_chunk * K);
+  s.tasks = a.take<i32>(static_cast<std::size_t>(T * K));
+  s.offsets = a.take<i32>(static_cast<std::size_t>(s.n_tc * (s.n_ec + 1)));
+  s.keys[0] = a.take<unsigned short>(chunk);
+  s.keys[1] = a.take<unsigned short>(chunk);
+  s.vals = a.take<i32>(chunk);
+  s.temp_bytes = chunk_sort_temp_bytes(s.token_chunk * K, s.n_ec);
+  s.temp = a.take<char>(s.temp_bytes);
+  return s;
+}
+
+Status schedule_token_chunks(const i32* ids, i64 T, i64 K, const TokenChunkSchedule& s, cudaStream_t stream) {
+  if (s.n_ec + 1 > 0xffff)  // 16-bit keys: more than 65534 expert chunks is far past any supported N
+    return {StatusCode::unsupported, "CUDA schedule: " + std::to_string(s.n_ec) + " expert chunks exceed 65534"};
+  for (i64 tc = 0; tc < s.n_tc; ++tc) {
+    const i64 first = tc * s.token_chunk * K, n = std::min(s.token_chunk, T - tc * s.token_chunk) * K;
+    i32* slice = s.tasks + first;
+    chunk_keys_kernel<<<ceil_div(n, 256), 256, 0, stream>>>(ids, first, n, s.expert_chunk, s.n_ec, s.keys[0], slice);
+    OMNIMOE_CUDA_LAUNCH_CHECK("schedule chunk_keys_kernel");
+    cub::DoubleBuffer<unsigned short> keys(s.keys[0], s.keys[1]);
+    cub::DoubleBuffer<i32> vals(slice, s.vals);
+    std::size_t bytes = s.temp_bytes;
+    OMNIMOE_CUDA_TRY(
+        cub::DeviceRadixSort::SortPairs(s.temp, bytes, keys, vals, n, 0, key_bits(s.n_ec + 1), stream));
+    // CUB picks the buffer that ends with the result (known on the host from the sizes).
+    if (vals.Current() != slice)
+      OMNIMOE_CUDA_TRY(cudaMemcpyAsync(slice, vals.Current(), static_cast<std::size_t>(n) * sizeof(i32),
+                                       cudaMemcpyDeviceToDevice, stream));
+    chunk_offsets_kernel<<<ceil_div(s.n_ec + 1, 256), 256, 0, stream>>>(keys.Current(), n, first, s.n_ec,
+                                                                       s.offsets + tc * (s.n_ec + 1));
+    OMNIMOE_CUDA_LAUNCH_CHECK("schedule chunk_offsets_kernel");
+  }
+  return Status::Ok();
 }
 
 Status schedule_groups(const i32* ids, i64 T, i64 K, GroupSchedule& s, cudaStream_t stream) {
