@@ -127,9 +127,9 @@ struct ExpertsArgs {
   bool add = false;  // y += routed (y holds the shared branch) instead of y = routed
 };
 Status experts_gather(const ExpertsArgs& a, cudaStream_t stream);
-// Whether the register-tile kernels (the gather, the dense path's sparse output) serve this
-// call: whole 16-byte vectors, H <= 512 V, and every row 16-byte aligned (a view into a
-// larger buffer may not be).
+// Whether the 16-byte-vector kernels (the gather's register tiles, the dense path's sparse
+// output with its 32-vector column slices) serve this call: whole 16-byte vectors,
+// H <= 512 V, and every row 16-byte aligned (a view into a larger buffer may not be).
 bool vector_rows(const ExpertsArgs& a);
 // Warps per token of the gather kernels (forward and backward), from sizes alone: below
 // 4096 tokens, up to 8 (a power of two, at most K) while T W <= 8192; from 4096 tokens on,

@@ -1,6 +1,7 @@
 // CUDA experts stage, backward, dense regime (many tokens per expert): the products of the
-// backward on tensor cores, over the same (token chunk, expert chunk) groups as the dense
-// forward. Per expert chunk ec, per token chunk tc:
+// backward on tensor cores, over (token chunk, expert chunk) groups of 2048 x 2048 (the
+// tasks sorted by expert chunk one token chunk at a time: schedule_token_chunks). Per expert
+// chunk ec, per token chunk tc:
 //   S  = x w_inᵀ, DA = dy w_outᵀ                cuBLASLt, storage dtype [rows, Ec]
 //   at the group's tasks only (0 elsewhere):     A = g act(S), DH = DA g act'(S), dg = DA act(S)
 //   gin (+)= DHᵀ x, gout (+)= Aᵀ dy              cuBLASLt, fp32 [Ec, H], token chunks in order

@@ -68,8 +68,9 @@ constexpr int kOutScan = 128;  // ids each warp lists per window (four ballots)
 // first token; ids, gates and scores are the token chunk's, scores[t K + k] the score of task
 // (t, k): TaskScores). Per window of W * 128 tasks, the warps list the token's tasks whose
 // expert lies in [e0, e0 + cols) in shared memory, in task order (expert id and
-// g * act(s)); then warp w adds, over the whole list, column slices w and w + W of each row
-// (a slice: 32 lanes x 16 bytes), R rows in flight. Each row is read once, in 512-byte
+// g * act(s)); then warp w adds, over the whole list, column slice w of each row (and slice
+// w + W when a row has more than 8 slices, SPW = 2; a slice: 32 lanes x 16 bytes), R rows in
+// flight. Each row is read once, in 512-byte
 // pieces by the W warps; no warp holds a whole row, so there are no partial rows to sum
 // across warps and the kernel needs few registers (many blocks per SM keep the L2 busy: the
 // earlier form, W warps each summing whole rows over a share of the tasks and then adding
@@ -115,21 +116,21 @@ __global__ void __launch_bounds__(kOutWarps * 32)
     }
     if (lane == 0) counts[wi] = cnt;
     __syncthreads();
-    int at = 0, total = 0;
+    int pos0 = 0, total = 0;  // this warp's first list position; the window's list length
     for (int w = 0; w < W; ++w) {
       const int c = counts[w];
-      at += w < wi ? c : 0;
+      pos0 += w < wi ? c : 0;
       total += c;
     }
     const unsigned below = (1u << lane) - 1u;
 #pragma unroll
     for (int q = 0; q < kPer; ++q) {
       if ((mv[q] >> lane) & 1u) {
-        const int pos = at + __popc(mv[q] & below);
+        const int pos = pos0 + __popc(mv[q] & below);
         list_e[pos] = ev[q];
         list_g[pos] = gv[q];
       }
-      at += __popc(mv[q]);
+      pos0 += __popc(mv[q]);
     }
     __syncthreads();
     for (int i = 0; i < total; i += R) {
@@ -325,7 +326,11 @@ bool dense_output_sparse(const Config& cfg, DType dtype) {
   // Per (token, expert), at round H100 rates: the product costs 2 H flops on tensor cores
   // (CUDA cores in f32); the sparse output reads K / N of a w_out row from L2 (~6 TB/s) plus
   // the token's fp32 row in and out once per chunk, counted per 4096 experts (the 16-bit
-  // sparse output passes once per 8192: the estimate leans towards the product).
+  // sparse output passes once per 8192: the estimate leans towards the product). Only the
+  // output side is weighed: the sparse form's score side (a tile product over the tiles a
+  // token touches, not the dense S) is left out, which also leans towards the product. On
+  // the H200 (session d, before the block-sparse scores and the current kernel) the sparse
+  // form won at K = 512 and tied at K = 1024: worth re-measuring with both (dense_outputs).
   const double N = static_cast<double>(cfg.num_experts()), H = static_cast<double>(cfg.hidden);
   const double cols = std::min(N, 4096.0), es = static_cast<double>(dtype_size(dtype));
   const double product = 2.0 * H / (dtype == DType::f32 ? 40e12 : 550e12);

@@ -127,7 +127,9 @@ TokenChunkSchedule carve_token_chunk_schedule(Arena& a, i64 T, i64 K, i64 N, i64
 }
 
 Status schedule_token_chunks(const i32* ids, i64 T, i64 K, const TokenChunkSchedule& s, cudaStream_t stream) {
-  if (s.n_ec + 1 > 0xffff)  // 16-bit keys: more than 65534 expert chunks is far past any supported N
+  // 16-bit keys: check_supported caps N at 4096^2 (kRouteMaxExtent per axis), 8192 chunks of
+  // 2048; this only guards a future change of those limits.
+  if (s.n_ec + 1 > 0xffff)
     return {StatusCode::unsupported, "CUDA schedule: " + std::to_string(s.n_ec) + " expert chunks exceed 65534"};
   for (i64 tc = 0; tc < s.n_tc; ++tc) {
     const i64 first = tc * s.token_chunk * K, n = std::min(s.token_chunk, T - tc * s.token_chunk) * K;

@@ -175,6 +175,12 @@ const Case kCases[] = {
     {"chunked_router_and_mlp", 64, 4096, 4096, 1, 8, 2100, RN::batchnorm, Mode::training, GK::exp, AC::silu, DType::f32},
     {"h1024_bf16", 1024, 256, 64, 64, 16, 64, RN::batchnorm, Mode::inference, GK::exp, AC::silu, DType::bf16},
     {"h2048_f32", 2048, 128, 32, 32, 4, 24, RN::none, Mode::inference, GK::exp, AC::gelu, DType::f32},
+    // The dense path's sparse output (forced suites) with several warps per token and more
+    // than one window of listed tasks (H = 1024 in bf16: 4 warps, windows of 512 tasks; K =
+    // 600: a second, partial window), and with 10 column slices (H = 2312 in bf16: two per
+    // warp for some warps, the last slice one vector wide).
+    {"h1024_k600_bf16", 1024, 64, 32, 32, 600, 24, RN::none, Mode::inference, GK::exp, AC::silu, DType::bf16},
+    {"h2312_bf16", 2312, 32, 8, 8, 12, 9, RN::none, Mode::inference, GK::exp, AC::gelu, DType::bf16},
     // N = 9000: several expert chunks when the dense path runs them (the forced-path suites;
     // the automatic choice takes the gather): 8192 per chunk for its sparse output in 16-bit
     // storage (two chunks), 4096 otherwise (three), so the rows carried from chunk to chunk count.
