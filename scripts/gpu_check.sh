@@ -12,6 +12,8 @@
 #   TRAIN_ARGS="..."  extra train_lm.py arguments (e.g. --steps 20 --ffn omnimoe)
 #   BENCH_ONLY=text   limit the benchmark to configurations whose name contains text
 #   PROFILE_ONLY=text configuration(s) to profile (default: two representative ones)
+#   PROFILE_STEPS=..  forward and/or backward (default both); PROFILE_COUNT=n launches profiled
+#                     per run (default 600: a training step's full profile ran past 300 s)
 #   PROFILE_KERNEL=re the profile step instead reads one launch of the kernels matching re
 #                     (ncu's throughput, memory, warp-state and occupancy sections and the
 #                     stall reasons), forward of the PROFILE_ONLY configurations (default
@@ -135,13 +137,17 @@ if want profile && [[ -n ${PROFILE_KERNEL:-} ]]; then
 elif want profile; then
   : >"$OUT/profile.log"
   for cfg in ${PROFILE_ONLY:-lm-1024x1024-t4096 paper-k512-t4096}; do
-    echo "=== $cfg" >>"$OUT/profile.log"
-    # Clocks as found and caches left warm: the times match a graph replay's kernels.
-    ncu --clock-control none --cache-control none --metrics gpu__time_duration.sum --print-summary per-kernel \
-      build-gpu/omnimoe bench --device cuda --suite omnimoe --only "$cfg" --reps 2 >>"$OUT/profile.log" 2>&1
-    echo "=== $cfg backward" >>"$OUT/profile.log"
-    ncu --clock-control none --cache-control none --metrics gpu__time_duration.sum --print-summary per-kernel \
-      build-gpu/omnimoe bench --device cuda --suite omnimoe --backward --only "$cfg" --reps 2 >>"$OUT/profile.log" 2>&1
+    for step in ${PROFILE_STEPS:-forward backward}; do
+      flags=()
+      [[ $step == backward ]] && flags=(--backward)
+      echo "=== $cfg${flags:+ backward}" >>"$OUT/profile.log"
+      # Clocks as found and caches left warm: the times match a graph replay's kernels. At
+      # most PROFILE_COUNT launches (the ceilings' few, then the warm-up calls): every
+      # launch is replayed, and a paper-family training step has thousands.
+      ncu --clock-control none --cache-control none --metrics gpu__time_duration.sum --print-summary per-kernel \
+        --launch-count "${PROFILE_COUNT:-600}" \
+        build-gpu/omnimoe bench --device cuda --suite omnimoe "${flags[@]}" --only "$cfg" --reps 2 >>"$OUT/profile.log" 2>&1
+    done
   done
   grep -E "^===|^  [a-zA-Z_].*\(|gpu__time_duration.sum" "$OUT/profile.log" >"$OUT/profile_summary.txt"
   head -80 "$OUT/profile_summary.txt"
