@@ -228,7 +228,10 @@ Status experts_backward_tokens(const ExpertsArgs& a, const void* dy, float* act_
 // dense [N, H] or sparse (SparseExpertGradients). A segment longer than `piece` tasks is
 // cut into pieces whose partial rows (fp32) a second stage sums in order: deterministic,
 // no atomics, and no warp walks a hot expert's thousands of tasks alone.
-inline constexpr std::size_t kPartialBytes = std::size_t{16} << 20;  // partial-row buffer
+// The partial-row buffer holds at most kPartialBytes; the caller may give it less (at
+// least kMinPartialBytes), which makes pieces longer: fewer warps share a hot expert.
+inline constexpr std::size_t kPartialBytes = std::size_t{16} << 20;
+inline constexpr std::size_t kMinPartialBytes = std::size_t{2} << 20;
 struct SegmentScratch {
   int piece = 0;           // tasks per piece (segments longer than this are split)
   i64 max_pieces = 0;      // bound on the pieces of any routing: 2 T K / piece
@@ -240,7 +243,7 @@ struct SegmentScratch {
   void* scan_temp = nullptr;
   std::size_t scan_bytes = 0;
 };
-SegmentScratch carve_segment_scratch(Arena& a, i64 N, i64 tasks, i64 H);
+SegmentScratch carve_segment_scratch(Arena& a, i64 N, i64 tasks, i64 H, std::size_t partial_bytes = kPartialBytes);
 // Sparse output (SparseExpertGradients' buffers): capacity slots.
 struct SparseRowsOut {
   i32* ids;

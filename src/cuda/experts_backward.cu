@@ -381,15 +381,16 @@ Status experts_active_from_ids(const i32* ids, i64 tasks, i64 N, const SegmentSc
   return Status::Ok();
 }
 
-int segment_piece(i64 tasks, i64 H) {
+int segment_piece(i64 tasks, i64 H, std::size_t partial_bytes) {
   const double per_task = 2.0 * 2.0 * static_cast<double>(H) * sizeof(float);  // 2 rows, <= 2 pieces per L tasks
-  return static_cast<int>(std::max<double>(32.0, std::ceil(static_cast<double>(tasks) * per_task / kPartialBytes)));
+  const double budget = static_cast<double>(std::clamp(partial_bytes, kMinPartialBytes, kPartialBytes));
+  return static_cast<int>(std::max<double>(32.0, std::ceil(static_cast<double>(tasks) * per_task / budget)));
 }
 
-SegmentScratch carve_segment_scratch(Arena& a, i64 N, i64 tasks, i64 H) {
+SegmentScratch carve_segment_scratch(Arena& a, i64 N, i64 tasks, i64 H, std::size_t partial_bytes) {
   SegmentScratch s;
   const auto n1 = static_cast<std::size_t>(N + 1);
-  s.piece = segment_piece(tasks, H);
+  s.piece = segment_piece(tasks, H, partial_bytes);
   s.max_pieces = std::max<i64>(1, (2 * tasks + s.piece - 1) / s.piece);
   s.active = a.take<i32>(n1);
   s.rank = a.take<i32>(n1);

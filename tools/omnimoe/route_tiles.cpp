@@ -3,7 +3,11 @@
 // the dense path's score product (every token against every expert) a block-sparse product
 // over tiles of experts, each with the tokens that chose one of them gathered, would skip.
 //
-//   route_tiles [T=1024] [K=512] [seed=1]
+//   route_tiles [T=1024] [K=512] [seed=1] [side=320]
+//
+// `side` sets the grid (side x side experts; the LM family's are 64, 256 and 1024, with
+// K = 16). It also prints the tasks per expert (how skewed the router's choices are: the
+// backward's expert-row sums split a segment longer than its `piece` of tasks).
 //
 // Random layer as the benchmark builds it (random_layer), the CPU forward in inference mode;
 // per tile width: tiles per token (min, median, p90, max; and what uniform random ids would
@@ -26,13 +30,15 @@ namespace {
 int run(int argc, char** argv) {
   const long T = argc > 1 ? std::atol(argv[1]) : 1024, K = argc > 2 ? std::atol(argv[2]) : 512;
   const auto seed = static_cast<std::uint64_t>(argc > 3 ? std::atoll(argv[3]) : 1);
+  const long side = argc > 4 ? std::atol(argv[4]) : 320;
   Config cfg;
   cfg.hidden = 1024;
   cfg.intermediate = 0;  // the shared MLP does not route
-  cfg.grid_rows = cfg.grid_cols = 320;
+  cfg.grid_rows = cfg.grid_cols = side;
   cfg.top_k = K;
-  if (T < 1 || K < 1 || K > cfg.num_experts()) {
-    std::fprintf(stderr, "route_tiles: need T >= 1 and 1 <= K <= %ld\n", static_cast<long>(cfg.num_experts()));
+  if (T < 1 || side < 1 || side > 4096 || K < 1 || K > cfg.num_experts()) {
+    std::fprintf(stderr, "route_tiles: need T >= 1, 1 <= side <= 4096 and 1 <= K <= %ld\n",
+                 static_cast<long>(side >= 1 ? cfg.num_experts() : 0));
     return 2;
   }
   const LayerTensors l = random_layer(cfg, T, DType::f32, Device::cpu, seed);
@@ -46,7 +52,18 @@ int run(int argc, char** argv) {
   }
   const auto* ids = static_cast<const std::int64_t*>(out.expert_ids.view().data);
   const long N = cfg.num_experts();
-  std::printf("T = %ld, K = %ld, N = %ld (320 x 320), seed %llu\n", T, K, N, static_cast<unsigned long long>(seed));
+  std::printf("T = %ld, K = %ld, N = %ld (%ld x %ld), seed %llu\n", T, K, N, side, side,
+              static_cast<unsigned long long>(seed));
+  {  // tasks per expert: mean over all experts, and the most any expert got
+    std::vector<long> count(static_cast<std::size_t>(N), 0);
+    for (long i = 0; i < T * K; ++i) ++count[static_cast<std::size_t>(ids[i])];
+    long chosen = 0;
+    for (long c : count) chosen += c > 0;
+    std::sort(count.begin(), count.end());
+    std::printf("tasks per expert: mean %.2f, p99 %ld, p99.99 %ld, max %ld; %ld of %ld experts chosen\n",
+                static_cast<double>(T * K) / N, count[static_cast<std::size_t>(N * 99 / 100)],
+                count[static_cast<std::size_t>(N * 9999 / 10000)], count.back(), chosen, N);
+  }
   // work: the pairs times the tile width against T N, the share of the dense score product's
   // multiply-adds a gathered block-sparse product would do.
   std::printf("%6s %6s %24s %11s %9s %6s %18s\n", "tile", "tiles", "tiles/token min/med/p90/max", "random ids",
