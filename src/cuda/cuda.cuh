@@ -243,7 +243,10 @@ struct SegmentScratch {
   void* scan_temp = nullptr;
   std::size_t scan_bytes = 0;
 };
-SegmentScratch carve_segment_scratch(Arena& a, i64 N, i64 tasks, i64 H, std::size_t partial_bytes = kPartialBytes);
+// The (N + 1)-entry arrays and the scan's scratch; then the partial rows, for `tasks` tasks
+// and a budget in bytes (clamped to [kMinPartialBytes, kPartialBytes]), which sets `piece`.
+SegmentScratch carve_segment_scratch(Arena& a, i64 N);
+void carve_segment_partials(Arena& a, SegmentScratch& s, i64 tasks, i64 H, std::size_t budget);
 // Sparse output (SparseExpertGradients' buffers): capacity slots.
 struct SparseRowsOut {
   i32* ids;

@@ -387,20 +387,23 @@ int segment_piece(i64 tasks, i64 H, std::size_t partial_bytes) {
   return static_cast<int>(std::max<double>(32.0, std::ceil(static_cast<double>(tasks) * per_task / budget)));
 }
 
-SegmentScratch carve_segment_scratch(Arena& a, i64 N, i64 tasks, i64 H, std::size_t partial_bytes) {
+SegmentScratch carve_segment_scratch(Arena& a, i64 N) {
   SegmentScratch s;
   const auto n1 = static_cast<std::size_t>(N + 1);
-  s.piece = segment_piece(tasks, H, partial_bytes);
-  s.max_pieces = std::max<i64>(1, (2 * tasks + s.piece - 1) / s.piece);
   s.active = a.take<i32>(n1);
   s.rank = a.take<i32>(n1);
   s.npieces = a.take<i32>(n1);
   s.pstart = a.take<i32>(n1);
-  s.partial = a.take<float>(static_cast<std::size_t>(s.max_pieces * 2 * H));
   cub::DeviceScan::ExclusiveSum(nullptr, s.scan_bytes, static_cast<const i32*>(nullptr), static_cast<i32*>(nullptr),
                                 static_cast<int>(N + 1));
   s.scan_temp = a.take<char>(s.scan_bytes);
   return s;
+}
+
+void carve_segment_partials(Arena& a, SegmentScratch& s, i64 tasks, i64 H, std::size_t budget) {
+  s.piece = segment_piece(tasks, H, budget);
+  s.max_pieces = std::max<i64>(1, (2 * tasks + s.piece - 1) / s.piece);
+  s.partial = a.take<float>(static_cast<std::size_t>(s.max_pieces * 2 * H));
 }
 
 Status experts_active_list(i64 N, const i32* offsets, const SegmentScratch& s, const SparseRowsOut* sparse,

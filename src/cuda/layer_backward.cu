@@ -97,21 +97,24 @@ BackwardBuffers carve_backward(Arena& a, const Config& cfg, i64 T, DType dt) {
   b.logits = a.take<float>(rn);
   b.dlogp = a.take<float>(rn);
   b.dl = dt == DType::f32 ? static_cast<void*>(b.dlogp) : a.take<char>(rn * es);
+  const std::size_t route_end = a.mark();
+  a.rewind(phase);
+
+  const auto mlp = t * static_cast<std::size_t>(b.plan.mlp_cols) * es;
+  b.u = a.take<char>(mlp);
+  b.v = a.take<char>(mlp);
+  b.dm = a.take<char>(mlp);
+  const std::size_t room_end = std::max(route_end, a.mark());
   a.rewind(phase);
 
   // The experts phase: the segment scratch (N + 1 entries four times: 16 MB at N = 2^20) is
   // only used here, so it shares the region with the router's and the MLP's buffers. Its
-  // partial rows (split hot segments) get what the larger of those two phases leaves over
-  // the experts phase's other buffers, between 2 and 16 MB: at N = 2^20 the (N + 1)-entry
-  // arrays nearly fill that room, and 16 MB of partial rows on top (for segments that at
-  // these sizes average well under one task) had set the step's workspace (T = 4096: 75 MB
-  // against issue 5's goal of 66); at N <= 65536 the budget stays 16 MB.
-  const i64 tasks = b.path == ExpertsPath::gather ? T * cfg.top_k : 0;
-  const auto mlp_phase = 3 * t * static_cast<std::size_t>(b.plan.mlp_cols) * es;
-  const auto route_phase = static_cast<std::size_t>(b.plan.route_rows) * n * (8 + (dt == DType::f32 ? 0 : es));
-  const auto others = static_cast<std::size_t>(N + 1) * 20 + static_cast<std::size_t>(tasks) * 24 + (std::size_t{1} << 20);
-  const std::size_t room = std::max(mlp_phase, route_phase);
-  b.seg = carve_segment_scratch(a, N, tasks, H, room > others ? room - others : 0);
+  // partial rows (split hot segments), carved last, get what the larger of those two phases
+  // leaves, between 2 and 16 MB: at N = 2^20 the (N + 1)-entry arrays nearly fill that
+  // room, and 16 MB of partial rows on top (for segments that at these sizes average well
+  // under one task) had set the step's workspace (T = 4096: 75 MB against issue 5's goal
+  // of 66); at N <= 65536 the budget stays 16 MB.
+  b.seg = carve_segment_scratch(a, N);
   if (b.path == ExpertsPath::gather) {
     b.a = a.take<float>(tk);
     b.dh = a.take<float>(tk);
@@ -129,12 +132,9 @@ BackwardBuffers carve_backward(Arena& a, const Config& cfg, i64 T, DType dt) {
     d.gout = a.take<float>(rows);
     d.gemm = b.gemm;
   }
+  const i64 tasks = b.path == ExpertsPath::gather ? T * cfg.top_k : 0;
+  carve_segment_partials(a, b.seg, tasks, H, room_end > a.mark() ? room_end - a.mark() : 0);
   a.rewind(phase);
-
-  const auto mlp = t * static_cast<std::size_t>(b.plan.mlp_cols) * es;
-  b.u = a.take<char>(mlp);
-  b.v = a.take<char>(mlp);
-  b.dm = a.take<char>(mlp);
   return b;
 }
 
