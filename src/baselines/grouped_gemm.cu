@@ -55,13 +55,7 @@ __global__ void __launch_bounds__(kThreads) grouped_gemm_kernel(KernelArgs p) {
   // Which tile: the expert g with tiles[g] <= tile < tiles[g + 1].
   const i64 tile = blockIdx.x;
   if (tile >= p.tiles[p.groups]) return;  // the whole CTA leaves together, before any barrier
-  i64 lo = 0, hi = p.groups;  // tiles[lo] <= tile < tiles[hi]
-  while (hi - lo > 1) {
-    const i64 mid = (lo + hi) / 2;
-    if (p.tiles[mid] <= tile) lo = mid;
-    else hi = mid;
-  }
-  const i64 g = lo;
+  const i64 g = cuda::grouped::group_of_block(p.tiles, p.groups, tile);
   const i64 first = p.seg[g] + (tile - p.tiles[g]) * kBM;
   const i64 left = static_cast<i64>(p.seg[g + 1]) - first;
   const i64 rows = left < kBM ? left : kBM;

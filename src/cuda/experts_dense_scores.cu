@@ -89,13 +89,7 @@ __global__ void __launch_bounds__(kThreads) task_scores_tile_kernel(TileArgs p) 
 
   const i64 block = blockIdx.x;
   if (block >= p.block_off[p.tiles]) return;  // the whole CTA leaves together, before any barrier
-  i64 lo = 0, hi = p.tiles;  // block_off[lo] <= block < block_off[hi]: the last such lo is a non-empty tile
-  while (hi - lo > 1) {
-    const i64 mid = (lo + hi) / 2;
-    if (p.block_off[mid] <= block) lo = mid;
-    else hi = mid;
-  }
-  const i64 g = lo;
+  const i64 g = grouped::group_of_block(p.block_off, p.tiles, block);
   const i64 slot0 = p.tile_slots[g] + (block - p.block_off[g]) * kBM;
   const i64 left = p.tile_slots[g + 1] - slot0, rows = left < kBM ? left : kBM;
   for (int r = threadIdx.x; r < kBM; r += kThreads)

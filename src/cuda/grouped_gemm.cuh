@@ -37,6 +37,19 @@ struct Layout {
   static constexpr int kBodyBytes = kPipeBytes > kOutBytes ? kPipeBytes : kOutBytes;  // pipeline, then out tile
 };
 
+// The group that owns CTA `block` of a grouped launch: the last g < groups with
+// off[g] <= block, where off[0 .. groups] are the groups' first blocks (ascending; empty
+// groups, off[g] == off[g + 1], are passed over) and block < off[groups].
+__device__ __forceinline__ i64 group_of_block(const i32* off, i64 groups, i64 block) {
+  i64 lo = 0, hi = groups;
+  while (hi - lo > 1) {
+    const i64 mid = (lo + hi) / 2;
+    if (off[mid] <= block) lo = mid;
+    else hi = mid;
+  }
+  return lo;
+}
+
 __device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool valid) {
   const auto s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
   const int n = valid ? 16 : 0;  // 0: nothing read, 16 zero bytes written
