@@ -22,17 +22,19 @@ __global__ void group_keys_kernel(const i32* __restrict__ ids, i64 n, int K, i64
   vals[i] = static_cast<i32>(i);
 }
 
-// offsets[g] = first sorted position with key >= g (g = 0 .. groups).
-__global__ void group_offsets_kernel(const unsigned* __restrict__ keys, i64 n, i64 groups, i32* __restrict__ offsets) {
+// offsets[g] = first + (the first of the n sorted keys >= g), g = 0 .. groups.
+template <class Key>
+__global__ void group_offsets_kernel(const Key* __restrict__ keys, i64 n, i64 groups, i64 first,
+                                     i32* __restrict__ offsets) {
   const i64 g = static_cast<i64>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (g > groups) return;
   i64 lo = 0, hi = n;
   while (lo < hi) {
     const i64 mid = (lo + hi) / 2;
-    if (keys[mid] < static_cast<unsigned>(g)) lo = mid + 1;
+    if (static_cast<i64>(keys[mid]) < g) lo = mid + 1;
     else hi = mid;
   }
-  offsets[g] = static_cast<i32>(lo);
+  offsets[g] = static_cast<i32>(first + lo);
 }
 
 // Token chunk [first / K, ..): key = expert chunk (n_ec for an id out of range, after the
@@ -46,35 +48,25 @@ __global__ void chunk_keys_kernel(const i32* __restrict__ ids, i64 first, i64 n,
   vals[i] = static_cast<i32>(first + i);
 }
 
-// offsets[g] = first + (first sorted position with key >= g), g = 0 .. n_ec.
-__global__ void chunk_offsets_kernel(const unsigned short* __restrict__ keys, i64 n, i64 first, i64 n_ec,
-                                     i32* __restrict__ offsets) {
-  const i64 g = static_cast<i64>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (g > n_ec) return;
-  i64 lo = 0, hi = n;
-  while (lo < hi) {
-    const i64 mid = (lo + hi) / 2;
-    if (keys[mid] < g) lo = mid + 1;
-    else hi = mid;
-  }
-  offsets[g] = static_cast<i32>(first + lo);
-}
-
 int key_bits(i64 groups) {
   int b = 1;
   while ((i64{1} << b) < groups) ++b;
   return b;
 }
 
-}  // namespace
-
-std::size_t schedule_temp_bytes(i64 tasks, i64 groups) {
+// CUB's scratch for sorting `tasks` (key, task) pairs whose keys go up to `groups`.
+template <class Key>
+std::size_t sort_temp_bytes(i64 tasks, i64 groups) {
   std::size_t bytes = 0;
-  cub::DoubleBuffer<unsigned> keys(nullptr, nullptr);
+  cub::DoubleBuffer<Key> keys(nullptr, nullptr);
   cub::DoubleBuffer<i32> vals(nullptr, nullptr);
   cub::DeviceRadixSort::SortPairs(nullptr, bytes, keys, vals, tasks, 0, key_bits(groups + 1));
   return bytes;
 }
+
+}  // namespace
+
+std::size_t schedule_temp_bytes(i64 tasks, i64 groups) { return sort_temp_bytes<unsigned>(tasks, groups); }
 
 GroupSchedule group_extents(i64 T, i64 N, i64 token_chunk, i64 expert_chunk) {
   GroupSchedule s;
@@ -98,16 +90,6 @@ GroupSchedule carve_group_schedule(Arena& a, i64 T, i64 K, i64 N, i64 token_chun
   return s;
 }
 
-namespace {
-std::size_t chunk_sort_temp_bytes(i64 tasks, i64 n_ec) {
-  std::size_t bytes = 0;
-  cub::DoubleBuffer<unsigned short> keys(nullptr, nullptr);
-  cub::DoubleBuffer<i32> vals(nullptr, nullptr);
-  cub::DeviceRadixSort::SortPairs(nullptr, bytes, keys, vals, tasks, 0, key_bits(n_ec + 1));
-  return bytes;
-}
-}  // namespace
-
 TokenChunkSchedule carve_token_chunk_schedule(Arena& a, i64 T, i64 K, i64 N, i64 token_chunk, i64 expert_chunk) {
   const GroupSchedule e = group_extents(T, N, token_chunk, expert_chunk);
   TokenChunkSchedule s;
@@ -121,7 +103,7 @@ TokenChunkSchedule carve_token_chunk_schedule(Arena& a, i64 T, i64 K, i64 N, i64
   s.keys[0] = a.take<unsigned short>(chunk);
   s.keys[1] = a.take<unsigned short>(chunk);
   s.vals = a.take<i32>(chunk);
-  s.temp_bytes = chunk_sort_temp_bytes(s.token_chunk * K, s.n_ec);
+  s.temp_bytes = sort_temp_bytes<unsigned short>(s.token_chunk * K, s.n_ec);
   s.temp = a.take<char>(s.temp_bytes);
   return s;
 }
@@ -145,9 +127,9 @@ Status schedule_token_chunks(const i32* ids, i64 T, i64 K, const TokenChunkSched
     if (vals.Current() != slice)
       OMNIMOE_CUDA_TRY(cudaMemcpyAsync(slice, vals.Current(), static_cast<std::size_t>(n) * sizeof(i32),
                                        cudaMemcpyDeviceToDevice, stream));
-    chunk_offsets_kernel<<<ceil_div(s.n_ec + 1, 256), 256, 0, stream>>>(keys.Current(), n, first, s.n_ec,
+    group_offsets_kernel<<<ceil_div(s.n_ec + 1, 256), 256, 0, stream>>>(keys.Current(), n, s.n_ec, first,
                                                                        s.offsets + tc * (s.n_ec + 1));
-    OMNIMOE_CUDA_LAUNCH_CHECK("schedule chunk_offsets_kernel");
+    OMNIMOE_CUDA_LAUNCH_CHECK("schedule group_offsets_kernel");
   }
   return Status::Ok();
 }
@@ -165,7 +147,7 @@ Status schedule_groups(const i32* ids, i64 T, i64 K, GroupSchedule& s, cudaStrea
   OMNIMOE_CUDA_TRY(cub::DeviceRadixSort::SortPairs(s.temp, bytes, keys, vals, n, 0, key_bits(groups + 1), stream));
   s.tasks = vals.Current();
   s.sorted = keys.Current();
-  group_offsets_kernel<<<ceil_div(groups + 1, 256), 256, 0, stream>>>(keys.Current(), n, groups, s.offsets);
+  group_offsets_kernel<<<ceil_div(groups + 1, 256), 256, 0, stream>>>(keys.Current(), n, groups, 0, s.offsets);
   OMNIMOE_CUDA_LAUNCH_CHECK("schedule group_offsets_kernel");
   return Status::Ok();
 }
