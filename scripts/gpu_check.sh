@@ -87,7 +87,7 @@ if want sanitize; then
   memcheck "" "$filter"
   racecheck "" "$filter"
   # The dense path's output forms forced (the automatic choices above take each on a few
-  # cases only): memcheck on both, racecheck on the sparse output (its partial rows meet in
+  # cases only): memcheck on both, racecheck on the sparse output (its task lists live in
   # shared memory).
   dfilter=${SANITIZE_DENSE_FILTER:-'Cases/CudaForward.*:CudaRouted.*:CudaForwardGraph.*'}
   for mode in sparse product; do
@@ -100,7 +100,7 @@ if want bench; then
   grep -E "FAIL|passed" "$OUT/check_cuda.log"
   build-gpu/omnimoe bench --device cuda --suite omnimoe ${BENCH_ONLY:+--only $BENCH_ONLY} --csv "$OUT/bench_omnimoe.csv" \
     >"$OUT/bench_omnimoe.log" 2>&1 || status=1
-  grep -E "ceilings|context:|L2 gather|MISS|PASS" "$OUT/bench_omnimoe.log" | grep -v workspace
+  grep -E "ceilings|context:|MISS|PASS" "$OUT/bench_omnimoe.log" | grep -v workspace
 fi
 if want bench_backward; then
   build-gpu/omnimoe bench --device cuda --suite omnimoe --backward ${BENCH_ONLY:+--only $BENCH_ONLY} \

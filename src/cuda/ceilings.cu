@@ -31,8 +31,8 @@ __global__ void fill_random_rows(std::int32_t* p, std::int64_t n, std::int32_t r
 
 // Gathers of whole 2 KB rows by index, a warp per row, two rows in flight, 16-byte loads:
 // the pattern of the dense path's first sparse output (the current one reads each row in
-// 512-byte slices, one per warp, four rows in flight: the same rows and bytes from L2). Each warp folds what it read into one
-// word (so nothing is optimised away) and stores it.
+// 512-byte slices, one per warp, four rows in flight: the same rows and bytes from L2).
+// Each warp folds what it read into one word (so nothing is optimised away) and stores it.
 constexpr int kGatherRowBytes = 2048;
 __global__ void gather_rows_kernel(const uint4* __restrict__ table, const std::int32_t* __restrict__ idx,
                                    std::int64_t n, unsigned* __restrict__ sink) {
@@ -137,7 +137,8 @@ Status measure_l2_gather_rate(Device d, double* bytes_per_s) {
   };
   Status st = cuda::cuda_status(cudaMalloc(&table, std::size_t{rows} * kGatherRowBytes), "cudaMalloc");
   if (st.ok()) st = cuda::cuda_status(cudaMalloc(&idx, n * sizeof(std::int32_t)), "cudaMalloc");
-  if (st.ok()) st = cuda::cuda_status(cudaMalloc(&sink, std::size_t{1} * blocks * threads * sizeof(unsigned)), "cudaMalloc");
+  if (st.ok())
+    st = cuda::cuda_status(cudaMalloc(&sink, std::size_t{1} * blocks * threads * sizeof(unsigned)), "cudaMalloc");
   if (!st.ok()) {
     release();
     return st;

@@ -88,7 +88,8 @@ int run(int argc, char** argv) {
     // Uniform random distinct ids: a tile of width w is missed with probability ~(1 - w/N)^K.
     const double random = static_cast<double>(tiles) * (1 - std::pow(1 - static_cast<double>(tile) / N, K));
     char spread[64];
-    std::snprintf(spread, sizeof spread, "%ld/%ld/%ld/%ld", per_token[0], per_token[T / 2], per_token[T * 9 / 10], per_token[T - 1]);
+    std::snprintf(spread, sizeof spread, "%ld/%ld/%ld/%ld", per_token[0], per_token[T / 2], per_token[T * 9 / 10],
+                  per_token[T - 1]);
     std::printf("%6ld %6ld %27s %11.0f %9.0f %6.3f %12.1f %5ld\n", tile, tiles, spread, random, pairs,
                 pairs / (static_cast<double>(T) * tiles), pairs / static_cast<double>(tiles), most);
   }
