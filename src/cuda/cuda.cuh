@@ -105,7 +105,7 @@ struct TokenChunkSchedule {
   i32* offsets = nullptr;                  // [n_tc (n_ec + 1)] out: group (tc, ec) is
                                            // tasks[offsets[tc (n_ec + 1) + ec] .. offsets[.. + 1])
   unsigned short* keys[2] = {nullptr, nullptr};  // [Tc K] each: CUB double buffer of expert chunks
-  i32* vals = nullptr;                     // [Tc K]: the values' second buffer
+  i32* vals = nullptr;                     // [Tc K]: the values' first buffer (the second: the slice)
   void* temp = nullptr;                    // CUB scratch
   std::size_t temp_bytes = 0;
 };

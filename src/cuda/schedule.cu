@@ -116,14 +116,17 @@ Status schedule_token_chunks(const i32* ids, i64 T, i64 K, const TokenChunkSched
   for (i64 tc = 0; tc < s.n_tc; ++tc) {
     const i64 first = tc * s.token_chunk * K, n = std::min(s.token_chunk, T - tc * s.token_chunk) * K;
     i32* slice = s.tasks + first;
-    chunk_keys_kernel<<<ceil_div(n, 256), 256, 0, stream>>>(ids, first, n, s.expert_chunk, s.n_ec, s.keys[0], slice);
+    // The pairs start in the scratch buffers and the slice is the values' other buffer: a
+    // sort of one pass (the expert chunk's few key bits) ends there, with no copy.
+    chunk_keys_kernel<<<ceil_div(n, 256), 256, 0, stream>>>(ids, first, n, s.expert_chunk, s.n_ec, s.keys[0], s.vals);
     OMNIMOE_CUDA_LAUNCH_CHECK("schedule chunk_keys_kernel");
     cub::DoubleBuffer<unsigned short> keys(s.keys[0], s.keys[1]);
-    cub::DoubleBuffer<i32> vals(slice, s.vals);
+    cub::DoubleBuffer<i32> vals(s.vals, slice);
     std::size_t bytes = s.temp_bytes;
     OMNIMOE_CUDA_TRY(
         cub::DeviceRadixSort::SortPairs(s.temp, bytes, keys, vals, n, 0, key_bits(s.n_ec + 1), stream));
-    // CUB picks the buffer that ends with the result (known on the host from the sizes).
+    // CUB picks the buffer that ends with the result (known on the host from the sizes); an
+    // even number of passes leaves it in the scratch buffer.
     if (vals.Current() != slice)
       OMNIMOE_CUDA_TRY(cudaMemcpyAsync(slice, vals.Current(), static_cast<std::size_t>(n) * sizeof(i32),
                                        cudaMemcpyDeviceToDevice, stream));
