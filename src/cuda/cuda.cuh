@@ -168,9 +168,19 @@ struct TaskScores {
 };
 // Carved for token chunks of up to `rows` tokens (host-side CUB size queries only).
 TaskScores carve_task_scores(Arena& a, i64 rows, i64 K, i64 N, DType dtype);
+// A product at the tasks' cells: s[t K + k] = x[t] . w[ids[t K + k]] (x the whole [T, H]
+// input, w an [N, H] table, s the chunk's [rows K] in the storage dtype).
+struct TaskProduct {
+  const void* x = nullptr;
+  const void* w = nullptr;
+  void* s = nullptr;
+};
 // The scores of tokens [t0, t0 + rows) at their tasks, into s.s: the tile product where
-// rows are whole 16-byte vectors and x, w_in 16-byte aligned, else a warp per task.
-Status dense_task_scores(const ExpertsArgs& a, TaskScores& s, i64 t0, i64 rows, cudaStream_t stream);
+// rows are whole 16-byte vectors and x, w_in 16-byte aligned, else a warp per task. With
+// `second` (the backward's dy . w_out), that product too, at the same cells: it shares the
+// sort and the slots, and each CTA runs both tile products over its slots.
+Status dense_task_scores(const ExpertsArgs& a, TaskScores& s, i64 t0, i64 rows, cudaStream_t stream,
+                         const TaskProduct* second = nullptr);
 struct DenseBuffers {
   GroupSchedule schedule;  // chunk extents; its sort buffers only with the product output
   void* s = nullptr;       // product: [token_chunk, expert_chunk] scores, storage dtype
@@ -280,10 +290,18 @@ Status experts_active_from_ids(const i32* ids, i64 tasks, i64 N, const SegmentSc
 // Dense regime backward (experts_backward_dense.cu): tensor-core products over (token
 // chunk, expert chunk) groups; writes dgates per task, adds the experts' dx to dx_acc and
 // stores every expert row once (dense tables, or sparse slots from experts_active_from_ids).
+// Two forms, as the forward's output (dense_output_sparse decides, from sizes): products
+// (S and DA per group by cuBLASLt) or task values (S and DA at the tasks only, per token
+// chunk by the forward's block-sparse tile product, kept per task for the groups).
 struct DenseBackwardBuffers {
   TokenChunkSchedule schedule;  // grouped by (token chunk, expert chunk), sorted per token chunk
-  void* s = nullptr;       // [Tc, Ec] storage dtype: scores
-  void* da = nullptr;      // [Tc, Ec] storage dtype: dy w_outᵀ
+  bool task_values = false;     // the task-values form (s and da unused)
+  void* s = nullptr;       // products: [Tc, Ec] storage dtype: scores
+  void* da = nullptr;      // products: [Tc, Ec] storage dtype: dy w_outᵀ
+  TaskScores scores;       // task values: the token chunk's tasks by 64-expert tile; s at its tasks
+  void* task_da = nullptr; // task values: [Tc K] storage dtype, dy . w_out at the chunk's tasks
+  void* va = nullptr;      // task values: [T K] storage dtype, g act(s) per task
+  void* vdh = nullptr;     // task values: [T K] storage dtype, da g act'(s) per task
   void* pa = nullptr;      // [Tc, Ec] storage dtype: g act(S) at the tasks, kept zero elsewhere
   void* pdh = nullptr;     // [Tc, Ec] storage dtype: dh at the tasks, kept zero elsewhere
   float* gin = nullptr;    // [Ec, H] fp32 gradient rows of w_in being summed over token chunks

@@ -7,6 +7,11 @@
 //   gin (+)= DHᵀ x, gout (+)= Aᵀ dy              cuBLASLt, fp32 [Ec, H], token chunks in order
 //   dx_acc += DH w_in                            cuBLASLt, fp32, expert chunks in order
 // then each expert row of the chunk is stored once (dense table, or its sparse slot).
+// Task-values form (where the forward adds its outputs at the chosen cells: few experts per
+// token and chunk): S and DA are not formed. Per token chunk, s and da at its tasks only
+// (dense_task_scores: the forward's block-sparse tile product, both products over the same
+// slots), then per task a, dh and dg into [T K] arrays; the groups scatter those into A and
+// DH. The three products on the right are the same in both forms.
 // Only chunk-sized buffers exist (never T x N), no float atomics on the outputs: deterministic.
 #include "core/math.hpp"
 #include "cuda/cuda.cuh"
@@ -37,6 +42,38 @@ __global__ void tasks_kernel(const i32* __restrict__ tasks, const i32* __restric
       atomicAdd(pa + idx, from_f32<S>(g * s));
       atomicAdd(pdh + idx, from_f32<S>(d * g * activate_grad(act, h)));
     }
+  }
+}
+
+// Task-values form, one token chunk of n tasks: a = g act(s), dh = da g act'(s) and
+// dg = da act(s) per task, rounded as the products form rounds them into A and DH. Tasks
+// with an id < 0 are skipped (bad_tokens_kernel set their dg).
+template <class S>
+__global__ void task_values_kernel(i64 n, const i32* __restrict__ ids, const float* __restrict__ gates,
+                                   const S* __restrict__ s, const S* __restrict__ da, S* __restrict__ va,
+                                   S* __restrict__ vdh, float* __restrict__ dgates, Activation act) {
+  const i64 i = static_cast<i64>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= n || ids[i] < 0) return;
+  const float h = to_f32(s[i]), d = to_f32(da[i]), g = gates[i], sv = activate(act, h);
+  dgates[i] = d * sv;
+  va[i] = from_f32<S>(g * sv);
+  vdh[i] = from_f32<S>(d * g * activate_grad(act, h));
+}
+
+// Task-values form: the group's values into A and DH (added: a caller routing may name one
+// expert twice for a token). The clear is tasks_kernel's.
+template <class S>
+__global__ void scatter_values_kernel(const i32* __restrict__ tasks, const i32* __restrict__ offsets, i64 group,
+                                      const i32* __restrict__ ids, const S* __restrict__ va,
+                                      const S* __restrict__ vdh, S* __restrict__ pa, S* __restrict__ pdh, i64 t0,
+                                      i64 e0, i64 ec, int K) {
+  const i32 begin = offsets[group], end = offsets[group + 1];
+  for (i64 i = begin + static_cast<i64>(blockIdx.x) * blockDim.x + threadIdx.x; i < end;
+       i += static_cast<i64>(gridDim.x) * blockDim.x) {
+    const i32 task = tasks[i];
+    const i64 idx = (task / K - t0) * ec + (ids[task] - e0);
+    atomicAdd(pa + idx, va[task]);
+    atomicAdd(pdh + idx, vdh[task]);
   }
 }
 
@@ -91,6 +128,20 @@ Status run(const DenseBackwardArgs& a, cudaStream_t stream) {
   bad_tokens_kernel<<<ceil_div(T, 256), 256, 0, stream>>>(a.ids, T, static_cast<int>(K), a.dgates, a.bad);
   OMNIMOE_CUDA_LAUNCH_CHECK("experts_backward_dense bad_tokens_kernel");
   OMNIMOE_RETURN_IF_ERROR(schedule_token_chunks(a.ids, T, K, sc, stream));
+  S* va = static_cast<S*>(b.va);
+  S* vdh = static_cast<S*>(b.vdh);
+  if (b.task_values)  // before A and DH are cleared: the task scores' buffers share their memory
+    for (i64 t0 = 0; t0 < T; t0 += Tc) {
+      const i64 rows = std::min(Tc, T - t0);
+      const ExpertsArgs e{&c, T, dt, a.x, a.w_in, a.w_out, a.ids, a.gates, nullptr};
+      TaskScores ts = b.scores;  // its sort's outputs are per call
+      const TaskProduct second{a.dy, a.w_out, b.task_da};
+      OMNIMOE_RETURN_IF_ERROR(dense_task_scores(e, ts, t0, rows, stream, &second));
+      task_values_kernel<S><<<ceil_div(rows * K, 256), 256, 0, stream>>>(
+          rows * K, a.ids + t0 * K, a.gates + t0 * K, static_cast<const S*>(ts.s), static_cast<const S*>(b.task_da),
+          va + t0 * K, vdh + t0 * K, a.dgates + t0 * K, c.activation);
+      OMNIMOE_CUDA_LAUNCH_CHECK("experts_backward_dense task_values_kernel");
+    }
   const auto chunk_bytes = static_cast<std::size_t>(Tc * Ec) * sizeof(S);
   OMNIMOE_CUDA_TRY(cudaMemsetAsync(b.pa, 0, chunk_bytes, stream));
   OMNIMOE_CUDA_TRY(cudaMemsetAsync(b.pdh, 0, chunk_bytes, stream));
@@ -100,15 +151,23 @@ Status run(const DenseBackwardArgs& a, cudaStream_t stream) {
       const i64 t0 = tc * Tc, rows = std::min(Tc, T - t0), group = tc * (sc.n_ec + 1) + ec;
       const char* x = at(a.x, t0 * H, dt);
       const char* dy = at(a.dy, t0 * H, dt);
-      OMNIMOE_RETURN_IF_ERROR(gemm(
-          gemm_args(false, true, rows, cols, H, x, H, at(a.w_in, e0 * H, dt), H, b.s, Ec, dt, dt, 0.f), b.gemm, stream));
-      OMNIMOE_RETURN_IF_ERROR(gemm(
-          gemm_args(false, true, rows, cols, H, dy, H, at(a.w_out, e0 * H, dt), H, b.da, Ec, dt, dt, 0.f), b.gemm,
-          stream));
-      tasks_kernel<S, false><<<kTaskBlocks, kTaskThreads, 0, stream>>>(
-          sc.tasks, sc.offsets, group, a.ids, a.gates, static_cast<const S*>(b.s), static_cast<const S*>(b.da),
-          static_cast<S*>(b.pa), static_cast<S*>(b.pdh), a.dgates, t0, e0, Ec, static_cast<int>(K), c.activation);
-      OMNIMOE_CUDA_LAUNCH_CHECK("experts_backward_dense tasks_kernel");
+      if (b.task_values) {
+        scatter_values_kernel<S><<<kTaskBlocks, kTaskThreads, 0, stream>>>(
+            sc.tasks, sc.offsets, group, a.ids, va, vdh, static_cast<S*>(b.pa), static_cast<S*>(b.pdh), t0, e0, Ec,
+            static_cast<int>(K));
+        OMNIMOE_CUDA_LAUNCH_CHECK("experts_backward_dense scatter_values_kernel");
+      } else {
+        OMNIMOE_RETURN_IF_ERROR(gemm(
+            gemm_args(false, true, rows, cols, H, x, H, at(a.w_in, e0 * H, dt), H, b.s, Ec, dt, dt, 0.f), b.gemm,
+            stream));
+        OMNIMOE_RETURN_IF_ERROR(gemm(
+            gemm_args(false, true, rows, cols, H, dy, H, at(a.w_out, e0 * H, dt), H, b.da, Ec, dt, dt, 0.f), b.gemm,
+            stream));
+        tasks_kernel<S, false><<<kTaskBlocks, kTaskThreads, 0, stream>>>(
+            sc.tasks, sc.offsets, group, a.ids, a.gates, static_cast<const S*>(b.s), static_cast<const S*>(b.da),
+            static_cast<S*>(b.pa), static_cast<S*>(b.pdh), a.dgates, t0, e0, Ec, static_cast<int>(K), c.activation);
+        OMNIMOE_CUDA_LAUNCH_CHECK("experts_backward_dense tasks_kernel");
+      }
       const float beta = tc > 0 ? 1.f : 0.f;
       OMNIMOE_RETURN_IF_ERROR(
           gemm(gemm_args(true, false, cols, H, rows, b.pdh, Ec, x, H, b.gin, H, dt, f32, beta), b.gemm, stream));

@@ -15,7 +15,8 @@
 //      range) reads its cell: s[task] = C[slot][id - tile base], rounded to the storage
 //      dtype as the cuBLASLt S buffer was. Each task has one writer (a task is one sorted
 //      position) and no atomics: deterministic. A token that names an expert twice has two
-//      positions in one slot, both written from the same row.
+//      positions in one slot, both written from the same row. With a second product (the
+//      backward's dy . w_out at the same cells) the CTA then runs it over the same slots.
 // All device-side: no host synchronisation, no allocation; the grid is a host bound (tiles
 // plus tasks / 64) and CTAs past the device's block count exit before any barrier.
 // Rows that are not whole 16-byte vectors, or x / w_in not 16-byte aligned: a warp per task.
@@ -79,6 +80,7 @@ struct TileArgs {
   i64 H, N;
   int K;
   void* s;           // [rows K] the chunk's task scores
+  TaskProduct second;  // a second product at the same cells (second.s null: none), x its chunk's first row
 };
 
 template <class S>
@@ -98,19 +100,26 @@ __global__ void __launch_bounds__(kThreads) task_scores_tile_kernel(TileArgs p) 
 
   const i64 e0 = g * p.width;
   const i64 cols = p.N - e0 < p.width ? p.N - e0 : p.width;
-  const S* B[2] = {static_cast<const S*>(p.w_in) + e0 * p.H, nullptr};
-  grouped::tile_product<S, 1>(sm, arow, static_cast<const S*>(p.x), B, 0, cols, p.H, p.H);
-
   // The block's tasks are the sorted positions of its slots: one contiguous range, which
   // ends where the next slot starts or, after the last slot, where the valid tasks end.
-  const float* out = reinterpret_cast<const float*>(sm);
-  S* s = static_cast<S*>(p.s);
+  const i32 begin = p.first[slot0];
   const i32 end = slot0 + rows < p.tile_slots[p.tiles] ? p.first[slot0 + rows] : p.offsets[p.tiles];
-  for (i32 q = p.first[slot0] + threadIdx.x; q < end; q += kThreads) {
-    const i32 task = p.tasks[q];
-    const i64 r = p.incl[q] - 1 - slot0;
-    s[task] = from_f32<S>(out[r * kOutStride + (p.ids[task] - e0)]);
-  }
+  const float* out = reinterpret_cast<const float*>(sm);
+  // One product over the block's slots, then each task's cell out of the tile.
+  auto product = [&](const void* x, const void* w, void* dst) {
+    const S* B[2] = {static_cast<const S*>(w) + e0 * p.H, nullptr};
+    grouped::tile_product<S, 1>(sm, arow, static_cast<const S*>(x), B, 0, cols, p.H, p.H);
+    S* s = static_cast<S*>(dst);
+    for (i32 q = begin + threadIdx.x; q < end; q += kThreads) {
+      const i32 task = p.tasks[q];
+      const i64 r = p.incl[q] - 1 - slot0;
+      s[task] = from_f32<S>(out[r * kOutStride + (p.ids[task] - e0)]);
+    }
+  };
+  product(p.x, p.w_in, p.s);
+  if (p.second.s == nullptr) return;
+  __syncthreads();  // the second product's pipeline overwrites the tile the first one's cells came from
+  product(p.second.x, p.second.w, p.second.s);
 }
 
 // The fallback: a warp per task, lanes over the row (any H, any alignment), one warp sum.
@@ -131,12 +140,16 @@ __global__ void task_scores_warp_kernel(i64 n, int H, int K, const S* __restrict
 }
 
 template <class S>
-Status warp_scores(const ExpertsArgs& a, const TaskScores& ts, i64 t0, i64 rows, cudaStream_t stream) {
+Status warp_scores(const ExpertsArgs& a, const TaskScores& ts, const TaskProduct* second, i64 t0, i64 rows,
+                   cudaStream_t stream) {
   const i64 H = a.cfg->hidden, K = a.cfg->top_k, n = rows * K;
-  task_scores_warp_kernel<S><<<ceil_div(n * 32, 256), 256, 0, stream>>>(
-      n, static_cast<int>(H), static_cast<int>(K), static_cast<const S*>(a.x) + t0 * H,
-      static_cast<const S*>(a.w_in), a.ids + t0 * K, static_cast<S*>(ts.s));
-  OMNIMOE_CUDA_LAUNCH_CHECK("experts_dense task_scores_warp_kernel");
+  for (const TaskProduct& q : {TaskProduct{a.x, a.w_in, ts.s}, second != nullptr ? *second : TaskProduct{}}) {
+    if (q.s == nullptr) continue;
+    task_scores_warp_kernel<S><<<ceil_div(n * 32, 256), 256, 0, stream>>>(
+        n, static_cast<int>(H), static_cast<int>(K), static_cast<const S*>(q.x) + t0 * H, static_cast<const S*>(q.w),
+        a.ids + t0 * K, static_cast<S*>(q.s));
+    OMNIMOE_CUDA_LAUNCH_CHECK("experts_dense task_scores_warp_kernel");
+  }
   return Status::Ok();
 }
 
@@ -168,7 +181,8 @@ Status build_slots(const i32* ids, i64 rows, i64 K, TaskScores& ts, cudaStream_t
 }
 
 template <class S>
-Status tile_scores(const ExpertsArgs& a, TaskScores& ts, i64 t0, i64 rows, cudaStream_t stream) {
+Status tile_scores(const ExpertsArgs& a, TaskScores& ts, const TaskProduct* second, i64 t0, i64 rows,
+                   cudaStream_t stream) {
   const i64 H = a.cfg->hidden, K = a.cfg->top_k, N = a.cfg->num_experts();
   const i32* ids = a.ids + t0 * K;
   OMNIMOE_RETURN_IF_ERROR(build_slots(ids, rows, K, ts, stream));
@@ -177,24 +191,26 @@ Status tile_scores(const ExpertsArgs& a, TaskScores& ts, i64 t0, i64 rows, cudaS
   const i64 grid = sc.n_ec + (rows * std::min(K, sc.n_ec) + kBM - 1) / kBM;
   if (grid >= (i64{1} << 31)) return {StatusCode::internal, "experts_dense task scores: grid too large"};
   const TileArgs p{sc.n_ec, sc.expert_chunk, ts.block_off, ts.tile_slots, sc.offsets, ts.first, ts.incl, sc.tasks, ids,
-                   at(a.x, t0 * H, a.dtype), a.w_in, H, N, static_cast<int>(K), ts.s};
+                   at(a.x, t0 * H, a.dtype), a.w_in, H, N, static_cast<int>(K), ts.s,
+                   second != nullptr ? TaskProduct{at(second->x, t0 * H, a.dtype), second->w, second->s} : TaskProduct{}};
   task_scores_tile_kernel<S><<<static_cast<unsigned>(grid), kThreads, 0, stream>>>(p);
   OMNIMOE_CUDA_LAUNCH_CHECK("experts_dense task_scores_tile_kernel");
   return Status::Ok();
 }
 
-// Whether the tile product serves the call: whole 16-byte chunks per row (cp.async), x and
-// w_in 16-byte aligned (then so is every row).
-bool tile_rows(const ExpertsArgs& a) {
+// Whether the tile product serves the call: whole 16-byte chunks per row (cp.async), the
+// rows' and the tables' bases 16-byte aligned (then so is every row).
+bool tile_rows(const ExpertsArgs& a, const TaskProduct* second) {
   const i64 v = 16 / static_cast<i64>(dtype_size(a.dtype));
-  return a.cfg->hidden % v == 0 && aligned16(a.x) && aligned16(a.w_in);
+  const bool second_ok = second == nullptr || (aligned16(second->x) && aligned16(second->w));
+  return a.cfg->hidden % v == 0 && aligned16(a.x) && aligned16(a.w_in) && second_ok;
 }
 
 template <class S>
-Status run(const ExpertsArgs& a, TaskScores& ts, i64 t0, i64 rows, cudaStream_t stream) {
+Status run(const ExpertsArgs& a, TaskScores& ts, const TaskProduct* second, i64 t0, i64 rows, cudaStream_t stream) {
   if (rows <= 0) return Status::Ok();
-  if (!tile_rows(a)) return warp_scores<S>(a, ts, t0, rows, stream);
-  return tile_scores<S>(a, ts, t0, rows, stream);
+  if (!tile_rows(a, second)) return warp_scores<S>(a, ts, second, t0, rows, stream);
+  return tile_scores<S>(a, ts, second, t0, rows, stream);
 }
 
 std::size_t scan_temp_bytes(i64 n) {
@@ -221,11 +237,13 @@ TaskScores carve_task_scores(Arena& a, i64 rows, i64 K, i64 N, DType dtype) {
   return s;
 }
 
-Status dense_task_scores(const ExpertsArgs& a, TaskScores& s, i64 t0, i64 rows, cudaStream_t stream) {
+Status dense_task_scores(const ExpertsArgs& a, TaskScores& s, i64 t0, i64 rows, cudaStream_t stream,
+                         const TaskProduct* second) {
+  if (second != nullptr && second->s == nullptr) second = nullptr;
   switch (a.dtype) {
-    case DType::bf16: return run<__nv_bfloat16>(a, s, t0, rows, stream);
-    case DType::f16: return run<__half>(a, s, t0, rows, stream);
-    case DType::f32: return run<float>(a, s, t0, rows, stream);
+    case DType::bf16: return run<__nv_bfloat16>(a, s, second, t0, rows, stream);
+    case DType::f16: return run<__half>(a, s, second, t0, rows, stream);
+    case DType::f32: return run<float>(a, s, second, t0, rows, stream);
     default: return {StatusCode::unsupported, "CUDA experts: dtype must be f32, bf16 or f16"};
   }
 }
