@@ -336,8 +336,11 @@ ExpertsPath choose_path(const Config& cfg, i64 T, DType dtype);
 GroupSchedule carve_group_schedule(Arena& a, i64 T, i64 K, i64 N, i64 token_chunk, i64 expert_chunk);
 // Only the chunk extents and counts of such a schedule (no buffers).
 GroupSchedule group_extents(i64 T, i64 N, i64 token_chunk, i64 expert_chunk);
-// The buffers of a schedule sorted one token chunk at a time, carved from `a`.
+// A schedule sorted one token chunk at a time: its extents and its outputs (the task array
+// and the offsets), carved from `a`; then its sort's buffers, used only while
+// schedule_token_chunks runs (so a caller may carve them in memory it reuses afterwards).
 TokenChunkSchedule carve_token_chunk_schedule(Arena& a, i64 T, i64 K, i64 N, i64 token_chunk, i64 expert_chunk);
+void carve_token_chunk_sort(Arena& a, TokenChunkSchedule& s, i64 K);
 
 // SwiGLU backward in place: (u, v, dm) -> (du, m, dv).
 Status shared_mlp_swiglu_backward(DType dtype, void* u, void* v, void* dm, i64 n, cudaStream_t stream);

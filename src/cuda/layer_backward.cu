@@ -123,18 +123,23 @@ BackwardBuffers carve_backward(Arena& a, const Config& cfg, i64 T, DType dt) {
     DenseBackwardBuffers& d = b.dense;
     d.schedule = carve_token_chunk_schedule(a, T, cfg.top_k, N, kDenseTokens, kDenseExperts);
     const auto chunk = static_cast<std::size_t>(d.schedule.token_chunk * d.schedule.expert_chunk) * es;
-    // Task values where the forward adds its outputs at the chosen cells (the same rule):
-    // the per-task values stay for the groups; the task scores' buffers are used only
-    // before the groups, so they share memory with A, DH and the row accumulators.
+    // Task values where the forward adds its outputs at the chosen cells (the same rule);
+    // the per-task values stay for the groups. Three scratch sets follow one another in
+    // time and share one region: the schedule's sort buffers (used by the schedule only),
+    // the task scores' (before the groups), then A, DH and the row accumulators.
     d.task_values = dense_output_sparse(cfg, dt);
-    std::size_t scores_end = 0;
     if (d.task_values) {
       d.va = a.take<char>(tk * es);
       d.vdh = a.take<char>(tk * es);
-      const std::size_t before = a.mark();
+    }
+    const std::size_t before = a.mark();
+    carve_token_chunk_sort(a, d.schedule, cfg.top_k);
+    std::size_t scratch_end = a.mark();
+    a.rewind(before);
+    if (d.task_values) {
       d.scores = carve_task_scores(a, d.schedule.token_chunk, cfg.top_k, N, dt);
       d.task_da = a.take<char>(static_cast<std::size_t>(d.schedule.token_chunk * cfg.top_k) * es);
-      scores_end = a.mark();
+      scratch_end = std::max(scratch_end, a.mark());
       a.rewind(before);
     } else {
       d.s = a.take<char>(chunk);
@@ -146,7 +151,7 @@ BackwardBuffers carve_backward(Arena& a, const Config& cfg, i64 T, DType dt) {
     d.gin = a.take<float>(rows);
     d.gout = a.take<float>(rows);
     d.gemm = b.gemm;
-    if (scores_end > a.mark()) a.take<char>(scores_end - a.mark());  // what follows starts past both
+    if (scratch_end > a.mark()) a.take<char>(scratch_end - a.mark());  // what follows starts past all three
   }
   const i64 tasks = b.path == ExpertsPath::gather ? T * cfg.top_k : 0;
   carve_segment_partials(a, b.seg, tasks, H, room_end > a.mark() ? room_end - a.mark() : 0);

@@ -97,15 +97,18 @@ TokenChunkSchedule carve_token_chunk_schedule(Arena& a, i64 T, i64 K, i64 N, i64
   s.expert_chunk = e.expert_chunk;
   s.n_tc = e.n_tc;
   s.n_ec = e.n_ec;
-  const auto chunk = static_cast<std::size_t>(s.token_chunk * K);
   s.tasks = a.take<i32>(static_cast<std::size_t>(T * K));
   s.offsets = a.take<i32>(static_cast<std::size_t>(s.n_tc * (s.n_ec + 1)));
+  return s;
+}
+
+void carve_token_chunk_sort(Arena& a, TokenChunkSchedule& s, i64 K) {
+  const auto chunk = static_cast<std::size_t>(s.token_chunk * K);
   s.keys[0] = a.take<unsigned short>(chunk);
   s.keys[1] = a.take<unsigned short>(chunk);
   s.vals = a.take<i32>(chunk);
   s.temp_bytes = sort_temp_bytes<unsigned short>(s.token_chunk * K, s.n_ec);
   s.temp = a.take<char>(s.temp_bytes);
-  return s;
 }
 
 Status schedule_token_chunks(const i32* ids, i64 T, i64 K, const TokenChunkSchedule& s, cudaStream_t stream) {
