@@ -176,7 +176,8 @@ struct TaskProduct {
   void* s = nullptr;
 };
 // The scores of tokens [t0, t0 + rows) at their tasks, into s.s: the tile product where
-// rows are whole 16-byte vectors and x, w_in 16-byte aligned, else a warp per task. With
+// rows are whole 16-byte vectors and x, w_in (and second's x, w) 16-byte aligned, else a warp
+// per task for both products. With
 // `second` (the backward's dy . w_out), that product too, at the same cells: it shares the
 // sort and the slots, and each CTA runs both tile products over its slots.
 Status dense_task_scores(const ExpertsArgs& a, TaskScores& s, i64 t0, i64 rows, cudaStream_t stream,

@@ -12,7 +12,8 @@
 // (dense_task_scores: the forward's block-sparse tile product, both products over the same
 // slots), then per task a, dh and dg into [T K] arrays; the groups scatter those into A and
 // DH. The three products on the right are the same in both forms.
-// Only chunk-sized buffers exist (never T x N), no float atomics on the outputs: deterministic.
+// Never a T x N buffer: chunk-sized ones, and in the task-values form two values per task
+// ([T K]); no float atomics on the outputs: deterministic.
 #include "core/math.hpp"
 #include "cuda/cuda.cuh"
 

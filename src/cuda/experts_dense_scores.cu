@@ -19,7 +19,8 @@
 //      backward's dy . w_out at the same cells) the CTA then runs it over the same slots.
 // All device-side: no host synchronisation, no allocation; the grid is a host bound (tiles
 // plus tasks / 64) and CTAs past the device's block count exit before any barrier.
-// Rows that are not whole 16-byte vectors, or x / w_in not 16-byte aligned: a warp per task.
+// Rows that are not whole 16-byte vectors, or x / w_in (or the second product's inputs) not
+// 16-byte aligned: a warp per task, for both products.
 #include <cub/device/device_scan.cuh>
 
 #include <algorithm>
@@ -84,7 +85,9 @@ struct TileArgs {
 };
 
 template <class S>
-__global__ void __launch_bounds__(kThreads) task_scores_tile_kernel(TileArgs p) {
+// Register caps: f32 at 6 CTAs per SM (80 registers; with the second product's arguments it
+// had taken 128), 16-bit types at 7 (their 72: a minimum of 1 CTA made ptxas take 88-116).
+__global__ void __launch_bounds__(kThreads, std::is_same_v<S, float> ? 6 : 7) task_scores_tile_kernel(TileArgs p) {
   constexpr int kBody = grouped::Layout<1>::kBodyBytes;
   __shared__ __align__(128) unsigned char sm[kBody + kBM * 8];
   i64* arow = reinterpret_cast<i64*>(sm + kBody);  // element offset of each slot's x row, -1 past the tile's slots

@@ -310,6 +310,12 @@ const BCase kBCases[] = {
     // Two token chunks of the dense path (2048 + 52) and a partial last expert chunk (2400 =
     // 2048 + 352): the second chunk's sort and its groups' offsets start at t0 K > 0.
     {"token_chunks_f32", 16, 8, 48, 50, 12, 2100, RN::batchnorm, Mode::training, GK::exp, AC::silu, DType::f32},
+    // The same in bf16: with the dense path's task-values form forced (test_cuda_dense_sparse)
+    // the second chunk's tile products read x and dy from row t0 = 2048; with H = 20 (not
+    // whole 16-byte rows) the warp-per-task fallback does, for both products.
+    {"token_chunks_bf16", 64, 16, 48, 50, 12, 2100, RN::batchnorm, Mode::training, GK::softmax, AC::gelu, DType::bf16},
+    {"token_chunks_h20_bf16", 20, 8, 48, 50, 12, 2100, RN::batchnorm, Mode::inference, GK::exp, AC::silu,
+     DType::bf16},
     // Wide rows: the token kernel's register tiles of 4 and 8 vectors per lane (H = 1024 in
     // bf16, H = 1000 in f32: a partial last tile) and row sums over 4 slices at once.
     {"wide_h1024_bf16", 1024, 64, 8, 8, 6, 40, RN::batchnorm, Mode::training, GK::exp, AC::silu, DType::bf16},
@@ -470,9 +476,10 @@ TEST(CudaBackwardMisaligned, ViewsOffsetByOneElement) {
 }
 
 // Host only (the size query needs no device): the dense path's backward sorts its tasks one
-// token chunk at a time, so only a task array of 4 bytes per (token, expert) pair spans T
-// (a sort of all T K pairs held 16 bytes per pair and CUB's scratch, which missed the
-// memory goal from T = 2048 on). At the paper family's sizes the backward's workspace stays
+// token chunk at a time, so only a task array of 4 bytes per (token, expert) pair spans T,
+// with the task-values form's two values per pair (2 x 2 bytes in bf16) beside it (a sort
+// of all T K pairs held 16 bytes per pair and CUB's scratch, which missed the memory goal
+// from T = 2048 on). At the paper family's sizes the backward's workspace stays
 // within issue 5's goal, 64 MiB + 32 bytes per pair.
 TEST(CudaBackwardWorkspace, DensePathWithinTheMemoryGoal) {
   if (std::getenv("OMNIMOE_EXPERTS_PATH") != nullptr) GTEST_SKIP() << "OMNIMOE_EXPERTS_PATH overrides config.schedule";
