@@ -181,6 +181,9 @@ const Case kCases[] = {
     // warp for some warps, the last slice one vector wide).
     {"h1024_k600_bf16", 1024, 64, 32, 32, 600, 24, RN::none, Mode::inference, GK::exp, AC::silu, DType::bf16},
     {"h2312_bf16", 2312, 32, 8, 8, 12, 9, RN::none, Mode::inference, GK::exp, AC::gelu, DType::bf16},
+    // 5 column slices (H = 1280 in bf16): an odd count, so a layout of two slices per warp
+    // leaves the last warp's second slice empty.
+    {"h1280_bf16", 1280, 32, 16, 16, 40, 20, RN::batchnorm, Mode::inference, GK::softmax, AC::silu, DType::bf16},
     // N = 9000: several expert chunks when the dense path runs them (the forced-path suites;
     // the automatic choice takes the gather): 8192 per chunk for its sparse output in 16-bit
     // storage (two chunks), 4096 otherwise (three), so the rows carried from chunk to chunk count.
