@@ -32,6 +32,10 @@ class Arena {
     used_ = mark;
   }
 
+  // What follows starts at or past `mark` (the end of an alternative carved earlier in the
+  // same region, when the one carved last is smaller).
+  void skip_to(std::size_t mark) { used_ = mark > used_ ? mark : used_; }
+
   std::size_t used() const { return used_ > peak_ ? used_ : peak_; }
   bool fits() const { return base_ == nullptr || used() <= capacity_; }
 

@@ -11,7 +11,8 @@
 // token and chunk): S and DA are not formed. Per token chunk, s and da at its tasks only
 // (dense_task_scores: the forward's block-sparse tile product, both products over the same
 // slots), then per task a, dh and dg into [T K] arrays; the groups scatter those into A and
-// DH. The three products on the right are the same in both forms.
+// DH (cells_kernel, from either source). The three products on the right are the same in
+// both forms.
 // Never a T x N buffer: chunk-sized ones, and in the task-values form two values per task
 // ([T K]); no float atomics on the outputs: deterministic.
 #include "core/math.hpp"
@@ -22,27 +23,50 @@ namespace {
 
 constexpr int kTaskBlocks = 528, kTaskThreads = 256;  // grid-stride over a group's tasks
 
-// kClear: reset the group's cells of A and DH to 0 (they are kept zero between groups).
-template <class S, bool kClear>
-__global__ void tasks_kernel(const i32* __restrict__ tasks, const i32* __restrict__ offsets, i64 group,
-                             const i32* __restrict__ ids, const float* __restrict__ gates,
-                             const S* __restrict__ scores, const S* __restrict__ da, S* __restrict__ pa,
-                             S* __restrict__ pdh, float* __restrict__ dgates, i64 t0, i64 e0, i64 ec, int K,
-                             Activation act) {
-  const i32 begin = offsets[group], end = offsets[group + 1];
+// A group's cells of A and DH (kept zero between groups), from one of three sources:
+// products: the group's S and DA (which also gives dgate); values: the task-values form's
+// per-task a and dh; clear: 0 again after the group's products.
+enum class Cells { products, values, clear };
+struct CellArgs {
+  const i32* tasks;    // the schedule's sorted tasks
+  const i32* offsets;  // and its group offsets
+  const i32* ids;
+  const float* gates;
+  const void *s, *da;    // products: [Tc, Ec] storage dtype
+  const void *va, *vdh;  // values: [T K] storage dtype
+  void *pa, *pdh;        // [Tc, Ec] storage dtype
+  float* dgates;
+  i64 ec;                // Ec, the cells' row stride
+  int K;
+  Activation act;
+};
+template <class S, Cells kMode>
+__global__ void cells_kernel(CellArgs p, i64 group, i64 t0, i64 e0) {
+  S* pa = static_cast<S*>(p.pa);
+  S* pdh = static_cast<S*>(p.pdh);
+  const i32 begin = p.offsets[group], end = p.offsets[group + 1];
   for (i64 i = begin + static_cast<i64>(blockIdx.x) * blockDim.x + threadIdx.x; i < end;
        i += static_cast<i64>(gridDim.x) * blockDim.x) {
-    const i32 task = tasks[i];
-    const i64 idx = (task / K - t0) * ec + (ids[task] - e0);
-    if constexpr (kClear) {
+    const i32 task = p.tasks[i];
+    const i64 idx = (task / p.K - t0) * p.ec + (p.ids[task] - e0);
+    if constexpr (kMode == Cells::clear) {
       pa[idx] = pdh[idx] = from_f32<S>(0.f);
-    } else {
-      const float h = to_f32(scores[idx]), d = to_f32(da[idx]), g = gates[task], s = activate(act, h);
-      dgates[task] = d * s;
-      // Adds, as in the forward: a caller routing may name one expert twice for a token.
-      atomicAdd(pa + idx, from_f32<S>(g * s));
-      atomicAdd(pdh + idx, from_f32<S>(d * g * activate_grad(act, h)));
+      continue;
     }
+    S av, dv;
+    if constexpr (kMode == Cells::values) {
+      av = static_cast<const S*>(p.va)[task];
+      dv = static_cast<const S*>(p.vdh)[task];
+    } else {
+      const float h = to_f32(static_cast<const S*>(p.s)[idx]), d = to_f32(static_cast<const S*>(p.da)[idx]);
+      const float g = p.gates[task], sv = activate(p.act, h);
+      p.dgates[task] = d * sv;
+      av = from_f32<S>(g * sv);
+      dv = from_f32<S>(d * g * activate_grad(p.act, h));
+    }
+    // Adds, as in the forward: a caller routing may name one expert twice for a token.
+    atomicAdd(pa + idx, av);
+    atomicAdd(pdh + idx, dv);
   }
 }
 
@@ -59,23 +83,6 @@ __global__ void task_values_kernel(i64 n, const i32* __restrict__ ids, const flo
   dgates[i] = d * sv;
   va[i] = from_f32<S>(g * sv);
   vdh[i] = from_f32<S>(d * g * activate_grad(act, h));
-}
-
-// Task-values form: the group's values into A and DH (added: a caller routing may name one
-// expert twice for a token). The clear is tasks_kernel's.
-template <class S>
-__global__ void scatter_values_kernel(const i32* __restrict__ tasks, const i32* __restrict__ offsets, i64 group,
-                                      const i32* __restrict__ ids, const S* __restrict__ va,
-                                      const S* __restrict__ vdh, S* __restrict__ pa, S* __restrict__ pdh, i64 t0,
-                                      i64 e0, i64 ec, int K) {
-  const i32 begin = offsets[group], end = offsets[group + 1];
-  for (i64 i = begin + static_cast<i64>(blockIdx.x) * blockDim.x + threadIdx.x; i < end;
-       i += static_cast<i64>(gridDim.x) * blockDim.x) {
-    const i32 task = tasks[i];
-    const i64 idx = (task / K - t0) * ec + (ids[task] - e0);
-    atomicAdd(pa + idx, va[task]);
-    atomicAdd(pdh + idx, vdh[task]);
-  }
 }
 
 // Tasks with an id out of range (marked -1): dgate 0, token flagged (its dx becomes NaN).
@@ -143,6 +150,8 @@ Status run(const DenseBackwardArgs& a, cudaStream_t stream) {
           va + t0 * K, vdh + t0 * K, a.dgates + t0 * K, c.activation);
       OMNIMOE_CUDA_LAUNCH_CHECK("experts_backward_dense task_values_kernel");
     }
+  const CellArgs cells{sc.tasks, sc.offsets, a.ids, a.gates, b.s, b.da, va, vdh, b.pa, b.pdh, a.dgates, Ec,
+                       static_cast<int>(K), c.activation};
   const auto chunk_bytes = static_cast<std::size_t>(Tc * Ec) * sizeof(S);
   OMNIMOE_CUDA_TRY(cudaMemsetAsync(b.pa, 0, chunk_bytes, stream));
   OMNIMOE_CUDA_TRY(cudaMemsetAsync(b.pdh, 0, chunk_bytes, stream));
@@ -153,10 +162,7 @@ Status run(const DenseBackwardArgs& a, cudaStream_t stream) {
       const char* x = at(a.x, t0 * H, dt);
       const char* dy = at(a.dy, t0 * H, dt);
       if (b.task_values) {
-        scatter_values_kernel<S><<<kTaskBlocks, kTaskThreads, 0, stream>>>(
-            sc.tasks, sc.offsets, group, a.ids, va, vdh, static_cast<S*>(b.pa), static_cast<S*>(b.pdh), t0, e0, Ec,
-            static_cast<int>(K));
-        OMNIMOE_CUDA_LAUNCH_CHECK("experts_backward_dense scatter_values_kernel");
+        cells_kernel<S, Cells::values><<<kTaskBlocks, kTaskThreads, 0, stream>>>(cells, group, t0, e0);
       } else {
         OMNIMOE_RETURN_IF_ERROR(gemm(
             gemm_args(false, true, rows, cols, H, x, H, at(a.w_in, e0 * H, dt), H, b.s, Ec, dt, dt, 0.f), b.gemm,
@@ -164,11 +170,9 @@ Status run(const DenseBackwardArgs& a, cudaStream_t stream) {
         OMNIMOE_RETURN_IF_ERROR(gemm(
             gemm_args(false, true, rows, cols, H, dy, H, at(a.w_out, e0 * H, dt), H, b.da, Ec, dt, dt, 0.f), b.gemm,
             stream));
-        tasks_kernel<S, false><<<kTaskBlocks, kTaskThreads, 0, stream>>>(
-            sc.tasks, sc.offsets, group, a.ids, a.gates, static_cast<const S*>(b.s), static_cast<const S*>(b.da),
-            static_cast<S*>(b.pa), static_cast<S*>(b.pdh), a.dgates, t0, e0, Ec, static_cast<int>(K), c.activation);
-        OMNIMOE_CUDA_LAUNCH_CHECK("experts_backward_dense tasks_kernel");
+        cells_kernel<S, Cells::products><<<kTaskBlocks, kTaskThreads, 0, stream>>>(cells, group, t0, e0);
       }
+      OMNIMOE_CUDA_LAUNCH_CHECK("experts_backward_dense cells_kernel");
       const float beta = tc > 0 ? 1.f : 0.f;
       OMNIMOE_RETURN_IF_ERROR(
           gemm(gemm_args(true, false, cols, H, rows, b.pdh, Ec, x, H, b.gin, H, dt, f32, beta), b.gemm, stream));
@@ -177,9 +181,7 @@ Status run(const DenseBackwardArgs& a, cudaStream_t stream) {
       OMNIMOE_RETURN_IF_ERROR(gemm(gemm_args(false, false, rows, H, cols, b.pdh, Ec, at(a.w_in, e0 * H, dt), H,
                                            a.dx_acc + t0 * H, H, dt, f32, 1.f),
                                    b.gemm, stream));
-      tasks_kernel<S, true><<<kTaskBlocks, kTaskThreads, 0, stream>>>(
-          sc.tasks, sc.offsets, group, a.ids, a.gates, static_cast<const S*>(b.s), static_cast<const S*>(b.da),
-          static_cast<S*>(b.pa), static_cast<S*>(b.pdh), a.dgates, t0, e0, Ec, static_cast<int>(K), c.activation);
+      cells_kernel<S, Cells::clear><<<kTaskBlocks, kTaskThreads, 0, stream>>>(cells, group, t0, e0);
       OMNIMOE_CUDA_LAUNCH_CHECK("experts_backward_dense clear_kernel");
     }
     const bool sparse = a.sparse != nullptr;

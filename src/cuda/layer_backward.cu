@@ -151,7 +151,7 @@ BackwardBuffers carve_backward(Arena& a, const Config& cfg, i64 T, DType dt) {
     d.gin = a.take<float>(rows);
     d.gout = a.take<float>(rows);
     d.gemm = b.gemm;
-    if (scratch_end > a.mark()) a.take<char>(scratch_end - a.mark());  // what follows starts past all three
+    a.skip_to(scratch_end);  // what follows starts past all three
   }
   const i64 tasks = b.path == ExpertsPath::gather ? T * cfg.top_k : 0;
   carve_segment_partials(a, b.seg, tasks, H, room_end > a.mark() ? room_end - a.mark() : 0);
