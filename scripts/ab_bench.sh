@@ -3,37 +3,56 @@
 # against one or more other source trees, on the same GPU, alternating per configuration
 # so that clock and thermal drift fall on every side alike.
 # Usage: REF=ref-tree scripts/ab_bench.sh CONFIG...
-#        REF="ref-tree exp-a exp-b" scripts/ab_bench.sh CONFIG...
+#        REF="ref-tree exp-a exp-b:VAR=value" scripts/ab_bench.sh CONFIG...
 #   REF   source trees to compare against, e.g. made here with
 #         `rm -rf ref-tree && mkdir ref-tree && git archive main | tar -x -C ref-tree`
 #         (or `git archive BRANCH` for an experiment) and sent with the device call's carry
-#         (ref-tree/ and exp-*/ are ignored by git). Each is built in build-<its name>.
+#         (ref-tree/ and exp-*/ are ignored by git). Each is built once, in build-<its name>,
+#         all of them at the same time (a tree's build is bound by its slowest file, not by
+#         the cores). TREE:VAR=value runs TREE's binary with VAR=value in its environment
+#         (an experiment switch), labelled TREE_value.
 #   CONFIG  exact benchmark configuration names (omnimoe bench --only matches substrings)
 #   AB_BACKWARD=0  time the forward only (default 1: forward and the training step)
 # Writes $OUT/ab.csv: the bench CSV rows with two columns added, tree (a = working tree,
-# else the tree's name; with a single REF it is called b) and step (forward, train).
+# else the tree's label; with a single REF it is called b) and step (forward, train).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/out}
 read -r -a refs <<<"${REF:?set REF to the reference source tree(s)}"
 mkdir -p "$OUT/ab"
-[[ -x build-gpu/omnimoe ]] || {
-  cmake -S . -B build-gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DOMNIMOE_FUZZ=OFF ${CMAKE_ARGS:-} >"$OUT/ab_build.log" 2>&1 &&
-    cmake --build build-gpu -j 16 --target omnimoe >>"$OUT/ab_build.log" 2>&1
-} || { tail -30 "$OUT/ab_build.log"; exit 1; }
 
-# Trees: label -> binary. One reference keeps the label b (as the CSVs of earlier runs).
-declare -A bin=([a]=build-gpu/omnimoe)
+# Builds, all at once: the working tree (as gpu_check.sh configures it) and each distinct tree.
+pids=()
+if [[ ! -x build-gpu/omnimoe ]]; then
+  { cmake -S . -B build-gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DOMNIMOE_FUZZ=OFF ${CMAKE_ARGS:-} &&
+    cmake --build build-gpu -j 16 --target omnimoe; } >"$OUT/ab_build.log" 2>&1 &
+  pids+=($!)
+fi
+declare -A built=()
+for ref in "${refs[@]}"; do
+  tree=${ref%%:*}
+  name=$(basename "$tree")
+  [[ -n ${built[$name]:-} ]] && continue
+  built[$name]=1
+  { cmake -S "$tree" -B "build-$name" -G Ninja -DCMAKE_BUILD_TYPE=Release -DOMNIMOE_FUZZ=OFF -DOMNIMOE_BASELINES=OFF \
+    -DOMNIMOE_BUILD_TESTS=OFF && cmake --build "build-$name" -j 16 --target omnimoe; } >"$OUT/ab_build_$name.log" 2>&1 &
+  pids+=($!)
+done
+for pid in "${pids[@]}"; do wait "$pid" || { tail -n 30 "$OUT"/ab_build*.log; exit 1; }; done
+
+# Trees: label -> binary and environment. One reference keeps the label b (as the CSVs of
+# earlier runs).
+declare -A bin=([a]=build-gpu/omnimoe) envs=([a]=)
 labels=(a)
 for ref in "${refs[@]}"; do
-  name=$(basename "$ref")
-  label=$name
+  tree=${ref%%:*}
+  name=$(basename "$tree")
+  label=$name extra=
+  if [[ $ref == *:* ]]; then extra=${ref#*:}; label=${name}_${extra#*=}; fi
   ((${#refs[@]} == 1)) && label=b
-  cmake -S "$ref" -B "build-$name" -G Ninja -DCMAKE_BUILD_TYPE=Release -DOMNIMOE_FUZZ=OFF -DOMNIMOE_BASELINES=OFF \
-    -DOMNIMOE_BUILD_TESTS=OFF >"$OUT/ab_build_$name.log" 2>&1 &&
-    cmake --build "build-$name" -j 16 --target omnimoe >>"$OUT/ab_build_$name.log" 2>&1 ||
-    { tail -30 "$OUT/ab_build_$name.log"; exit 1; }
+  [[ $label == *.* ]] && { echo "ab_bench: label $label holds a dot"; exit 1; }
   bin[$label]=build-$name/omnimoe
+  envs[$label]=$extra
   labels+=("$label")
 done
 
@@ -46,7 +65,7 @@ for cfg in "$@"; do
       flags=()
       [[ $step == train ]] && flags=(--backward)
       csv="$OUT/ab/$cfg.$step.$tree.csv"
-      "${bin[$tree]}" bench --device cuda --suite omnimoe --only "$cfg" "${flags[@]}" --csv "$csv" >>"$OUT/ab.log" 2>&1 ||
+      env ${envs[$tree]} "${bin[$tree]}" bench --device cuda --suite omnimoe --only "$cfg" "${flags[@]}" --csv "$csv" >>"$OUT/ab.log" 2>&1 ||
         status=1
     done
   done
