@@ -14,6 +14,7 @@
 // atomics on the outputs or the scores, sums in a fixed chunk and task order: deterministic.
 // (P's cells are added to, which only matters when a caller's routing names one expert twice
 // for a token.)
+#include <algorithm>
 #include <cstdlib>
 #include <string>
 
@@ -275,7 +276,16 @@ Status run_sparse_chunk(const ExpertsArgs& a, const DenseBuffers& b, i64 t0, i64
   const GroupSchedule& sc = b.schedule;  // extents only
   TaskScores ts = b.scores;  // its sort's outputs are per call
   OMNIMOE_RETURN_IF_ERROR(dense_task_scores(a, ts, t0, rows, stream));
-  return launch_out_sparse<S>(a, b, t0, rows, 0, sc.n_ec, true, true, stream);
+  // Experiment switch (this branch only): OMNIMOE_OUT_SPARSE_CHUNKS=c launches c expert chunks
+  // at a time (the row carried through yacc between launches), to time 1, a few (L2-sized)
+  // and all; default all.
+  i64 step = sc.n_ec;
+  if (const char* env = std::getenv("OMNIMOE_OUT_SPARSE_CHUNKS")) step = std::clamp<i64>(std::atol(env), 1, sc.n_ec);
+  for (i64 ec0 = 0; ec0 < sc.n_ec; ec0 += step) {
+    const i64 ec1 = std::min(ec0 + step, sc.n_ec);
+    OMNIMOE_RETURN_IF_ERROR(launch_out_sparse<S>(a, b, t0, rows, ec0, ec1, ec0 == 0, ec1 == sc.n_ec, stream));
+  }
+  return Status::Ok();
 }
 
 // Product form, one token chunk: per expert chunk S, P at its tasks, yacc (+)= P w_out; then y.
