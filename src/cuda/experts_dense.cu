@@ -3,9 +3,9 @@
 //   sparse:  the scores at the chunk's tasks only, s[t K + k] = x[t] . w_in[e] in the storage
 //            dtype (experts_dense_scores.cu: the tasks sorted by 64-expert tile, a gathered
 //            tile product per 64 (tile, token) slots, each task's cell picked out of the
-//            tile; no [tokens, experts] scores), then per expert chunk warps per token add
-//            g * act(s) * w_out[e] over the token's tasks in that chunk, in a fixed order,
-//            into its fp32 row (the chunk's w_out rows stay in L2); the last chunk stores y.
+//            tile; no [tokens, experts] scores), then one launch in which warps per token
+//            add g * act(s) * w_out[e] over the token's tasks, expert chunk by expert chunk
+//            and in task order within each (a fixed order), in registers, and store y.
 //            No P buffer.
 //   product: per expert chunk, S = x w_inᵀ (cuBLASLt, storage dtype [rows, Ec]), the tasks
 //            sorted by expert chunk (CUB), P = g * act(S) at the tasks (0 elsewhere),
@@ -14,6 +14,7 @@
 // atomics on the outputs or the scores, sums in a fixed chunk and task order: deterministic.
 // (P's cells are added to, which only matters when a caller's routing names one expert twice
 // for a token.)
+#include <algorithm>
 #include <cstdlib>
 #include <string>
 
@@ -64,7 +65,8 @@ __global__ void poison_kernel(const i32* __restrict__ ids, i64 n, int K, int H, 
 constexpr int kOutWarps = 8;  // at most, per block (one token) of the sparse output kernel
 constexpr int kOutScan = 128;  // ids each warp lists per window (four ballots)
 
-// Sparse output of one expert chunk for one token per block (t counts from the token chunk's
+// Sparse output of expert chunks [ec0, ec1), one after the other, for one token per block
+// (the sum stays in registers across them; t counts from the token chunk's
 // first token; ids, gates and scores are the token chunk's, scores[t K + k] the score of task
 // (t, k): TaskScores). Per window of W * 128 tasks, the warps list the token's tasks whose
 // expert lies in [e0, e0 + cols) in shared memory, in task order (expert id and
@@ -79,8 +81,8 @@ constexpr int kOutScan = 128;  // ids each warp lists per window (four ballots)
 // from yacc); `y` non-null: the last chunk, the row (plus y's own when `add`) is stored there
 // instead of in yacc.
 template <class S, int SPW>
-__global__ void __launch_bounds__(kOutWarps * 32)
-    out_sparse_kernel(int H, int K, Activation act, const S* __restrict__ scores, i64 e0, i64 cols,
+__global__ void __launch_bounds__(kOutWarps * 32, SPW == 2 ? 4 : 5)
+    out_sparse_kernel(int H, int K, Activation act, const S* __restrict__ scores, i64 Ec, i64 N, i64 ec0, i64 ec1,
                       const S* __restrict__ w_out, const i32* __restrict__ ids, const float* __restrict__ gates,
                       float* __restrict__ yacc, bool first, S* __restrict__ y, bool add) {
   constexpr int V = Vec<S>::kN, R = 4, kPer = kOutScan / 32;
@@ -99,6 +101,8 @@ __global__ void __launch_bounds__(kOutWarps * 32)
   for (int s = 0; s < SPW; ++s)
 #pragma unroll
     for (int i = 0; i < V; ++i) acc[s][i] = 0.f;
+  for (i64 ec = ec0; ec < ec1; ++ec) {  // expert chunks in order, each row's terms added in task order
+  const i64 e0 = ec * Ec, cols = N - e0 < Ec ? N - e0 : Ec;
   for (int k0 = 0; k0 < K; k0 += W * kOutScan) {
     // The window's list: warp wi takes tasks [k0 + 128 wi, k0 + 128 (wi + 1)).
     i32 ev[kPer];
@@ -161,6 +165,7 @@ __global__ void __launch_bounds__(kOutWarps * 32)
     }
     __syncthreads();  // the next window rewrites the list
   }
+  }
 #pragma unroll
   for (int s = 0; s < SPW; ++s) {
     const int v = (wi + s * W) * 32 + lane;
@@ -192,29 +197,33 @@ __global__ void __launch_bounds__(kOutWarps * 32)
 // 16-byte aligned): a block per token, each thread a column, the token's tasks walked in
 // order (ids, gates and the activation re-read per column: a fallback, not a fast path).
 template <class S>
-__global__ void out_sparse_generic_kernel(int H, int K, Activation act, const S* __restrict__ scores, i64 e0,
-                                          i64 cols, const S* __restrict__ w_out,
+__global__ void out_sparse_generic_kernel(int H, int K, Activation act, const S* __restrict__ scores, i64 Ec, i64 N,
+                                          i64 ec0, i64 ec1, const S* __restrict__ w_out,
                                           const i32* __restrict__ ids, const float* __restrict__ gates,
                                           float* __restrict__ yacc, bool first, S* __restrict__ y, bool add) {
   const i64 t = blockIdx.x;
+  const i64 lo = ec0 * Ec, hi = ec1 * Ec < N ? ec1 * Ec : N;
   for (int h = threadIdx.x; h < H; h += blockDim.x) {
     float acc = 0.f;
-    for (int k = 0; k < K; ++k) {
-      const i64 e = ids[t * K + k];
-      if (e < e0 || e >= e0 + cols) continue;
-      const float g = gates[t * K + k] * activate(act, to_f32(scores[t * K + k]));
-      acc = fmaf(g, to_f32(w_out[e * H + h]), acc);
-    }
+    for (i64 ec = ec0; ec < ec1; ++ec)  // chunk by chunk, as the vector kernel adds them
+      for (int k = 0; k < K; ++k) {
+        const i64 e = ids[t * K + k];
+        if (e < lo || e >= hi || e / Ec != ec) continue;
+        const float g = gates[t * K + k] * activate(act, to_f32(scores[t * K + k]));
+        acc = fmaf(g, to_f32(w_out[e * H + h]), acc);
+      }
     if (!first) acc += yacc[t * H + h];  // earlier chunks after this one's sum, as the vector kernel adds them
     if (y == nullptr) yacc[t * H + h] = acc;
     else y[t * H + h] = from_f32<S>(add ? acc + to_f32(y[t * H + h]) : acc);
   }
 }
 
+// Expert chunks [ec0, ec1) of one token chunk, in one launch.
 template <class S>
-Status launch_out_sparse(const ExpertsArgs& a, const DenseBuffers& b, i64 t0, i64 rows, i64 e0, i64 cols,
+Status launch_out_sparse(const ExpertsArgs& a, const DenseBuffers& b, i64 t0, i64 rows, i64 ec0, i64 ec1,
                          bool first, bool last, cudaStream_t stream) {
   const Config& c = *a.cfg;
+  const i64 Ec = b.schedule.expert_chunk, N = c.num_experts();
   const int H = static_cast<int>(c.hidden), K = static_cast<int>(c.top_k);
   const auto* scores = static_cast<const S*>(b.scores.s);  // the chunk's, at its tasks
   const auto* w_out = static_cast<const S*>(a.w_out);
@@ -223,20 +232,24 @@ Status launch_out_sparse(const ExpertsArgs& a, const DenseBuffers& b, i64 t0, i6
   S* y = last ? static_cast<S*>(a.y) + t0 * H : nullptr;
   if (!vector_rows(a)) {
     out_sparse_generic_kernel<S><<<static_cast<unsigned>(rows), 256, 0, stream>>>(
-        H, K, c.activation, scores, e0, cols, w_out, ids, gates, b.yacc, first, y, a.add);
+        H, K, c.activation, scores, Ec, N, ec0, ec1, w_out, ids, gates, b.yacc, first, y, a.add);
     OMNIMOE_CUDA_LAUNCH_CHECK("experts_dense out_sparse_generic_kernel");
     return Status::Ok();
   }
-  // Column slices of 32 16-byte vectors: one per warp up to 8 warps, else two (vector_rows
-  // caps a row at 16 slices).
-  const int slices = (H / Vec<S>::kN + 31) / 32, warps = std::min(slices, kOutWarps);
+  // Column slices of 32 16-byte vectors, two per warp (one for a row of one slice;
+  // vector_rows caps a row at 16 slices, so at most 8 warps). Two per warp: the SPW = 2
+  // kernel takes 64 registers at 32 threads per slice pair, against 40 per slice for SPW =
+  // 1, so a 2048-token chunk's blocks fit one wave of the H200 at H = 1024 (16 blocks of 2
+  // warps per SM: 2112 >= 2048) where one slice per warp ran 12 blocks of 4 warps per SM,
+  // 1.3 waves (session f's profile), with 4 rows x 1 KB in flight per warp instead of 4 x 512 B.
+  const int slices = (H / Vec<S>::kN + 31) / 32, warps = slices == 1 ? 1 : (slices + 1) / 2;
   const auto threads = static_cast<unsigned>(32 * warps);
   if (slices <= warps)
     out_sparse_kernel<S, 1><<<static_cast<unsigned>(rows), threads, 0, stream>>>(
-        H, K, c.activation, scores, e0, cols, w_out, ids, gates, b.yacc, first, y, a.add);
+        H, K, c.activation, scores, Ec, N, ec0, ec1, w_out, ids, gates, b.yacc, first, y, a.add);
   else
     out_sparse_kernel<S, 2><<<static_cast<unsigned>(rows), threads, 0, stream>>>(
-        H, K, c.activation, scores, e0, cols, w_out, ids, gates, b.yacc, first, y, a.add);
+        H, K, c.activation, scores, Ec, N, ec0, ec1, w_out, ids, gates, b.yacc, first, y, a.add);
   OMNIMOE_CUDA_LAUNCH_CHECK("experts_dense out_sparse_kernel");
   return Status::Ok();
 }
@@ -252,17 +265,25 @@ Status scores_product(const ExpertsArgs& a, const DenseBuffers& b, i64 t0, i64 r
               b.gemm, stream);
 }
 
-// Sparse form, one token chunk: the scores at its tasks, then per expert chunk its outputs
-// added into the tokens' rows (the last chunk stores y).
+// Sparse form, one token chunk: the scores at its tasks, then its outputs, every expert
+// chunk in one launch: each block walks its token's tasks chunk by chunk, its row's sum in
+// registers throughout (no fp32 row through memory between chunks, no launch per chunk).
+// The chunks still bound each step's w_out rows: the blocks, all resident at once where a
+// chunk's tokens fit one wave, move through the chunks at about the same pace, so each
+// chunk's rows are read from L2 by its ~10 tokens while they are there.
 template <class S>
 Status run_sparse_chunk(const ExpertsArgs& a, const DenseBuffers& b, i64 t0, i64 rows, cudaStream_t stream) {
   const GroupSchedule& sc = b.schedule;  // extents only
-  const i64 N = a.cfg->num_experts(), Ec = sc.expert_chunk;
   TaskScores ts = b.scores;  // its sort's outputs are per call
   OMNIMOE_RETURN_IF_ERROR(dense_task_scores(a, ts, t0, rows, stream));
-  for (i64 ec = 0; ec < sc.n_ec; ++ec) {
-    const i64 e0 = ec * Ec, cols = std::min(Ec, N - e0);
-    OMNIMOE_RETURN_IF_ERROR(launch_out_sparse<S>(a, b, t0, rows, e0, cols, ec == 0, ec + 1 == sc.n_ec, stream));
+  // Experiment switch (this branch only): OMNIMOE_OUT_SPARSE_CHUNKS=c launches c expert chunks
+  // at a time (the row carried through yacc between launches), to time 1, a few (L2-sized)
+  // and all; default all.
+  i64 step = sc.n_ec;
+  if (const char* env = std::getenv("OMNIMOE_OUT_SPARSE_CHUNKS")) step = std::clamp<i64>(std::atol(env), 1, sc.n_ec);
+  for (i64 ec0 = 0; ec0 < sc.n_ec; ec0 += step) {
+    const i64 ec1 = std::min(ec0 + step, sc.n_ec);
+    OMNIMOE_RETURN_IF_ERROR(launch_out_sparse<S>(a, b, t0, rows, ec0, ec1, ec0 == 0, ec1 == sc.n_ec, stream));
   }
   return Status::Ok();
 }
