@@ -183,7 +183,9 @@ struct TaskProduct {
 Status dense_task_scores(const ExpertsArgs& a, TaskScores& s, i64 t0, i64 rows, cudaStream_t stream,
                          const TaskProduct* second = nullptr);
 struct DenseBuffers {
-  GroupSchedule schedule;  // chunk extents; its sort buffers only with the product output
+  GroupSchedule schedule;  // chunk extents (no buffers)
+  TokenChunkSchedule sort; // product: one token chunk's tasks by expert chunk, sorted in
+                           // sub-chunks of tokens (its token_chunk) to bound the sort's buffers
   void* s = nullptr;       // product: [token_chunk, expert_chunk] scores, storage dtype
   void* p = nullptr;       // product: [token_chunk, expert_chunk] storage dtype, kept zero between
                            // groups; null: the sparse output

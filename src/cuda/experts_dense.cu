@@ -24,14 +24,17 @@
 namespace omnimoe::cuda {
 namespace {
 
-constexpr int kScatterBlocks = 528, kScatterThreads = 256;  // grid-stride over a group's tasks
+constexpr int kScatterBlocks = 528, kScatterThreads = 256;  // grid-stride over a group's tasks (all sub-chunks)
 
+// Expert chunk `group`'s tasks of the token chunk: sub-chunk blockIdx.y's range of the
+// schedule (groups of sub-chunk y are offsets[y stride ..]).
 template <class S, bool kClear>
 __global__ void scatter_kernel(const i32* __restrict__ tasks, const i32* __restrict__ offsets, i64 group,
-                               const i32* __restrict__ ids, const float* __restrict__ gates,
+                               i64 stride, const i32* __restrict__ ids, const float* __restrict__ gates,
                                const S* __restrict__ scores, S* __restrict__ p, i64 t0, i64 e0, i64 ec, int K,
                                Activation act) {
-  const i32 begin = offsets[group], end = offsets[group + 1];
+  const i64 g = static_cast<i64>(blockIdx.y) * stride + group;
+  const i32 begin = offsets[g], end = offsets[g + 1];
   for (i64 i = begin + static_cast<i64>(blockIdx.x) * blockDim.x + threadIdx.x; i < end;
        i += static_cast<i64>(gridDim.x) * blockDim.x) {
     const i32 task = tasks[i];
@@ -292,24 +295,27 @@ Status run_sparse_chunk(const ExpertsArgs& a, const DenseBuffers& b, i64 t0, i64
 template <class S>
 Status run_product_chunk(const ExpertsArgs& a, const DenseBuffers& b, i64 t0, i64 rows, cudaStream_t stream) {
   const Config& c = *a.cfg;
-  GroupSchedule sc = b.schedule;  // one token chunk: groups are the expert chunks
+  const GroupSchedule& sc = b.schedule;  // extents: groups are the expert chunks
   const i64 H = c.hidden, K = c.top_k, N = c.num_experts(), Ec = sc.expert_chunk;
   const DType dt = a.dtype;
   const i32* ids = a.ids + t0 * K;  // this chunk's tasks, numbered from its first token
   const float* gates = a.gates + t0 * K;
-  OMNIMOE_RETURN_IF_ERROR(schedule_groups(ids, rows, K, sc, stream));
+  TokenChunkSchedule sort = b.sort;  // carved for a whole chunk: only its sub-chunks that hold tokens
+  sort.n_tc = ceil_div(rows, sort.token_chunk);
+  OMNIMOE_RETURN_IF_ERROR(schedule_token_chunks(ids, rows, K, sort, stream));
+  const dim3 grid(static_cast<unsigned>(std::max<i64>(kScatterBlocks / sort.n_tc, 1)), static_cast<unsigned>(sort.n_tc));
   for (i64 ec = 0; ec < sc.n_ec; ++ec) {
     const i64 e0 = ec * Ec, cols = std::min(Ec, N - e0);
     OMNIMOE_RETURN_IF_ERROR(scores_product(a, b, t0, rows, e0, cols, stream));
-    scatter_kernel<S, false><<<kScatterBlocks, kScatterThreads, 0, stream>>>(
-        sc.tasks, sc.offsets, ec, ids, gates, static_cast<const S*>(b.s), static_cast<S*>(b.p), 0, e0, Ec,
+    scatter_kernel<S, false><<<grid, kScatterThreads, 0, stream>>>(
+        sort.tasks, sort.offsets, ec, sort.n_ec + 1, ids, gates, static_cast<const S*>(b.s), static_cast<S*>(b.p), 0, e0, Ec,
         static_cast<int>(K), c.activation);
     OMNIMOE_CUDA_LAUNCH_CHECK("experts_dense scatter_kernel");
     OMNIMOE_RETURN_IF_ERROR(gemm(gemm_args(false, false, rows, H, cols, b.p, Ec, at(a.w_out, e0 * H, dt), H, b.yacc,
                                            H, dt, DType::f32, ec > 0 ? 1.f : 0.f),
                                  b.gemm, stream));  // yacc (+)= P w_out
-    scatter_kernel<S, true><<<kScatterBlocks, kScatterThreads, 0, stream>>>(
-        sc.tasks, sc.offsets, ec, ids, gates, static_cast<const S*>(b.s), static_cast<S*>(b.p), 0, e0, Ec,
+    scatter_kernel<S, true><<<grid, kScatterThreads, 0, stream>>>(
+        sort.tasks, sort.offsets, ec, sort.n_ec + 1, ids, gates, static_cast<const S*>(b.s), static_cast<S*>(b.p), 0, e0, Ec,
         static_cast<int>(K), c.activation);
     OMNIMOE_CUDA_LAUNCH_CHECK("experts_dense clear_kernel");
   }

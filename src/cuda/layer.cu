@@ -46,6 +46,7 @@ Plan plan_of(const Config& cfg, i64 T, DType dtype) {
 }
 
 constexpr i64 kDenseTokens = 2048, kDenseExperts = 4096;  // chunk extents of the dense path
+constexpr i64 kSortTasks = i64{1} << 20;  // tasks per sort of the product output's schedule
 
 struct ForwardBuffers {
   GemmWorkspace gemm;        // cuBLASLt scratch of the shared MLP and the dense experts path
@@ -93,8 +94,14 @@ ForwardBuffers carve_forward(Arena& a, const Config& cfg, i64 T, DType dtype) {
       b.dense.schedule = group_extents(tc, cfg.num_experts(), kDenseTokens, kDenseExperts * (es == 2 ? 2 : 1));
       b.dense.scores = carve_task_scores(a, tc, cfg.top_k, cfg.num_experts(), dtype);
     } else {
-      // One token chunk is scheduled at a time: schedule memory is bounded by the chunk.
-      b.dense.schedule = carve_group_schedule(a, tc, cfg.top_k, cfg.num_experts(), kDenseTokens, kDenseExperts);
+      // One token chunk is scheduled at a time, its tasks sorted by expert chunk in
+      // sub-chunks of at most kSortTasks tasks: 4 bytes per task of the chunk for the sorted
+      // array, the sort's own buffers (8 bytes per task and CUB's scratch) for a sub-chunk
+      // only (at K = 4096 a 1024-token chunk's 4M tasks had held 64 MB of sort buffers).
+      b.dense.schedule = group_extents(tc, cfg.num_experts(), kDenseTokens, kDenseExperts);
+      const i64 sub = std::clamp<i64>(kSortTasks / std::max<i64>(cfg.top_k, 1), 1, tc);
+      b.dense.sort = carve_token_chunk_schedule(a, tc, cfg.top_k, cfg.num_experts(), sub, kDenseExperts);
+      carve_token_chunk_sort(a, b.dense.sort, cfg.top_k);
       const auto chunk = static_cast<std::size_t>(b.dense.schedule.token_chunk * b.dense.schedule.expert_chunk);
       b.dense.s = a.take<char>(chunk * es);
       b.dense.p = a.take<char>(chunk * es);
