@@ -305,8 +305,9 @@ struct DenseBackwardBuffers {
   void* task_da = nullptr; // task values: [Tc K] storage dtype, dy . w_out at the chunk's tasks
   void* va = nullptr;      // task values: [T K] storage dtype, g act(s) per task
   void* vdh = nullptr;     // task values: [T K] storage dtype, da g act'(s) per task
-  void* pa = nullptr;      // [Tc, Ec] storage dtype: g act(S) at the tasks, kept zero elsewhere
-  void* pdh = nullptr;     // [Tc, Ec] storage dtype: dh at the tasks, kept zero elsewhere
+  void* pa[2] = {};        // [Tc, Ec] storage dtype: g act(S) at the tasks, kept zero elsewhere;
+                           // two, used by alternate groups (one launch clears one, fills the other)
+  void* pdh[2] = {};       // [Tc, Ec] storage dtype: dh at the tasks, the same
   float* gin = nullptr;    // [Ec, H] fp32 gradient rows of w_in being summed over token chunks
   float* gout = nullptr;   // [Ec, H] fp32, of w_out
   GemmWorkspace gemm;

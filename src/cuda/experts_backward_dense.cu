@@ -23,10 +23,12 @@ namespace {
 
 constexpr int kTaskBlocks = 528, kTaskThreads = 256;  // grid-stride over a group's tasks
 
-// A group's cells of A and DH (kept zero between groups), from one of three sources:
-// products: the group's S and DA (which also gives dgate); values: the task-values form's
-// per-task a and dh; clear: 0 again after the group's products.
-enum class Cells { products, values, clear };
+// A group's cells of A and DH, from the group's S and DA (products form, which also gives
+// dgate) or from the per-task a and dh (task-values form), added into the group's pair of
+// A / DH buffers; in the same launch the previous group's cells are reset to 0 in the other
+// pair, so each pair is zero again before its next group. Two pairs used by alternate
+// groups, so no launch clears and fills one cell.
+enum class Cells { products, values };
 struct CellArgs {
   const i32* tasks;    // the schedule's sorted tasks
   const i32* offsets;  // and its group offsets
@@ -34,25 +36,30 @@ struct CellArgs {
   const float* gates;
   const void *s, *da;    // products: [Tc, Ec] storage dtype
   const void *va, *vdh;  // values: [T K] storage dtype
-  void *pa, *pdh;        // [Tc, Ec] storage dtype
   float* dgates;
   i64 ec;                // Ec, the cells' row stride
   int K;
   Activation act;
 };
+struct GroupCells {
+  i64 group, t0, e0;  // schedule index (< 0: none) and chunk origin
+  void *pa, *pdh;     // its pair
+};
 template <class S, Cells kMode>
-__global__ void cells_kernel(CellArgs p, i64 group, i64 t0, i64 e0) {
-  S* pa = static_cast<S*>(p.pa);
-  S* pdh = static_cast<S*>(p.pdh);
-  const i32 begin = p.offsets[group], end = p.offsets[group + 1];
-  for (i64 i = begin + static_cast<i64>(blockIdx.x) * blockDim.x + threadIdx.x; i < end;
+__global__ void cells_kernel(CellArgs p, GroupCells cur, GroupCells prev) {
+  const i32 begin = p.offsets[cur.group], n = p.offsets[cur.group + 1] - begin;
+  const i32 pbegin = prev.group >= 0 ? p.offsets[prev.group] : 0;
+  const i32 pn = prev.group >= 0 ? p.offsets[prev.group + 1] - pbegin : 0;
+  for (i64 i = static_cast<i64>(blockIdx.x) * blockDim.x + threadIdx.x; i < n + pn;
        i += static_cast<i64>(gridDim.x) * blockDim.x) {
-    const i32 task = p.tasks[i];
-    const i64 idx = (task / p.K - t0) * p.ec + (p.ids[task] - e0);
-    if constexpr (kMode == Cells::clear) {
-      pa[idx] = pdh[idx] = from_f32<S>(0.f);
+    if (i >= n) {  // the previous group's cell, in the other pair
+      const i32 task = p.tasks[pbegin + (i - n)];
+      const i64 idx = (task / p.K - prev.t0) * p.ec + (p.ids[task] - prev.e0);
+      static_cast<S*>(prev.pa)[idx] = static_cast<S*>(prev.pdh)[idx] = from_f32<S>(0.f);
       continue;
     }
+    const i32 task = p.tasks[begin + i];
+    const i64 idx = (task / p.K - cur.t0) * p.ec + (p.ids[task] - cur.e0);
     S av, dv;
     if constexpr (kMode == Cells::values) {
       av = static_cast<const S*>(p.va)[task];
@@ -65,8 +72,8 @@ __global__ void cells_kernel(CellArgs p, i64 group, i64 t0, i64 e0) {
       dv = from_f32<S>(d * g * activate_grad(p.act, h));
     }
     // Adds, as in the forward: a caller routing may name one expert twice for a token.
-    atomicAdd(pa + idx, av);
-    atomicAdd(pdh + idx, dv);
+    atomicAdd(static_cast<S*>(cur.pa) + idx, av);
+    atomicAdd(static_cast<S*>(cur.pdh) + idx, dv);
   }
 }
 
@@ -150,19 +157,24 @@ Status run(const DenseBackwardArgs& a, cudaStream_t stream) {
           va + t0 * K, vdh + t0 * K, a.dgates + t0 * K, c.activation);
       OMNIMOE_CUDA_LAUNCH_CHECK("experts_backward_dense task_values_kernel");
     }
-  const CellArgs cells{sc.tasks, sc.offsets, a.ids, a.gates, b.s, b.da, va, vdh, b.pa, b.pdh, a.dgates, Ec,
-                       static_cast<int>(K), c.activation};
+  const CellArgs cells{sc.tasks, sc.offsets, a.ids, a.gates, b.s, b.da, va, vdh, a.dgates, Ec, static_cast<int>(K),
+                       c.activation};
   const auto chunk_bytes = static_cast<std::size_t>(Tc * Ec) * sizeof(S);
-  OMNIMOE_CUDA_TRY(cudaMemsetAsync(b.pa, 0, chunk_bytes, stream));
-  OMNIMOE_CUDA_TRY(cudaMemsetAsync(b.pdh, 0, chunk_bytes, stream));
+  for (int q = 0; q < 2; ++q) {
+    OMNIMOE_CUDA_TRY(cudaMemsetAsync(b.pa[q], 0, chunk_bytes, stream));
+    OMNIMOE_CUDA_TRY(cudaMemsetAsync(b.pdh[q], 0, chunk_bytes, stream));
+  }
+  GroupCells prev{-1, 0, 0, nullptr, nullptr};
+  i64 n_group = 0;
   for (i64 ec = 0; ec < sc.n_ec; ++ec) {
     const i64 e0 = ec * Ec, cols = std::min(Ec, N - e0);
-    for (i64 tc = 0; tc < sc.n_tc; ++tc) {
+    for (i64 tc = 0; tc < sc.n_tc; ++tc, ++n_group) {
       const i64 t0 = tc * Tc, rows = std::min(Tc, T - t0), group = tc * (sc.n_ec + 1) + ec;
       const char* x = at(a.x, t0 * H, dt);
       const char* dy = at(a.dy, t0 * H, dt);
+      const GroupCells cur{group, t0, e0, b.pa[n_group % 2], b.pdh[n_group % 2]};
       if (b.task_values) {
-        cells_kernel<S, Cells::values><<<kTaskBlocks, kTaskThreads, 0, stream>>>(cells, group, t0, e0);
+        cells_kernel<S, Cells::values><<<kTaskBlocks, kTaskThreads, 0, stream>>>(cells, cur, prev);
       } else {
         OMNIMOE_RETURN_IF_ERROR(gemm(
             gemm_args(false, true, rows, cols, H, x, H, at(a.w_in, e0 * H, dt), H, b.s, Ec, dt, dt, 0.f), b.gemm,
@@ -170,19 +182,18 @@ Status run(const DenseBackwardArgs& a, cudaStream_t stream) {
         OMNIMOE_RETURN_IF_ERROR(gemm(
             gemm_args(false, true, rows, cols, H, dy, H, at(a.w_out, e0 * H, dt), H, b.da, Ec, dt, dt, 0.f), b.gemm,
             stream));
-        cells_kernel<S, Cells::products><<<kTaskBlocks, kTaskThreads, 0, stream>>>(cells, group, t0, e0);
+        cells_kernel<S, Cells::products><<<kTaskBlocks, kTaskThreads, 0, stream>>>(cells, cur, prev);
       }
       OMNIMOE_CUDA_LAUNCH_CHECK("experts_backward_dense cells_kernel");
       const float beta = tc > 0 ? 1.f : 0.f;
       OMNIMOE_RETURN_IF_ERROR(
-          gemm(gemm_args(true, false, cols, H, rows, b.pdh, Ec, x, H, b.gin, H, dt, f32, beta), b.gemm, stream));
+          gemm(gemm_args(true, false, cols, H, rows, cur.pdh, Ec, x, H, b.gin, H, dt, f32, beta), b.gemm, stream));
       OMNIMOE_RETURN_IF_ERROR(
-          gemm(gemm_args(true, false, cols, H, rows, b.pa, Ec, dy, H, b.gout, H, dt, f32, beta), b.gemm, stream));
-      OMNIMOE_RETURN_IF_ERROR(gemm(gemm_args(false, false, rows, H, cols, b.pdh, Ec, at(a.w_in, e0 * H, dt), H,
+          gemm(gemm_args(true, false, cols, H, rows, cur.pa, Ec, dy, H, b.gout, H, dt, f32, beta), b.gemm, stream));
+      OMNIMOE_RETURN_IF_ERROR(gemm(gemm_args(false, false, rows, H, cols, cur.pdh, Ec, at(a.w_in, e0 * H, dt), H,
                                            a.dx_acc + t0 * H, H, dt, f32, 1.f),
                                    b.gemm, stream));
-      cells_kernel<S, Cells::clear><<<kTaskBlocks, kTaskThreads, 0, stream>>>(cells, group, t0, e0);
-      OMNIMOE_CUDA_LAUNCH_CHECK("experts_backward_dense clear_kernel");
+      prev = cur;
     }
     const bool sparse = a.sparse != nullptr;
     store_chunk_kernel<S><<<ceil_div(cols * H, 256), 256, 0, stream>>>(

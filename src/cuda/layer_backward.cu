@@ -145,8 +145,10 @@ BackwardBuffers carve_backward(Arena& a, const Config& cfg, i64 T, DType dt) {
       d.s = a.take<char>(chunk);
       d.da = a.take<char>(chunk);
     }
-    d.pa = a.take<char>(chunk);
-    d.pdh = a.take<char>(chunk);
+    for (int q = 0; q < 2; ++q) {
+      d.pa[q] = a.take<char>(chunk);
+      d.pdh[q] = a.take<char>(chunk);
+    }
     const auto rows = static_cast<std::size_t>(d.schedule.expert_chunk * H);
     d.gin = a.take<float>(rows);
     d.gout = a.take<float>(rows);
