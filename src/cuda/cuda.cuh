@@ -190,7 +190,7 @@ struct DenseBuffers {
   void* p = nullptr;       // product: [token_chunk, expert_chunk] storage dtype, kept zero between
                            // groups; null: the sparse output
   TaskScores scores;       // sparse: the chunk's scores at its tasks
-  float* yacc = nullptr;   // [token_chunk, H]
+  float* yacc = nullptr;   // product: [token_chunk, H], P w_out summed over expert chunks
   GemmWorkspace gemm;
 };
 // Whether the dense path adds its outputs at the chosen cells (few experts per token and

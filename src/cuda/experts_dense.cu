@@ -68,11 +68,15 @@ __global__ void poison_kernel(const i32* __restrict__ ids, i64 n, int K, int H, 
 constexpr int kOutWarps = 8;  // at most, per block (one token) of the sparse output kernel
 constexpr int kOutScan = 128;  // ids each warp lists per window (four ballots)
 
-// Sparse output of expert chunks [ec0, ec1), one after the other, for one token per block
-// (the sum stays in registers across them; t counts from the token chunk's
-// first token; ids, gates and scores are the token chunk's, scores[t K + k] the score of task
-// (t, k): TaskScores). Per window of W * 128 tasks, the warps list the token's tasks whose
-// expert lies in [e0, e0 + cols) in shared memory, in task order (expert id and
+// Sparse output of one token per block, every expert chunk (Ec experts each) one after the
+// other, the row's sum in registers throughout (t counts from the token chunk's first token;
+// ids, gates and scores are the token chunk's, scores[t K + k] the score of task (t, k):
+// TaskScores). Walking the chunks in order keeps the step's w_out rows in L2: the blocks of a
+// token chunk, resident together, move through the chunks at about the same pace, so each
+// chunk's rows are read from DRAM about once and by its ~10 tokens from L2 (session g: one
+// launch per token chunk against one per expert chunk with the row through an fp32 buffer,
+// -0.5 ms at paper-k512-t4096). Per chunk and window of W * 128 tasks, the warps list the
+// token's tasks whose expert lies in the chunk in shared memory, in task order (expert id and
 // g * act(s)); then warp w adds, over the whole list, column slice w of each row (and slice
 // w + W when a row has more than 8 slices, SPW = 2; a slice: 32 lanes x 16 bytes), R rows in
 // flight. Each row is read once, in 512-byte
@@ -80,14 +84,13 @@ constexpr int kOutScan = 128;  // ids each warp lists per window (four ballots)
 // across warps and the kernel needs few registers (many blocks per SM keep the L2 busy: the
 // earlier form, W warps each summing whole rows over a share of the tasks and then adding
 // them in shared memory, ran two blocks per SM and about a third of the L2 gather rate).
-// The terms are added in task order: deterministic. `first`: the row starts at 0 (else
-// from yacc); `y` non-null: the last chunk, the row (plus y's own when `add`) is stored there
-// instead of in yacc.
+// The terms are added in chunk order and task order within a chunk: deterministic. The row
+// (plus y's own when `add`) is stored in y.
 template <class S, int SPW>
 __global__ void __launch_bounds__(kOutWarps * 32, SPW == 2 ? 4 : 5)
-    out_sparse_kernel(int H, int K, Activation act, const S* __restrict__ scores, i64 Ec, i64 N, i64 ec0, i64 ec1,
+    out_sparse_kernel(int H, int K, Activation act, const S* __restrict__ scores, i64 Ec, i64 N,
                       const S* __restrict__ w_out, const i32* __restrict__ ids, const float* __restrict__ gates,
-                      float* __restrict__ yacc, bool first, S* __restrict__ y, bool add) {
+                      S* __restrict__ y, bool add) {
   constexpr int V = Vec<S>::kN, R = 4, kPer = kOutScan / 32;
   constexpr unsigned kAll = 0xffffffffu;
   __shared__ i32 list_e[kOutWarps * kOutScan];
@@ -104,8 +107,8 @@ __global__ void __launch_bounds__(kOutWarps * 32, SPW == 2 ? 4 : 5)
   for (int s = 0; s < SPW; ++s)
 #pragma unroll
     for (int i = 0; i < V; ++i) acc[s][i] = 0.f;
-  for (i64 ec = ec0; ec < ec1; ++ec) {  // expert chunks in order, each row's terms added in task order
-  const i64 e0 = ec * Ec, cols = N - e0 < Ec ? N - e0 : Ec;
+  for (i64 e0 = 0; e0 < N; e0 += Ec) {  // expert chunks in order, each row's terms added in task order
+  const i64 cols = N - e0 < Ec ? N - e0 : Ec;
   for (int k0 = 0; k0 < K; k0 += W * kOutScan) {
     // The window's list: warp wi takes tasks [k0 + 128 wi, k0 + 128 (wi + 1)).
     i32 ev[kPer];
@@ -173,19 +176,6 @@ __global__ void __launch_bounds__(kOutWarps * 32, SPW == 2 ? 4 : 5)
   for (int s = 0; s < SPW; ++s) {
     const int v = (wi + s * W) * 32 + lane;
     if (v >= nvec) continue;
-    if (!first)  // the chunks before this one, added after this chunk's sum (a fixed order)
-#pragma unroll
-      for (int i = 0; i < V; i += 4) {
-        const float4 o = *reinterpret_cast<const float4*>(yacc + t * H + v * V + i);
-        acc[s][i] += o.x, acc[s][i + 1] += o.y, acc[s][i + 2] += o.z, acc[s][i + 3] += o.w;
-      }
-    if (y == nullptr) {
-#pragma unroll
-      for (int i = 0; i < V; i += 4)
-        *reinterpret_cast<float4*>(yacc + t * H + v * V + i) =
-            make_float4(acc[s][i], acc[s][i + 1], acc[s][i + 2], acc[s][i + 3]);
-      continue;
-    }
     if (add) {  // y already holds the shared branch
       float yr[V];
       load16(y + t * H + v * V, yr);
@@ -201,30 +191,25 @@ __global__ void __launch_bounds__(kOutWarps * 32, SPW == 2 ? 4 : 5)
 // order (ids, gates and the activation re-read per column: a fallback, not a fast path).
 template <class S>
 __global__ void out_sparse_generic_kernel(int H, int K, Activation act, const S* __restrict__ scores, i64 Ec, i64 N,
-                                          i64 ec0, i64 ec1, const S* __restrict__ w_out,
-                                          const i32* __restrict__ ids, const float* __restrict__ gates,
-                                          float* __restrict__ yacc, bool first, S* __restrict__ y, bool add) {
+                                          const S* __restrict__ w_out, const i32* __restrict__ ids,
+                                          const float* __restrict__ gates, S* __restrict__ y, bool add) {
   const i64 t = blockIdx.x;
-  const i64 lo = ec0 * Ec, hi = ec1 * Ec < N ? ec1 * Ec : N;
   for (int h = threadIdx.x; h < H; h += blockDim.x) {
     float acc = 0.f;
-    for (i64 ec = ec0; ec < ec1; ++ec)  // chunk by chunk, as the vector kernel adds them
+    for (i64 e0 = 0; e0 < N; e0 += Ec)  // chunk by chunk, as the vector kernel adds them
       for (int k = 0; k < K; ++k) {
         const i64 e = ids[t * K + k];
-        if (e < lo || e >= hi || e / Ec != ec) continue;
+        if (e < e0 || e >= e0 + Ec || e >= N) continue;  // ids out of [0, N): in no chunk (poisoned later)
         const float g = gates[t * K + k] * activate(act, to_f32(scores[t * K + k]));
         acc = fmaf(g, to_f32(w_out[e * H + h]), acc);
       }
-    if (!first) acc += yacc[t * H + h];  // earlier chunks after this one's sum, as the vector kernel adds them
-    if (y == nullptr) yacc[t * H + h] = acc;
-    else y[t * H + h] = from_f32<S>(add ? acc + to_f32(y[t * H + h]) : acc);
+    y[t * H + h] = from_f32<S>(add ? acc + to_f32(y[t * H + h]) : acc);
   }
 }
 
-// Expert chunks [ec0, ec1) of one token chunk, in one launch.
+// The sparse output of one token chunk, every expert chunk in one launch.
 template <class S>
-Status launch_out_sparse(const ExpertsArgs& a, const DenseBuffers& b, i64 t0, i64 rows, i64 ec0, i64 ec1,
-                         bool first, bool last, cudaStream_t stream) {
+Status launch_out_sparse(const ExpertsArgs& a, const DenseBuffers& b, i64 t0, i64 rows, cudaStream_t stream) {
   const Config& c = *a.cfg;
   const i64 Ec = b.schedule.expert_chunk, N = c.num_experts();
   const int H = static_cast<int>(c.hidden), K = static_cast<int>(c.top_k);
@@ -232,10 +217,10 @@ Status launch_out_sparse(const ExpertsArgs& a, const DenseBuffers& b, i64 t0, i6
   const auto* w_out = static_cast<const S*>(a.w_out);
   const i32* ids = a.ids + t0 * K;
   const float* gates = a.gates + t0 * K;
-  S* y = last ? static_cast<S*>(a.y) + t0 * H : nullptr;
+  S* y = static_cast<S*>(a.y) + t0 * H;
   if (!vector_rows(a)) {
     out_sparse_generic_kernel<S><<<static_cast<unsigned>(rows), 256, 0, stream>>>(
-        H, K, c.activation, scores, Ec, N, ec0, ec1, w_out, ids, gates, b.yacc, first, y, a.add);
+        H, K, c.activation, scores, Ec, N, w_out, ids, gates, y, a.add);
     OMNIMOE_CUDA_LAUNCH_CHECK("experts_dense out_sparse_generic_kernel");
     return Status::Ok();
   }
@@ -249,10 +234,10 @@ Status launch_out_sparse(const ExpertsArgs& a, const DenseBuffers& b, i64 t0, i6
   const auto threads = static_cast<unsigned>(32 * warps);
   if (slices <= warps)
     out_sparse_kernel<S, 1><<<static_cast<unsigned>(rows), threads, 0, stream>>>(
-        H, K, c.activation, scores, Ec, N, ec0, ec1, w_out, ids, gates, b.yacc, first, y, a.add);
+        H, K, c.activation, scores, Ec, N, w_out, ids, gates, y, a.add);
   else
     out_sparse_kernel<S, 2><<<static_cast<unsigned>(rows), threads, 0, stream>>>(
-        H, K, c.activation, scores, Ec, N, ec0, ec1, w_out, ids, gates, b.yacc, first, y, a.add);
+        H, K, c.activation, scores, Ec, N, w_out, ids, gates, y, a.add);
   OMNIMOE_CUDA_LAUNCH_CHECK("experts_dense out_sparse_kernel");
   return Status::Ok();
 }
@@ -268,27 +253,13 @@ Status scores_product(const ExpertsArgs& a, const DenseBuffers& b, i64 t0, i64 r
               b.gemm, stream);
 }
 
-// Sparse form, one token chunk: the scores at its tasks, then its outputs, every expert
-// chunk in one launch: each block walks its token's tasks chunk by chunk, its row's sum in
-// registers throughout (no fp32 row through memory between chunks, no launch per chunk).
-// The chunks still bound each step's w_out rows: the blocks, all resident at once where a
-// chunk's tokens fit one wave, move through the chunks at about the same pace, so each
-// chunk's rows are read from L2 by its ~10 tokens while they are there.
+// Sparse form, one token chunk: the scores at its tasks, then its outputs in one launch
+// (out_sparse_kernel walks the expert chunks itself).
 template <class S>
 Status run_sparse_chunk(const ExpertsArgs& a, const DenseBuffers& b, i64 t0, i64 rows, cudaStream_t stream) {
-  const GroupSchedule& sc = b.schedule;  // extents only
   TaskScores ts = b.scores;  // its sort's outputs are per call
   OMNIMOE_RETURN_IF_ERROR(dense_task_scores(a, ts, t0, rows, stream));
-  // Experiment switch (this branch only): OMNIMOE_OUT_SPARSE_CHUNKS=c launches c expert chunks
-  // at a time (the row carried through yacc between launches), to time 1, a few (L2-sized)
-  // and all; default all.
-  i64 step = sc.n_ec;
-  if (const char* env = std::getenv("OMNIMOE_OUT_SPARSE_CHUNKS")) step = std::clamp<i64>(std::atol(env), 1, sc.n_ec);
-  for (i64 ec0 = 0; ec0 < sc.n_ec; ec0 += step) {
-    const i64 ec1 = std::min(ec0 + step, sc.n_ec);
-    OMNIMOE_RETURN_IF_ERROR(launch_out_sparse<S>(a, b, t0, rows, ec0, ec1, ec0 == 0, ec1 == sc.n_ec, stream));
-  }
-  return Status::Ok();
+  return launch_out_sparse<S>(a, b, t0, rows, stream);
 }
 
 // Product form, one token chunk: per expert chunk S, P at its tasks, yacc (+)= P w_out; then y.

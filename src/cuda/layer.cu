@@ -88,9 +88,10 @@ ForwardBuffers carve_forward(Arena& a, const Config& cfg, i64 T, DType dtype) {
     const i64 tc = std::min(T, kDenseTokens);
     const bool sparse = dense_output_sparse(cfg, dtype);  // read once: it may consult the environment
     if (sparse) {
-      // No P and no [tokens, experts] scores: the scores at one token chunk's tasks, from its
-      // own tile schedule (TaskScores). Twice the experts per output chunk in 16-bit storage
-      // (half as many passes over the tokens' fp32 rows).
+      // No P, no [tokens, experts] scores and no fp32 rows: the scores at one token chunk's
+      // tasks, from its own tile schedule (TaskScores); the output's sums stay in registers.
+      // The expert chunk is the output's L2 working set per step: twice the product form's in
+      // 16-bit storage (8192 rows of 2 KB at H = 1024, 16 MB of the H200's 50 MB L2).
       b.dense.schedule = group_extents(tc, cfg.num_experts(), kDenseTokens, kDenseExperts * (es == 2 ? 2 : 1));
       b.dense.scores = carve_task_scores(a, tc, cfg.top_k, cfg.num_experts(), dtype);
     } else {
@@ -105,9 +106,8 @@ ForwardBuffers carve_forward(Arena& a, const Config& cfg, i64 T, DType dtype) {
       const auto chunk = static_cast<std::size_t>(b.dense.schedule.token_chunk * b.dense.schedule.expert_chunk);
       b.dense.s = a.take<char>(chunk * es);
       b.dense.p = a.take<char>(chunk * es);
+      b.dense.yacc = a.take<float>(static_cast<std::size_t>(b.dense.schedule.token_chunk * cfg.hidden));
     }
-    const GroupSchedule& s = b.dense.schedule;
-    b.dense.yacc = a.take<float>(static_cast<std::size_t>(s.token_chunk * cfg.hidden));
     b.dense.gemm = b.gemm;
   }
   a.rewind(overlapped(cfg) ? route_end : phase);
