@@ -184,11 +184,16 @@ const Case kCases[] = {
     // 5 column slices (H = 1280 in bf16): an odd count, so a layout of two slices per warp
     // leaves the last warp's second slice empty.
     {"h1280_bf16", 1280, 32, 16, 16, 40, 20, RN::batchnorm, Mode::inference, GK::softmax, AC::silu, DType::bf16},
-    // N = 9000: several expert chunks when the dense path runs them (the forced-path suites;
-    // the automatic choice takes the gather): 8192 per chunk for its sparse output in 16-bit
-    // storage (two chunks), 4096 otherwise (three), so the rows carried from chunk to chunk count.
+    // N = 9000: three expert chunks of 4096 for the dense path's product output (the
+    // forced-path suites; the automatic choice takes the gather), so the fp32 rows carried
+    // from chunk to chunk count.
     {"expert_chunks_bf16", 128, 32, 100, 90, 24, 40, RN::batchnorm, Mode::training, GK::exp, AC::silu, DType::bf16},
     {"expert_chunks_f32", 64, 0, 90, 100, 12, 30, RN::none, Mode::inference, GK::softmax, AC::gelu, DType::f32},
+    // The sparse output's expert chunks hold 32 MiB of w_out rows (16384 at H = 1024 in bf16,
+    // 8192 in fp32): N = 16900 and N = 10000 give two chunks each, walked in one launch.
+    {"out_chunks_h1024_bf16", 1024, 0, 130, 130, 40, 24, RN::none, Mode::inference, GK::exp, AC::silu, DType::bf16},
+    {"out_chunks_h1024_f32", 1024, 0, 100, 100, 24, 20, RN::batchnorm, Mode::inference, GK::softmax, AC::gelu,
+     DType::f32},
     // N = 1050 (not a multiple of 64: the sparse form's last score tile is partial) over two
     // token chunks of the dense path (2048 + 52 tokens): its tile schedule and slots per chunk.
     {"partial_tile_two_chunks_bf16", 64, 0, 30, 35, 12, 2100, RN::none, Mode::inference, GK::exp, AC::silu,
