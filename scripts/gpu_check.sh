@@ -2,11 +2,14 @@
 # One device call does everything: build (Release, sm_90a), CUDA tests, compute-sanitizer,
 # the benchmark and a per-kernel profile; CSVs go to $OUT (default ./out), the logs packed into
 # $OUT/logs.tar.gz at the end (the device tool returns at most 8 files).
-# Usage: scripts/gpu_check.sh [tests|sanitize|bench|bench_backward|profile|dense_outputs|paper|all|python|train]...
+# Usage: scripts/gpu_check.sh [tests|sanitize|bench|bench_backward|profile|dense_outputs|paper|paths|all|python|train]...
 #   (default: all = the five C++ steps; python = build the PyTorch package into
 #   build-python/site and run tests/python; train = build the package and run
 #   examples/train_lm.py --preset gpu, corpus from $OMNIMOE_CORPUS, default data/fortunes;
 #   dense_outputs = the paper family's forward with the dense path's output forced each way;
+#   paths = forward and training step with each experts path forced (OMNIMOE_EXPERTS_PATH;
+#   the backward recomputes from the ids, so it could take another path than the forward),
+#   configurations BENCH_ONLY (default paper-k512);
 #   paper = `omnimoe bench --suite paper` (OmniMoE beside the five baselines, DESIGN section 3;
 #   needs the default OMNIMOE_BASELINES=ON build; plot its CSV with scripts/plot_paper.py)
 #   TRAIN_ARGS="..."  extra train_lm.py arguments (e.g. --steps 20 --ffn omnimoe)
@@ -32,7 +35,7 @@ steps=("${@:-all}")
 want() {
   for s in "${steps[@]}"; do
     [[ $s == "$1" ]] && return 0
-    [[ $s == all && $1 != python && $1 != train && $1 != dense_outputs && $1 != paper ]] && return 0
+    [[ $s == all && $1 != python && $1 != train && $1 != dense_outputs && $1 != paper && $1 != paths ]] && return 0
   done
   return 1
 }
@@ -41,7 +44,7 @@ status=0
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,driver_version --format=csv | tee "$OUT/gpu.txt"
 date -u +"%Y-%m-%d %H:%M UTC" >>"$OUT/gpu.txt"
 if want tests || want sanitize || want bench || want bench_backward || want profile || want dense_outputs ||
-  want paper; then
+  want paper || want paths; then
   cmake -S . -B build-gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DOMNIMOE_FUZZ=OFF ${CMAKE_ARGS:-} >"$OUT/build.log" 2>&1 || { tail -30 "$OUT/build.log"; exit 1; }
   cmake --build build-gpu -j 16 ${BUILD_TARGETS:+--target $BUILD_TARGETS} >>"$OUT/build.log" 2>&1 || { grep -E "error|FAILED" "$OUT/build.log" | head -40; exit 1; }
 fi
@@ -115,6 +118,17 @@ if want dense_outputs; then  # where the sparse output beats the product with P 
   for mode in sparse product; do
     OMNIMOE_DENSE_OUTPUT=$mode build-gpu/omnimoe bench --device cuda --suite omnimoe --only "${BENCH_ONLY:-paper-}" \
       --csv "$OUT/dense_output_$mode.csv" >"$OUT/dense_output_$mode.log" 2>&1 || status=1
+  done
+fi
+if want paths; then  # which experts path each pass would rather take (paper-k512: the rule picks dense)
+  for path in gather dense; do
+    for step in forward train; do
+      flags=()
+      [[ $step == train ]] && flags=(--backward)
+      OMNIMOE_EXPERTS_PATH=$path build-gpu/omnimoe bench --device cuda --suite omnimoe --only "${BENCH_ONLY:-paper-k512}" \
+        "${flags[@]}" --csv "$OUT/path_${path}_$step.csv" >"$OUT/path_${path}_$step.log" 2>&1 || status=1
+      grep -E "MISS|PASS" "$OUT/path_${path}_$step.log" | grep -v workspace | sed "s/^/$path $step: /"
+    done
   done
 fi
 if want paper; then
