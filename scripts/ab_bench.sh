@@ -21,29 +21,17 @@ OUT=${OUT:-$PWD/out}
 read -r -a refs <<<"${REF:?set REF to the reference source tree(s)}"
 mkdir -p "$OUT/ab"
 
-# Builds, all at once: the working tree (as gpu_check.sh configures it) and each distinct tree.
+# Trees: label -> binary and environment (one reference keeps the label b, as the CSVs of
+# earlier runs), and the builds, all at once: the working tree (as gpu_check.sh configures
+# it) and each distinct tree.
+declare -A bin=([a]=build-gpu/omnimoe) envs=([a]=) built=()
+labels=(a)
 pids=()
 if [[ ! -x build-gpu/omnimoe ]]; then
   { cmake -S . -B build-gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DOMNIMOE_FUZZ=OFF ${CMAKE_ARGS:-} &&
     cmake --build build-gpu -j 16 --target omnimoe; } >"$OUT/ab_build.log" 2>&1 &
   pids+=($!)
 fi
-declare -A built=()
-for ref in "${refs[@]}"; do
-  tree=${ref%%:*}
-  name=$(basename "$tree")
-  [[ -n ${built[$name]:-} ]] && continue
-  built[$name]=1
-  { cmake -S "$tree" -B "build-$name" -G Ninja -DCMAKE_BUILD_TYPE=Release -DOMNIMOE_FUZZ=OFF -DOMNIMOE_BASELINES=OFF \
-    -DOMNIMOE_BUILD_TESTS=OFF && cmake --build "build-$name" -j 16 --target omnimoe; } >"$OUT/ab_build_$name.log" 2>&1 &
-  pids+=($!)
-done
-for pid in "${pids[@]}"; do wait "$pid" || { tail -n 30 "$OUT"/ab_build*.log; exit 1; }; done
-
-# Trees: label -> binary and environment. One reference keeps the label b (as the CSVs of
-# earlier runs).
-declare -A bin=([a]=build-gpu/omnimoe) envs=([a]=)
-labels=(a)
 for ref in "${refs[@]}"; do
   tree=${ref%%:*}
   name=$(basename "$tree")
@@ -54,7 +42,13 @@ for ref in "${refs[@]}"; do
   bin[$label]=build-$name/omnimoe
   envs[$label]=$extra
   labels+=("$label")
+  [[ -n ${built[$name]:-} ]] && continue
+  built[$name]=1
+  { cmake -S "$tree" -B "build-$name" -G Ninja -DCMAKE_BUILD_TYPE=Release -DOMNIMOE_FUZZ=OFF -DOMNIMOE_BASELINES=OFF \
+    -DOMNIMOE_BUILD_TESTS=OFF && cmake --build "build-$name" -j 16 --target omnimoe; } >"$OUT/ab_build_$name.log" 2>&1 &
+  pids+=($!)
 done
+for pid in "${pids[@]}"; do wait "$pid" || { tail -n 30 "$OUT"/ab_build*.log; exit 1; }; done
 
 status=0
 steps=(forward)

@@ -32,10 +32,11 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/out}
 mkdir -p "$OUT"
 steps=("${@:-all}")
+optional=" python train dense_outputs paper paths "  # steps `all` leaves out
 want() {
   for s in "${steps[@]}"; do
     [[ $s == "$1" ]] && return 0
-    [[ $s == all && $1 != python && $1 != train && $1 != dense_outputs && $1 != paper && $1 != paths ]] && return 0
+    [[ $s == all && $optional != *" $1 "* ]] && return 0
   done
   return 1
 }

@@ -145,18 +145,19 @@ Status run(const DenseBackwardArgs& a, cudaStream_t stream) {
   OMNIMOE_RETURN_IF_ERROR(schedule_token_chunks(a.ids, T, K, sc, stream));
   S* va = static_cast<S*>(b.va);
   S* vdh = static_cast<S*>(b.vdh);
-  if (b.task_values)  // before A and DH are cleared: the task scores' buffers share their memory
+  if (b.task_values) {  // before A and DH are cleared: the task scores' buffers share their memory
+    const ExpertsArgs e{&c, T, dt, a.x, a.w_in, a.w_out, a.ids, a.gates, nullptr};
+    const TaskProduct second{a.dy, a.w_out, b.task_da};
     for (i64 t0 = 0; t0 < T; t0 += Tc) {
       const i64 rows = std::min(Tc, T - t0);
-      const ExpertsArgs e{&c, T, dt, a.x, a.w_in, a.w_out, a.ids, a.gates, nullptr};
       TaskScores ts = b.scores;  // its sort's outputs are per call
-      const TaskProduct second{a.dy, a.w_out, b.task_da};
       OMNIMOE_RETURN_IF_ERROR(dense_task_scores(e, ts, t0, rows, stream, &second));
       task_values_kernel<S><<<ceil_div(rows * K, 256), 256, 0, stream>>>(
           rows * K, a.ids + t0 * K, a.gates + t0 * K, static_cast<const S*>(ts.s), static_cast<const S*>(b.task_da),
           va + t0 * K, vdh + t0 * K, a.dgates + t0 * K, c.activation);
       OMNIMOE_CUDA_LAUNCH_CHECK("experts_backward_dense task_values_kernel");
     }
+  }
   const CellArgs cells{sc.tasks, sc.offsets, a.ids, a.gates, b.s, b.da, va, vdh, a.dgates, Ec, static_cast<int>(K),
                        c.activation};
   const auto chunk_bytes = static_cast<std::size_t>(Tc * Ec) * sizeof(S);

@@ -225,11 +225,9 @@ Status launch_out_sparse(const ExpertsArgs& a, const DenseBuffers& b, i64 t0, i6
     return Status::Ok();
   }
   // Column slices of 32 16-byte vectors, two per warp (one for a row of one slice;
-  // vector_rows caps a row at 16 slices, so at most 8 warps). Two per warp: the SPW = 2
-  // kernel takes 64 registers at 32 threads per slice pair, against 40 per slice for SPW =
-  // 1, so a 2048-token chunk's blocks fit one wave of the H200 at H = 1024 (16 blocks of 2
-  // warps per SM: 2112 >= 2048) where one slice per warp ran 12 blocks of 4 warps per SM,
-  // 1.3 waves (session f's profile), with 4 rows x 1 KB in flight per warp instead of 4 x 512 B.
+  // vector_rows caps a row at 16 slices, so at most 8 warps): 4 rows x 1 KB in flight per
+  // warp. Measured in session g (paper-k512, one launch per token chunk): one slice per warp
+  // was 7% faster at T = 1024 but 2-4% slower at T >= 4096, so two stay.
   const int slices = (H / Vec<S>::kN + 31) / 32, warps = slices == 1 ? 1 : (slices + 1) / 2;
   const auto threads = static_cast<unsigned>(32 * warps);
   if (slices <= warps)

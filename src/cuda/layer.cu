@@ -46,7 +46,7 @@ Plan plan_of(const Config& cfg, i64 T, DType dtype) {
 }
 
 constexpr i64 kDenseTokens = 2048, kDenseExperts = 4096;  // chunk extents of the dense path
-// The sparse output's expert chunk in bytes of w_out rows: 32 MiB of the H200's 50 MB L2
+// The sparse output's expert chunk in bytes of w_out rows: 32 MiB of the H200's 60 MB L2
 // (session g, paper-k512 forward: 16 MiB -> 32 MiB 2-4% faster, 8 MiB 3-5% slower).
 constexpr std::size_t kOutChunkBytes = std::size_t{32} << 20;
 constexpr i64 kSortTasks = i64{1} << 20;  // tasks per sort of the product output's schedule
