@@ -78,6 +78,14 @@ struct Workspace {
 // Returns a Status because the request itself may be invalid (bad config, T < 1, no CUDA).
 Status forward_workspace_size(const Config& cfg, std::int64_t tokens, DType dtype, Device device,
                               std::size_t* bytes);
+// The same for a forward whose out.expert_ids will be of dtype `ids` (i32 or i64). The size
+// above is the one for i64 ids, enough for either. With i32 ids the CUDA forward keeps its
+// working copy of the routing in out.expert_ids itself, so it needs 4 T K bytes less
+// (16 MB at T = 1024, K = 4096); on the CPU the size does not depend on `ids`. A forward
+// given less than the size for its ids' dtype fails with workspace_too_small.
+// forward_routed always needs the size above (it validates a copy of the caller's ids).
+Status forward_workspace_size(const Config& cfg, std::int64_t tokens, DType dtype, Device device, DType ids,
+                              std::size_t* bytes);
 Status backward_workspace_size(const Config& cfg, std::int64_t tokens, DType dtype, Device device,
                                std::size_t* bytes);
 
@@ -120,6 +128,7 @@ class Layer {
   const Config& config() const { return cfg_; }
 
   std::size_t forward_workspace_size(std::int64_t tokens, DType dtype, Device device) const;
+  std::size_t forward_workspace_size(std::int64_t tokens, DType dtype, Device device, DType ids) const;
   std::size_t backward_workspace_size(std::int64_t tokens, DType dtype, Device device) const;
   void forward(Mode mode, const TensorView& x, const Params& params, const ForwardOutputs& out,
                Workspace ws, void* stream = nullptr) const;

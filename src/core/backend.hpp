@@ -20,7 +20,9 @@ Status forward_routed(const Config& cfg, const TensorView& x, const Params& p, c
 namespace omnimoe::cuda {
 // True when the library was built with the CUDA backend (a GPU may still be absent).
 bool built();
-Status forward_workspace_size(const Config& cfg, std::int64_t tokens, DType dtype, std::size_t* bytes);
+// ids_i32: the forward's out.expert_ids will be i32 (its working copy of the routing lives
+// there; forward_routed and i64 ids need the size without it).
+Status forward_workspace_size(const Config& cfg, std::int64_t tokens, DType dtype, bool ids_i32, std::size_t* bytes);
 Status backward_workspace_size(const Config& cfg, std::int64_t tokens, DType dtype, std::size_t* bytes);
 Status forward(const Config& cfg, Mode mode, const TensorView& x, const Params& p, const ForwardOutputs& out,
                Workspace ws, void* stream);

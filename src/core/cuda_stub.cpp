@@ -8,7 +8,7 @@ Status no_cuda() {
 }
 }  // namespace
 bool built() { return false; }
-Status forward_workspace_size(const Config&, std::int64_t, DType, std::size_t*) { return no_cuda(); }
+Status forward_workspace_size(const Config&, std::int64_t, DType, bool, std::size_t*) { return no_cuda(); }
 Status backward_workspace_size(const Config&, std::int64_t, DType, std::size_t*) { return no_cuda(); }
 Status forward(const Config&, Mode, const TensorView&, const Params&, const ForwardOutputs&, Workspace, void*) {
   return no_cuda();

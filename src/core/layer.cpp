@@ -20,12 +20,19 @@ Status check_request(const Config& cfg, std::int64_t tokens, DType dtype) {
 }  // namespace
 
 Status forward_workspace_size(const Config& cfg, std::int64_t tokens, DType dtype, Device device, std::size_t* bytes) {
+  return forward_workspace_size(cfg, tokens, dtype, device, DType::i64, bytes);
+}
+
+Status forward_workspace_size(const Config& cfg, std::int64_t tokens, DType dtype, Device device, DType ids,
+                              std::size_t* bytes) {
   OMNIMOE_RETURN_IF_ERROR(check_request(cfg, tokens, dtype));
+  if (ids != DType::i32 && ids != DType::i64)
+    return invalid_argument(std::string("ids: expert ids are i32 or i64, not ") + dtype_name(ids));
   if (device == Device::cpu) {
     *bytes = cpu::forward_workspace_size(cfg, tokens, dtype);
     return Status::Ok();
   }
-  return cuda::forward_workspace_size(cfg, tokens, dtype, bytes);
+  return cuda::forward_workspace_size(cfg, tokens, dtype, ids == DType::i32, bytes);
 }
 
 Status backward_workspace_size(const Config& cfg, std::int64_t tokens, DType dtype, Device device, std::size_t* bytes) {
@@ -86,6 +93,11 @@ Layer::Layer(const Config& cfg) : cfg_(cfg) { throw_if_error(validate(cfg)); }
 std::size_t Layer::forward_workspace_size(std::int64_t tokens, DType dtype, Device device) const {
   std::size_t bytes = 0;
   throw_if_error(omnimoe::forward_workspace_size(cfg_, tokens, dtype, device, &bytes));
+  return bytes;
+}
+std::size_t Layer::forward_workspace_size(std::int64_t tokens, DType dtype, Device device, DType ids) const {
+  std::size_t bytes = 0;
+  throw_if_error(omnimoe::forward_workspace_size(cfg_, tokens, dtype, device, ids, &bytes));
   return bytes;
 }
 std::size_t Layer::backward_workspace_size(std::int64_t tokens, DType dtype, Device device) const {

@@ -107,8 +107,11 @@ Status validate_forward_args(const Config& cfg, const TensorView& x, const Param
   if (out.scores.defined()) OMNIMOE_RETURN_IF_ERROR(expect("out.scores", out.scores, {T, K}, acc, dev));
   if (out.gates.defined()) OMNIMOE_RETURN_IF_ERROR(expect("out.gates", out.gates, {T, K}, acc, dev));
   std::size_t need = 0;
-  OMNIMOE_RETURN_IF_ERROR(forward_workspace_size(cfg, T, dt, dev, &need));
-  return validate_workspace(ws, need);
+  OMNIMOE_RETURN_IF_ERROR(forward_workspace_size(cfg, T, dt, dev, out.expert_ids.dtype, &need));
+  Status s = validate_workspace(ws, need);
+  if (s.code() == StatusCode::workspace_too_small)  // the size depends on the ids' dtype: say which
+    return {s.code(), s.message() + " for out.expert_ids of dtype " + dtype_name(out.expert_ids.dtype)};
+  return s;
 }
 
 Status validate_routed_args(const Config& cfg, const TensorView& x, const Params& p, const TensorView& expert_ids,

@@ -57,7 +57,8 @@ struct ForwardBuffers {
   void* wcat;          // [Nr + Nc, H] router weights side by side: one product for both axes
   double* partial;     // [chunks, stat_blocks(route_rows), 2 (Nr + Nc)] block moments (training batchnorm)
   float *mean, *rstd;  // [Nr + Nc]
-  i32* ids32;          // [T, K]
+  i32* ids32;          // [T, K]: the routing as the experts read it; the caller's i32
+                       // out.expert_ids themselves when the forward was given them (ids_in_place)
   float* gates32;      // [T, K]
   // Phases that never run at once share one region (route and shared_mlp do when
   // overlapped(): then the MLP's buffers follow the router's):
@@ -67,7 +68,10 @@ struct ForwardBuffers {
   void *u, *v;         // shared_mlp: [mlp_rows, I]
 };
 
-ForwardBuffers carve_forward(Arena& a, const Config& cfg, i64 T, DType dtype) {
+// ids_in_place: the routing is written to (and read from) the caller's i32 expert ids, not
+// a copy in the workspace (4 T K bytes: at K = 4096 and T = 1024 it had been 16 MB of the
+// paper comparison's peak).
+ForwardBuffers carve_forward(Arena& a, const Config& cfg, i64 T, DType dtype, bool ids_in_place) {
   const Plan p = plan_of(cfg, T, dtype);
   const auto n = static_cast<std::size_t>(cfg.grid_rows + cfg.grid_cols);
   const std::size_t es = dtype_size(dtype), tk = static_cast<std::size_t>(T * cfg.top_k);
@@ -78,7 +82,7 @@ ForwardBuffers carve_forward(Arena& a, const Config& cfg, i64 T, DType dtype) {
   b.partial = a.take<double>(static_cast<std::size_t>(p.chunks * stat_blocks(p.route_rows)) * 2 * n);
   b.mean = a.take<float>(n);
   b.rstd = a.take<float>(n);
-  b.ids32 = a.take<i32>(tk);
+  b.ids32 = ids_in_place ? nullptr : a.take<i32>(tk);
   b.gates32 = a.take<float>(tk);
   const std::size_t phase = a.mark();
 
@@ -189,7 +193,7 @@ Status route(const Config& cfg, Mode mode, const TensorView& x, const Params& p,
     ta.logits = b.logits;
     ta.mean = b.mean;
     ta.rstd = b.rstd;
-    ta.ids32 = b.ids32 + t0 * K;
+    ta.ids32 = b.ids32 + t0 * K;  // the same memory as ids_out when ids_in_place (each id written twice, alike)
     ta.gates32 = b.gates32 + t0 * K;
     ta.ids_out = const_cast<char*>(at(out.expert_ids.data, t0 * K, out.expert_ids.dtype));
     ta.ids_out_i64 = ids64;
@@ -251,10 +255,10 @@ Status check_supported(const Config& cfg, DType dtype, i64 T) {
 
 bool built() { return true; }
 
-Status forward_workspace_size(const Config& cfg, i64 tokens, DType dtype, std::size_t* bytes) {
+Status forward_workspace_size(const Config& cfg, i64 tokens, DType dtype, bool ids_i32, std::size_t* bytes) {
   OMNIMOE_RETURN_IF_ERROR(check_supported(cfg, dtype, tokens));
   Arena a;
-  carve_forward(a, cfg, tokens, dtype);
+  carve_forward(a, cfg, tokens, dtype, ids_i32);
   *bytes = a.used();
   return Status::Ok();
 }
@@ -266,8 +270,10 @@ Status forward(const Config& cfg, Mode mode, const TensorView& x, const Params& 
   const auto s = static_cast<cudaStream_t>(stream);
   const i64 T = x.shape[0];
   Arena arena(ws.data, ws.bytes);
-  const ForwardBuffers b = carve_forward(arena, cfg, T, x.dtype);
+  const bool ids_in_place = out.expert_ids.dtype == DType::i32;
+  ForwardBuffers b = carve_forward(arena, cfg, T, x.dtype, ids_in_place);
   if (!arena.fits()) return {StatusCode::internal, "cuda forward: workspace plan exceeds the queried size"};
+  if (ids_in_place) b.ids32 = out.expert_ids.as<i32>();
 
   SideStream side;
   bool forked = false;
@@ -294,7 +300,7 @@ Status forward_routed(const Config& cfg, const TensorView& x, const Params& p, c
   const auto s = static_cast<cudaStream_t>(stream);
   const i64 T = x.shape[0];
   Arena arena(ws.data, ws.bytes);
-  const ForwardBuffers b = carve_forward(arena, cfg, T, x.dtype);
+  const ForwardBuffers b = carve_forward(arena, cfg, T, x.dtype, /*ids_in_place=*/false);  // a checked copy
   if (!arena.fits()) return {StatusCode::internal, "cuda forward_routed: workspace plan exceeds the queried size"};
   OMNIMOE_RETURN_IF_ERROR(experts_import_ids(expert_ids, cfg.num_experts(), b.ids32, s));
   if (cfg.has_shared_mlp()) OMNIMOE_RETURN_IF_ERROR(shared_mlp(cfg, x, p, y, b, s));

@@ -401,6 +401,16 @@ TEST(Forward, BadArgumentsNameTheArgument) {
   s = backward_workspace_size(good, T, DType::i32, Device::cpu, &bytes);
   EXPECT_EQ(s.code(), StatusCode::invalid_argument);
   EXPECT_TRUE(Contains(s.message(), "dtype"));
+  // The ids' dtype: i32 or i64 (on the CPU the size does not depend on it), nothing else.
+  std::size_t narrow = 0, wide = 0, plain = 0;
+  ASSERT_TRUE(forward_workspace_size(good, T, DType::f64, Device::cpu, DType::i32, &narrow).ok());
+  ASSERT_TRUE(forward_workspace_size(good, T, DType::f64, Device::cpu, DType::i64, &wide).ok());
+  ASSERT_TRUE(forward_workspace_size(good, T, DType::f64, Device::cpu, &plain).ok());
+  EXPECT_EQ(narrow, wide);
+  EXPECT_EQ(plain, wide);
+  s = forward_workspace_size(good, T, DType::f64, Device::cpu, DType::bf16, &bytes);
+  EXPECT_EQ(s.code(), StatusCode::invalid_argument);
+  EXPECT_TRUE(Contains(s.message(), "ids"));
 }
 
 // omnimoe::Layer throws omnimoe::Error carrying the status code, and otherwise equals the

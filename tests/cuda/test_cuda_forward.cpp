@@ -94,8 +94,8 @@ void expect_forward_matches_reference(const Case& c) {
   Outputs got = make_outputs(cfg, T, c.dtype, DType::i32);
   DeviceOutputs dout(got);
   dout.poison();
-  std::size_t bytes = 0;
-  ASSERT_TRUE(forward_workspace_size(cfg, T, c.dtype, Device::cuda, &bytes).ok());
+  std::size_t bytes = 0;  // exactly the size for i32 ids: the routing lives in out.expert_ids
+  ASSERT_TRUE(forward_workspace_size(cfg, T, c.dtype, Device::cuda, DType::i32, &bytes).ok());
   DeviceWorkspace ws(bytes);
   const Status st = forward(cfg, c.mode, dev.x.view(), dev.params(), dout.view(), ws.ws());
   ASSERT_TRUE(st.ok()) << st.message();
@@ -600,6 +600,74 @@ TEST(CudaDenseOutput, SizeRuleAndSwitchShapeTheWorkspace) {
   EXPECT_EQ(query(nullptr), query("product"));
   if (saved != nullptr) setenv("OMNIMOE_DENSE_OUTPUT", keep.c_str(), 1);
   else unsetenv("OMNIMOE_DENSE_OUTPUT");
+}
+
+// The expert ids' dtype and the workspace (host only, no GPU): with i32 out.expert_ids the
+// forward keeps its routing there, so its size is the i64 size less the T K i32 copy (up to
+// the arena's 256-byte alignment); the i64 size serves both. Other dtypes are refused.
+TEST(CudaForwardWorkspace, I32IdsNeedNoCopyOfTheRouting) {
+  Config cfg;
+  cfg.hidden = 1024;
+  cfg.intermediate = 1024;
+  cfg.grid_rows = 320;
+  cfg.grid_cols = 320;
+  for (const std::int64_t K : {16, 512, 4096}) {
+    cfg.top_k = K;
+    const std::int64_t T = 1024;
+    std::size_t wide = 0, narrow = 0, plain = 0;
+    ASSERT_TRUE(forward_workspace_size(cfg, T, DType::bf16, Device::cuda, DType::i64, &wide).ok());
+    ASSERT_TRUE(forward_workspace_size(cfg, T, DType::bf16, Device::cuda, DType::i32, &narrow).ok());
+    ASSERT_TRUE(forward_workspace_size(cfg, T, DType::bf16, Device::cuda, &plain).ok());
+    EXPECT_EQ(plain, wide) << "K = " << K;
+    const auto copy = static_cast<std::size_t>(T * K) * 4;
+    EXPECT_GE(wide - narrow, copy) << "K = " << K;
+    EXPECT_LT(wide - narrow, copy + 256) << "K = " << K;
+  }
+  std::size_t bytes = 0;
+  const Status s = forward_workspace_size(cfg, 16, DType::bf16, Device::cuda, DType::f32, &bytes);
+  EXPECT_EQ(s.code(), StatusCode::invalid_argument);
+  EXPECT_NE(s.message().find("f32"), std::string::npos) << s.message();
+}
+
+// On the GPU: i64 ids (their own copy of the routing in the workspace) and i32 ids (none)
+// give the same routing and bitwise the same y, on both expert paths; i64 ids with only the
+// i32 size are refused with a message that names the dtype.
+TEST(CudaForwardWorkspace, IdsDtypesAgreeAndTheSmallerSizeIsChecked) {
+  if (!have_gpu()) GTEST_SKIP() << "no CUDA device";
+  const std::int64_t T = 300;
+  for (const Schedule schedule : {Schedule::token_centric, Schedule::expert_centric}) {  // gather, dense path
+    Config cfg;
+    cfg.schedule = schedule;
+    cfg.hidden = 128;
+    cfg.intermediate = 64;
+    cfg.grid_rows = 64;
+    cfg.grid_cols = 64;
+    cfg.top_k = 64;
+    const Problem stored = convert_problem(make_problem(cfg, T, DType::f64, test_seed()), DType::bf16);
+    DeviceProblem dev(stored);
+    std::size_t wide = 0, narrow = 0;
+    ASSERT_TRUE(forward_workspace_size(cfg, T, DType::bf16, Device::cuda, DType::i64, &wide).ok());
+    ASSERT_TRUE(forward_workspace_size(cfg, T, DType::bf16, Device::cuda, DType::i32, &narrow).ok());
+    ASSERT_LT(narrow, wide);
+    Outputs o32 = make_outputs(cfg, T, DType::bf16, DType::i32), o64 = make_outputs(cfg, T, DType::bf16, DType::i64);
+    DeviceOutputs d32(o32), d64(o64);
+    d32.poison();
+    d64.poison();
+    DeviceWorkspace ws_narrow(narrow), ws_wide(wide);
+    Status st = forward(cfg, Mode::inference, dev.x.view(), dev.params(), d64.view(), ws_narrow.ws());
+    EXPECT_EQ(st.code(), StatusCode::workspace_too_small);
+    EXPECT_NE(st.message().find("i64"), std::string::npos) << st.message();
+    st = forward(cfg, Mode::inference, dev.x.view(), dev.params(), d32.view(), ws_narrow.ws());
+    ASSERT_TRUE(st.ok()) << st.message();
+    st = forward(cfg, Mode::inference, dev.x.view(), dev.params(), d64.view(), ws_wide.ws());
+    ASSERT_TRUE(st.ok()) << st.message();
+    ASSERT_TRUE(synchronize(Device::cuda).ok());
+    d32.download(o32);
+    d64.download(o64);
+    EXPECT_EQ(o32.y.count_nonfinite(), 0) << name(schedule);
+    EXPECT_TRUE(o32.y.bitwise_equal(o64.y)) << name(schedule);
+    EXPECT_EQ(o32.ids.to_i64(), o64.ids.to_i64()) << name(schedule);
+  }
 }
 
 }  // namespace

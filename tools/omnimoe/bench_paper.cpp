@@ -419,7 +419,9 @@ class Runner {
     const auto sets = static_cast<std::size_t>(input_sets(dev, static_cast<i64>(x_bytes)));
     const LayerTensors l = random_layer(p.cfg, T, dt, dev, 500 + index, static_cast<int>(sets));
     Tensor y(dt, dev, {T, H}), ids(DType::i32, dev, {T, K});
-    const Buffer ws = workspace(l, /*backward=*/false);
+    // The router series writes i32 ids, so its forward keeps the routing there (no copy in
+    // the workspace); forward_routed validates a copy of the given ids.
+    const Buffer ws = workspace(l, /*backward=*/false, random_ids ? DType::i64 : DType::i32);
     UniformRouting r;
     if (random_ids) r = uniform_routing(T, K, p.cfg.num_experts(), accumulation_dtype(dt), dev, 9000 + index);
     const Params params = l.params();

@@ -25,7 +25,7 @@ CheckResult check_cuda_forward(const CheckCase& c, DType dtype, std::uint64_t se
 
   auto run = [&](LayerTensors& l, ForwardBuffers& out) {
     for (const Tensor* t : {&out.y, &out.expert_ids, &out.scores, &out.gates}) poison(t->view());
-    Buffer ws = workspace(l, /*backward=*/false);
+    Buffer ws = workspace(l, /*backward=*/false, out.expert_ids.view().dtype);  // the GPU's i32 ids: its smaller size
     throw_if_error(forward(c.cfg, c.mode, l.x[0].view(), l.params(), out.outputs(), as_workspace(ws)));
     throw_if_error(synchronize(l.device));
   };

@@ -107,7 +107,7 @@ int cmd_bench(Args& args) {
     LayerTensors l =
         random_layer(cfg, b.T, dtype, device, n + 1, input_sets(device, set_bytes), /*with_grad_y=*/train_step);
     ForwardBuffers out = forward_buffers(l, DType::i32);
-    Buffer ws = workspace(l, /*backward=*/false);
+    Buffer ws = workspace(l, /*backward=*/false, DType::i32);  // the forward keeps its routing in out's i32 ids
     Buffer bws = train_step ? workspace(l, /*backward=*/true) : Buffer{};
     GradientBuffers grads = train_step ? gradient_buffers(l) : GradientBuffers{};
     // --sparse-grads: active expert rows only (the dense tables are not written).
@@ -126,6 +126,7 @@ int cmd_bench(Args& args) {
     // series runs the same branches through forward_routed.
     const bool paper = b.name.rfind("paper-", 0) == 0 && !train_step;
     const RandomRouting routing = paper ? random_routing(l.cfg, b.T, dtype, device, n + 7) : RandomRouting{};
+    const Buffer ws_routed = paper ? workspace(l, /*backward=*/false) : Buffer{};  // forward_routed copies the ids
     for (const bool with_router : {true, false}) {
       if (!with_router && !paper) continue;
       auto call_on = [&](std::size_t set, void* stream) {
@@ -140,7 +141,7 @@ int cmd_bench(Args& args) {
         }
         if (with_router) return forward(l.cfg, Mode::inference, x, l.params(), out.outputs(), as_workspace(ws), stream);
         return forward_routed(l.cfg, x, l.params(), routing.ids.view(), routing.gates.view(), out.y.view(),
-                              as_workspace(ws), stream);
+                              as_workspace(ws_routed), stream);
       };
       std::size_t next = 0;  // rotates through the input sets
       std::vector<double> eager, ms;
@@ -159,7 +160,8 @@ int cmd_bench(Args& args) {
       // A training step: 3x the forward's flops and twice its bytes (the model).
       const double flops = b.flops() * (train_step ? 3 : 1), bytes = b.bytes(dtype_size(dtype)) * (train_step ? 2 : 1);
       const double mem_goal = 64.0 + (train_step ? 32.0 : 16.0) * static_cast<double>(b.T * b.K) / (1 << 20);
-      const double ws_bytes = static_cast<double>(std::max(ws.bytes(), bws.bytes()));  // one buffer serves both
+      const double ws_bytes =  // one buffer serves the training step's forward and backward
+          static_cast<double>(with_router ? std::max(ws.bytes(), bws.bytes()) : ws_routed.bytes());
       std::string floor_ms, ratio, mlp_ms, fwd_over_mlp, dense_ms;
       if (ceil.known()) {
         const double fl = 1e3 * std::max(flops / ceil.flops_per_s, bytes / ceil.bytes_per_s);

@@ -117,9 +117,9 @@ GradientBuffers gradient_buffers(const LayerTensors& l) {
   return g;
 }
 
-Buffer workspace(const LayerTensors& l, bool backward) {
+Buffer workspace(const LayerTensors& l, bool backward, DType ids) {
   std::size_t fwd = 0, bwd = 0;
-  throw_if_error(forward_workspace_size(l.cfg, l.tokens, l.dtype, l.device, &fwd));
+  throw_if_error(forward_workspace_size(l.cfg, l.tokens, l.dtype, l.device, ids, &fwd));
   if (backward) throw_if_error(backward_workspace_size(l.cfg, l.tokens, l.dtype, l.device, &bwd));
   return Buffer(l.device, std::max(fwd, bwd));
 }

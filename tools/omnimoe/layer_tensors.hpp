@@ -84,8 +84,9 @@ inline constexpr std::array<GradientMember, 8> kGradientMembers{{
 }};
 GradientBuffers gradient_buffers(const LayerTensors& l);
 
-// Workspace for forward, and for backward too when `backward` is set.
-Buffer workspace(const LayerTensors& l, bool backward);
+// Workspace for forward (with out.expert_ids of dtype `ids`; i64 is enough for either and
+// for forward_routed), and for backward too when `backward` is set.
+Buffer workspace(const LayerTensors& l, bool backward, DType ids = DType::i64);
 inline Workspace as_workspace(const Buffer& b) { return {b.data(), b.bytes()}; }
 
 }  // namespace omnimoe::tool
