@@ -80,9 +80,11 @@ Status forward_workspace_size(const Config& cfg, std::int64_t tokens, DType dtyp
                               std::size_t* bytes);
 // The same for a forward whose out.expert_ids will be of dtype `ids` (i32 or i64). The size
 // above is the one for i64 ids, enough for either. With i32 ids the CUDA forward keeps its
-// working copy of the routing in out.expert_ids itself, so it needs 4 T K bytes less
-// (16 MB at T = 1024, K = 4096); on the CPU the size does not depend on `ids`. A forward
-// given less than the size for its ids' dtype fails with workspace_too_small.
+// working copy of the routing in out.expert_ids itself (it writes the ids there and reads
+// them back for the experts, so that buffer must not overlap x, the parameters, the other
+// outputs or the workspace), and needs 4 T K bytes less, rounded to 256 (16 MiB at
+// T = 1024, K = 4096); on the CPU the size does not depend on `ids`. A forward given less
+// than the size for its ids' dtype fails with workspace_too_small.
 // forward_routed always needs the size above (it validates a copy of the caller's ids).
 Status forward_workspace_size(const Config& cfg, std::int64_t tokens, DType dtype, Device device, DType ids,
                               std::size_t* bytes);
@@ -98,7 +100,7 @@ Status forward(const Config& cfg, Mode mode, const TensorView& x, const Params& 
 // The experts and shared branches for a routing given by the caller: y = sum_k gates *
 // act(x . expert_in[e]) * expert_out[e] + shared_mlp(x). expert_ids [T, K] i32/i64, gates
 // [T, K] accumulation dtype. For benchmarks that time the layer without its router, and for
-// tests that feed every backend the same routing. Uses the forward's workspace size. Ids
+// tests that feed every backend the same routing. Uses the forward's (i64-ids) size. Ids
 // outside [0, N): the CPU returns invalid_argument; the GPU cannot report without a host
 // synchronisation, so it writes NaN to the rows of the tokens concerned (never reads or
 // writes out of bounds).

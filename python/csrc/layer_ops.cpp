@@ -113,7 +113,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> layer
 
   const omnimoe::TensorView xv = view(in.x, "x");
   std::size_t bytes = 0;
-  check(omnimoe::forward_workspace_size(cfg, T, xv.dtype, xv.device, &bytes), "forward_workspace_size");
+  // ids are int32: the CUDA forward keeps its routing there (no copy in the workspace).
+  check(omnimoe::forward_workspace_size(cfg, T, xv.dtype, xv.device, omnimoe::DType::i32, &bytes),
+        "forward_workspace_size");
   TorchWorkspace ws = make_workspace(bytes, x);
   omnimoe::ForwardOutputs out;
   out.y = view(y, "y");

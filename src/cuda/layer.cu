@@ -14,7 +14,7 @@ namespace omnimoe::cuda {
 namespace {
 
 // Token chunks bound the workspace: router logits and shared-MLP activations are produced
-// and consumed chunk by chunk (peak memory is independent of T beyond 8 bytes per pair).
+// and consumed chunk by chunk (peak memory is independent of T beyond 8 bytes per pair, 4 with the caller's i32 ids).
 // When the router overlaps the shared MLP both sets of buffers live at once, so the logits
 // get half the budget and the router's products their own, smaller cuBLASLt scratch.
 constexpr std::size_t kLogitBytes = std::size_t{32} << 20;

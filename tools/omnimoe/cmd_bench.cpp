@@ -160,7 +160,7 @@ int cmd_bench(Args& args) {
       // A training step: 3x the forward's flops and twice its bytes (the model).
       const double flops = b.flops() * (train_step ? 3 : 1), bytes = b.bytes(dtype_size(dtype)) * (train_step ? 2 : 1);
       const double mem_goal = 64.0 + (train_step ? 32.0 : 16.0) * static_cast<double>(b.T * b.K) / (1 << 20);
-      const double ws_bytes =  // one buffer serves the training step's forward and backward
+      const double ws_bytes =  // the training step's forward and backward run one after the other: the larger counts
           static_cast<double>(with_router ? std::max(ws.bytes(), bws.bytes()) : ws_routed.bytes());
       std::string floor_ms, ratio, mlp_ms, fwd_over_mlp, dense_ms;
       if (ceil.known()) {
