@@ -31,9 +31,9 @@ Status backward(const Config& cfg, Mode mode, const TensorView& x, const Params&
                 const SparseExpertGradients* sparse = nullptr);
 Status forward_routed(const Config& cfg, const TensorView& x, const Params& p, const TensorView& expert_ids,
                       const TensorView& gates, const TensorView& y, Workspace ws, void* stream);
-// The experts schedule the forward, backward and their workspace plans take for T tokens of
-// `dtype`: expert_centric or token_centric, never automatic (that is resolved here). Tests
-// use it to know which path ran (both paths compute the same values). No CUDA backend:
-// automatic.
-Schedule experts_schedule(const Config& cfg, std::int64_t tokens, DType dtype);
+// The experts schedule the forward (backward = false) or the backward, and its workspace
+// plan, take for T tokens of `dtype`: expert_centric or token_centric, never automatic (that
+// is resolved here; the two passes may differ). Tests use it to know which path ran (both
+// paths compute the same values). No CUDA backend: automatic.
+Schedule experts_schedule(const Config& cfg, std::int64_t tokens, DType dtype, bool backward);
 }  // namespace omnimoe::cuda

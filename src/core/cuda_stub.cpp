@@ -21,7 +21,7 @@ Status forward_routed(const Config&, const TensorView&, const Params&, const Ten
                       const TensorView&, Workspace, void*) {
   return no_cuda();
 }
-Schedule experts_schedule(const Config&, std::int64_t, DType) { return Schedule::automatic; }
+Schedule experts_schedule(const Config&, std::int64_t, DType, bool) { return Schedule::automatic; }
 }  // namespace omnimoe::cuda
 
 #include "omnimoe/device.hpp"

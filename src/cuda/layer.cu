@@ -91,7 +91,7 @@ ForwardBuffers carve_forward(Arena& a, const Config& cfg, i64 T, DType dtype, bo
   const std::size_t route_end = a.mark();
   a.rewind(phase);
 
-  if (choose_path(cfg, T, dtype) == ExpertsPath::dense) {
+  if (choose_path(cfg, T, dtype, Pass::forward) == ExpertsPath::dense) {
     const i64 tc = std::min(T, kDenseTokens);
     const bool sparse = dense_output_sparse(cfg, dtype);  // read once: it may consult the environment
     if (sparse) {
@@ -133,7 +133,7 @@ Status experts(const Config& cfg, const TensorView& x, const Params& p, const fl
   const i64 T = x.shape[0];
   ExpertsArgs e{&cfg, T, x.dtype, x.data, p.expert_in.data, p.expert_out.data, b.ids32, gates, y.data};
   e.add = cfg.has_shared_mlp();  // y already holds the shared branch
-  if (choose_path(cfg, T, x.dtype) == ExpertsPath::dense) return experts_dense(e, b.dense, s);
+  if (choose_path(cfg, T, x.dtype, Pass::forward) == ExpertsPath::dense) return experts_dense(e, b.dense, s);
   return experts_gather(e, s);
 }
 
@@ -217,7 +217,7 @@ Status shared_mlp(const Config& cfg, const TensorView& x, const Params& p, const
 
 }  // namespace
 
-ExpertsPath choose_path(const Config& cfg, i64 T, DType dtype) {
+ExpertsPath choose_path(const Config& cfg, i64 T, DType dtype, Pass pass) {
   // The test override comes first so that the path suites (tests/cuda/CMakeLists.txt) force
   // every case, whatever schedule it configures.
   if (const char* env = std::getenv("OMNIMOE_EXPERTS_PATH")) {
@@ -229,14 +229,21 @@ ExpertsPath choose_path(const Config& cfg, i64 T, DType dtype) {
     case Schedule::token_centric: return ExpertsPath::gather;
     case Schedule::automatic: break;
   }
-  // Rates: round figures for an H100 (bf16 / f16; fp32 products run on CUDA cores).
+  // Forward: rates are round figures for an H100 (bf16 / f16; fp32 products run on CUDA
+  // cores). The backward's gather streams the rows twice and its dense path costs about 3.5
+  // times its forward (three T x N x H products instead of two, and the tile products of
+  // both sides): measured on an H200 at paper-k512 (N = 102400, K = 512), the gather
+  // backward took 0.63 to 0.81 times the dense one's time, T = 1024 to 16384, while the
+  // forward rule (rightly) picks dense there. The backward thus takes the dense path when
+  // N < 126 K (bf16 / f16) instead of N < 220 K.
   const double gather_s = 2.0 * T * cfg.top_k * cfg.hidden * dtype_size(dtype) / 2.5e12;
   const double dense_s = 4.0 * T * cfg.num_experts() * cfg.hidden / (dtype == DType::f32 ? 40e12 : 550e12);
-  return dense_s < gather_s ? ExpertsPath::dense : ExpertsPath::gather;
+  const double backward_ratio = pass == Pass::backward ? 3.5 / 2.0 : 1.0;
+  return dense_s * backward_ratio < gather_s ? ExpertsPath::dense : ExpertsPath::gather;
 }
 
-Schedule experts_schedule(const Config& cfg, i64 tokens, DType dtype) {
-  return choose_path(cfg, tokens, dtype) == ExpertsPath::dense ? Schedule::expert_centric : Schedule::token_centric;
+Schedule experts_schedule(const Config& cfg, i64 tokens, DType dtype, bool backward) {
+  return choose_path(cfg, tokens, dtype, backward ? Pass::backward : Pass::forward) == ExpertsPath::dense ? Schedule::expert_centric : Schedule::token_centric;
 }
 
 Status check_supported(const Config& cfg, DType dtype, i64 T) {

@@ -64,7 +64,7 @@ struct BackwardBuffers {
   float* dlogp;         // route: [route_rows, n] gradient w.r.t. logp, then lhat, then the logits
   void* dl;             // route: [route_rows, n] that gradient in the storage dtype
   SegmentScratch seg;   // experts: active experts, sparse slots, split segments
-  float *a, *dh;        // experts, gather path: [T, K] a = g act(h) and dh
+  float *a, *dh;        // experts, gather path: [T, K] a = g act(h) and dh (in by_expert's keys)
   GroupSchedule by_expert;     // experts, gather path: tasks sorted by expert
   DenseBackwardBuffers dense;  // experts, dense path
   void *u, *v, *dm;     // shared_mlp: [T, mlp_cols] slices
@@ -90,7 +90,7 @@ BackwardBuffers carve_backward(Arena& a, const Config& cfg, i64 T, DType dt) {
   b.dg = a.take<float>(tk);
   b.bad = a.take<int>(t);
   b.dx = a.take<float>(t * static_cast<std::size_t>(H));
-  b.path = choose_path(cfg, T, dt);
+  b.path = choose_path(cfg, T, dt, Pass::backward);
   const std::size_t phase = a.mark();
 
   const auto rn = static_cast<std::size_t>(b.plan.route_rows) * n;
@@ -116,9 +116,13 @@ BackwardBuffers carve_backward(Arena& a, const Config& cfg, i64 T, DType dt) {
   // of 66); at N <= 65536 the budget stays 16 MB.
   b.seg = carve_segment_scratch(a, N);
   if (b.path == ExpertsPath::gather) {
-    b.a = a.take<float>(tk);
-    b.dh = a.take<float>(tk);
     b.by_expert = carve_group_schedule(a, T, cfg.top_k, N, T, 1);  // group = expert id
+    // a and dh live in the sort's two key buffers: the sort runs first, and once the offsets
+    // are found the keys are dead (the sorted tasks stay in one of the value buffers). That
+    // saves 8 bytes per pair (paper-k512-t16384: 369 -> 305 MiB, within issue 5's goal).
+    static_assert(sizeof(unsigned) == sizeof(float));
+    b.a = reinterpret_cast<float*>(b.by_expert.keys[0]);
+    b.dh = reinterpret_cast<float*>(b.by_expert.keys[1]);
   } else {
     DenseBackwardBuffers& d = b.dense;
     d.schedule = carve_token_chunk_schedule(a, T, cfg.top_k, N, kDenseTokens, kDenseExperts);
@@ -180,11 +184,12 @@ Status experts_backward(const Config& cfg, const TensorView& x, const Params& p,
                         g.expert_in.data,  g.expert_out.data, sp, &b.seg,          &b.dense};
     return experts_backward_dense(d, s);
   }
-  ExpertsArgs e{&cfg, T, dt, x.data, p.expert_in.data, p.expert_out.data, b.ids, b.gates, nullptr};
-  OMNIMOE_RETURN_IF_ERROR(experts_backward_tokens(e, grad_y.data, b.a, b.dg, b.dh, b.dx, b.bad, s));
+  // The sort first: the token kernel then writes a and dh over its dead keys (carve_backward).
   GroupSchedule by_expert = b.by_expert;
   OMNIMOE_RETURN_IF_ERROR(schedule_groups(b.ids, T, K, by_expert, s));
   OMNIMOE_RETURN_IF_ERROR(experts_active_list(N, by_expert.offsets, b.seg, sp, s));
+  ExpertsArgs e{&cfg, T, dt, x.data, p.expert_in.data, p.expert_out.data, b.ids, b.gates, nullptr};
+  OMNIMOE_RETURN_IF_ERROR(experts_backward_tokens(e, grad_y.data, b.a, b.dg, b.dh, b.dx, b.bad, s));
   RowsArgs r{&cfg, dt, x.data, grad_y.data, by_expert.tasks, by_expert.offsets, b.a, b.dh, &b.seg,
              g.expert_in.data, g.expert_out.data, sp};
   return experts_backward_rows(r, s);

@@ -154,15 +154,16 @@ inline HostTensor random_distinct_ids(std::int64_t T, std::int64_t K, std::int64
   return ids;
 }
 
-// The config.schedule cases: the config must take the experts path `want`, and the
-// automatic rule must not (else the case would not show that the config decides). Host code:
-// checked with or without a GPU.
+// The config.schedule cases: the config must take the experts path `want` in the pass named
+// (forward, or the backward with its own rule), and the automatic rule must not (else the
+// case would not show that the config decides). Host code: checked with or without a GPU.
 inline constexpr Schedule kExpert = Schedule::expert_centric, kToken = Schedule::token_centric;
-inline ::testing::AssertionResult schedule_decides_path(Config cfg, std::int64_t T, DType dtype, Schedule want) {
-  if (omnimoe::cuda::experts_schedule(cfg, T, dtype) != want)
+inline ::testing::AssertionResult schedule_decides_path(Config cfg, std::int64_t T, DType dtype, Schedule want,
+                                                        bool backward) {
+  if (omnimoe::cuda::experts_schedule(cfg, T, dtype, backward) != want)
     return ::testing::AssertionFailure() << "config.schedule ignored";
   cfg.schedule = Schedule::automatic;
-  if (omnimoe::cuda::experts_schedule(cfg, T, dtype) == want)
+  if (omnimoe::cuda::experts_schedule(cfg, T, dtype, backward) == want)
     return ::testing::AssertionFailure()
            << "the automatic rule takes this path anyway: the case would not show that the config decides";
   return ::testing::AssertionSuccess();

@@ -331,6 +331,9 @@ const BCase kBCases[] = {
     // 32 tasks.
     {"router_2000x40_bf16", 16, 16, 2000, 40, 40, 24, RN::batchnorm, Mode::training, GK::softmax, AC::silu,
      DType::bf16},
+    // 126 K <= N < 220 K in bf16: the forward's rule takes the dense path and the backward's
+    // the gather (the paper family's K = 512 regime; CudaBackwardPaths checks the split).
+    {"split_paths_bf16", 64, 32, 16, 16, 2, 96, RN::batchnorm, Mode::training, GK::exp, AC::silu, DType::bf16},
 };
 INSTANTIATE_TEST_SUITE_P(Cases, CudaBackward, ::testing::ValuesIn(kBCases),
                          [](const auto& info) { return std::string(info.param.name); });
@@ -344,13 +347,13 @@ class CudaScheduleBackward : public ::testing::TestWithParam<BCase> {};
 TEST_P(CudaScheduleBackward, ForcedPathMatchesFloat64Reference) {
   if (std::getenv("OMNIMOE_EXPERTS_PATH") != nullptr) GTEST_SKIP() << "OMNIMOE_EXPERTS_PATH overrides config.schedule";
   const BCase c = GetParam();
-  ASSERT_TRUE(schedule_decides_path(config_of(c), c.T, c.dtype, c.schedule));
+  ASSERT_TRUE(schedule_decides_path(config_of(c), c.T, c.dtype, c.schedule, /*backward=*/true));
   if (!have_gpu()) GTEST_SKIP() << "no CUDA device";
   expect_backward_matches_reference(c);
 }
 
-// The automatic rule takes the dense (expert-centric) path when N < 32 K in f32 and N < 220 K
-// in bf16 / f16 (round H100 rates): the cases below sit on the other side of it.
+// The backward's automatic rule takes the dense (expert-centric) path when N < 18 K in f32 and
+// N < 126 K in bf16 / f16 (choose_path, layer.cu): the cases below sit on the other side of it.
 const BCase kScheduleBCases[] = {
     {"token_f32_bn_train", 64, 48, 16, 16, 16, 80, RN::batchnorm, Mode::training, GK::exp, AC::silu, DType::f32,
      kToken},
@@ -363,11 +366,39 @@ const BCase kScheduleBCases[] = {
     // The grid 1 x 4096: a dense 4096-way softmax router (the training example's ablation).
     {"grid1x4096_expert_f32", 64, 64, 1, 4096, 32, 64, RN::batchnorm, Mode::training, GK::exp, AC::silu, DType::f32,
      kExpert},
-    {"grid1x4096_token_bf16", 64, 64, 1, 4096, 32, 64, RN::batchnorm, Mode::training, GK::exp, AC::silu, DType::bf16,
+    {"grid1x4096_token_bf16", 64, 64, 1, 4096, 48, 64, RN::batchnorm, Mode::training, GK::exp, AC::silu, DType::bf16,
      kToken},
 };
 INSTANTIATE_TEST_SUITE_P(Schedules, CudaScheduleBackward, ::testing::ValuesIn(kScheduleBCases),
                          [](const auto& info) { return std::string(info.param.name); });
+
+// Host only: each pass has its own automatic rule (choose_path, layer.cu). Where the forward
+// takes the dense path by a small margin the backward takes the gather (measured faster at
+// paper-k512, N = 102400, K = 512: docs/perf_log.md); far from the margin both agree.
+TEST(CudaBackwardPaths, BackwardRuleTakesTheGatherUpToLargerK) {
+  Config cfg;
+  cfg.hidden = 1024;
+  cfg.intermediate = 1024;
+  cfg.grid_rows = cfg.grid_cols = 320;
+  for (const std::int64_t T : {1024, 16384}) {
+    cfg.top_k = 512;
+    EXPECT_EQ(omnimoe::cuda::experts_schedule(cfg, T, DType::bf16, false), kExpert) << "T = " << T;
+    EXPECT_EQ(omnimoe::cuda::experts_schedule(cfg, T, DType::bf16, true), kToken) << "T = " << T;
+    cfg.top_k = 4096;
+    EXPECT_EQ(omnimoe::cuda::experts_schedule(cfg, T, DType::bf16, false), kExpert) << "T = " << T;
+    EXPECT_EQ(omnimoe::cuda::experts_schedule(cfg, T, DType::bf16, true), kExpert) << "T = " << T;
+  }
+  // The LM family (K = 16, N >= 4096): the gather in both passes.
+  cfg.intermediate = 4096;
+  cfg.top_k = 16;
+  cfg.grid_rows = cfg.grid_cols = 64;
+  EXPECT_EQ(omnimoe::cuda::experts_schedule(cfg, 4096, DType::bf16, false), kToken);
+  EXPECT_EQ(omnimoe::cuda::experts_schedule(cfg, 4096, DType::bf16, true), kToken);
+  // The split case of kBCases.
+  const Config split = make_config(64, 32, 16, 16, 2, RN::batchnorm, GK::exp, AC::silu);
+  EXPECT_EQ(omnimoe::cuda::experts_schedule(split, 96, DType::bf16, false), kExpert);
+  EXPECT_EQ(omnimoe::cuda::experts_schedule(split, 96, DType::bf16, true), kToken);
+}
 
 // Captured once, replayed with a new grad_y written into the same buffer: the same gradients
 // as an eager call on that grad_y (no host synchronisation, allocation or host-side decision).

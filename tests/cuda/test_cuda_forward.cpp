@@ -220,13 +220,13 @@ class CudaScheduleForward : public ::testing::TestWithParam<Case> {};
 TEST_P(CudaScheduleForward, ForcedPathMatchesFloat64Reference) {
   if (std::getenv("OMNIMOE_EXPERTS_PATH") != nullptr) GTEST_SKIP() << "OMNIMOE_EXPERTS_PATH overrides config.schedule";
   const Case c = GetParam();
-  ASSERT_TRUE(schedule_decides_path(config_of(c), c.T, c.dtype, c.schedule));
+  ASSERT_TRUE(schedule_decides_path(config_of(c), c.T, c.dtype, c.schedule, /*backward=*/false));
   if (!have_gpu()) GTEST_SKIP() << "no CUDA device";
   expect_forward_matches_reference(c);
 }
 
-// The automatic rule takes the dense (expert-centric) path when N < 32 K in f32 and N < 220 K
-// in bf16 / f16 (round H100 rates): the cases below sit on the other side of it.
+// The forward's automatic rule takes the dense (expert-centric) path when N < 32 K in f32 and
+// N < 220 K in bf16 / f16 (round H100 rates): the cases below sit on the other side of it.
 const Case kScheduleCases[] = {
     {"token_f32_bn_train", 64, 48, 16, 16, 16, 80, RN::batchnorm, Mode::training, GK::exp, AC::silu, DType::f32,
      kToken},
