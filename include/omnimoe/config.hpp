@@ -38,7 +38,8 @@ struct Config {
   Activation activation = Activation::silu;        // expert activation
   // Experts path of the CUDA forward and backward (and hence of their workspace sizes):
   // expert-centric tile products or token-centric per-token gathers; automatic picks from
-  // (T, K, N, H, dtype). The CPU reference computes the same math one way and ignores it.
+  // (T, K, N, H, dtype), for each pass apart (the backward keeps the gather up to larger K,
+  // so a step may run a dense forward and a gathering backward). The CPU reference computes the same math one way and ignores it.
   // Both schedules compute the same function, but they sum in different orders, so their
   // results agree within rounding, not bitwise.
   Schedule schedule = Schedule::automatic;
