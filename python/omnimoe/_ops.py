@@ -28,7 +28,9 @@ schedule is the execution schedule of the CUDA experts stage (Config::schedule):
 (expert-centric tile products), 'token' (token-centric per-token gathers) or 'auto' (chosen
 from the sizes and dtype); the CPU ignores it. Both schedules compute the same function, in
 different summation orders: results agree within rounding, not bitwise. The autograd formula
-runs the backward on the forward's schedule.
+passes the forward's schedule to the backward; under 'auto' each pass chooses its own path
+(the backward keeps the gathers up to larger K, so a forward of tile products may have a
+gathering backward).
 """
 
 import torch
