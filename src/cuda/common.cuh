@@ -84,6 +84,20 @@ __device__ __forceinline__ float dot16(const uint4& a, const uint4& b) {
   return s;
 }
 
+// A row held as acc[VPL][V] (lane owns vectors lane + 32 j, nvec vectors in all) stored as
+// fp32 with 16-byte stores.
+template <int VPL, int V>
+__device__ __forceinline__ void store_row_f32(const float (&acc)[VPL][V], float* row, int nvec, int lane) {
+#pragma unroll
+  for (int j = 0; j < VPL; ++j) {
+    const int v = j * 32 + lane;
+    if (v >= nvec) continue;
+    float4* out = reinterpret_cast<float4*>(row + v * V);
+#pragma unroll
+    for (int i = 0; i < V / 4; ++i) out[i] = make_float4(acc[j][4 * i], acc[j][4 * i + 1], acc[j][4 * i + 2], acc[j][4 * i + 3]);
+  }
+}
+
 // Several warps per token (W of a block's warps, consecutive): each sums a share of the
 // token's tasks into acc[VPL][V] (lane owns vectors lane + 32 j of the row), then the
 // partial rows meet in shared memory and the token's first warp (sub = 0) adds the others'

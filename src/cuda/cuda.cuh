@@ -234,8 +234,13 @@ Status route_norm_apply(const Config& cfg, Mode mode, i64 rows, const float* lha
 // Per task: a = g act(h), dg = da act(h), dh = da g act'(h) (h = x . w_in[e], da = dy . w_out[e]),
 // and dx_acc[t] = sum_k dh w_in[e] (fp32, one warp per token; written, not added to). Tasks with an id < 0 are
 // skipped and their token flagged in bad[t].
+// dx_acc may be null: experts_backward_dx then adds the experts' share later, per token chunk.
 Status experts_backward_tokens(const ExpertsArgs& a, const void* dy, float* act_out, float* dgates, float* dh,
                                float* dx_acc, int* bad, cudaStream_t stream);
+// The token kernel's dx alone for T tokens (pointers offset to the first): dx[t] =
+// sum_k dh[t K + k] w_in[ids[t K + k]] (fp32, written); tasks with an id < 0 are skipped.
+Status experts_backward_dx(const Config& cfg, DType dtype, i64 T, const void* w_in, const i32* ids, const float* dh,
+                           float* dx, cudaStream_t stream);
 // Expert rows of the backward, from the expert-sorted tasks (offsets [N + 1]): dw_in[e] =
 // sum dh x[t], dw_out[e] = sum a dy[t], each row written once (zero for unchosen experts),
 // dense [N, H] or sparse (SparseExpertGradients). A segment longer than `piece` tasks is

@@ -30,7 +30,8 @@ __global__ void __launch_bounds__(kWarps * 32)
   const int lane = threadIdx.x & 31;
   const i64 t = static_cast<i64>(blockIdx.x) * kWarps + (threadIdx.x >> 5);
   if (t >= T) return;
-  for (int i = lane; i < H; i += 32) dx[t * H + i] = 0.f;
+  if (dx != nullptr)
+    for (int i = lane; i < H; i += 32) dx[t * H + i] = 0.f;
   int bad_id = 0;
   for (int k = 0; k < K; ++k) {
     const i64 task = t * K + k, e = ids[task];
@@ -52,7 +53,8 @@ __global__ void __launch_bounds__(kWarps * 32)
       dg_out[task] = da * s;
       dh_out[task] = dh;
     }
-    for (int i = lane; i < H; i += 32) dx[t * H + i] = fmaf(dh, to_f32(w_in[e * H + i]), dx[t * H + i]);
+    if (dx != nullptr)
+      for (int i = lane; i < H; i += 32) dx[t * H + i] = fmaf(dh, to_f32(w_in[e * H + i]), dx[t * H + i]);
   }
   if (lane == 0) bad[t] = bad_id;
 }
@@ -131,15 +133,64 @@ __global__ void __launch_bounds__(kWarps * 32)
     for (int w = 1; w < W; ++w) bad_id |= bad_s[wi + w];
   }
   if (!live) return;
-#pragma unroll
-  for (int j = 0; j < VPL; ++j) {
-    const int v = j * 32 + lane;
-    if (v >= nvec) continue;
-    float4* out = reinterpret_cast<float4*>(dx + t * H + v * V);
-#pragma unroll
-    for (int i = 0; i < V / 4; ++i) out[i] = make_float4(acc[j][4 * i], acc[j][4 * i + 1], acc[j][4 * i + 2], acc[j][4 * i + 3]);
-  }
+  if (dx != nullptr) store_row_f32<VPL, V>(acc, dx + t * H, nvec, lane);
   if (lane == 0) bad[t] = bad_id;
+}
+
+// dx[t] = sum_k dh[t K + k] w_in[ids[t K + k]] for `T` tokens (pointers offset to them):
+// the token kernel's dx part alone, for a backward that writes dx one token chunk at a
+// time after the token kernel ran over all tokens (layer_backward.cu). Same register tiles,
+// warps per token and order of adds as tokens_vec_kernel.
+template <class S, int VPL, int W>
+__global__ void __launch_bounds__(kWarps * 32)
+    dx_vec_kernel(i64 T, int H, int K, const S* __restrict__ w_in, const i32* __restrict__ ids,
+                  const float* __restrict__ dh, float* __restrict__ dx) {
+  constexpr int V = Vec<S>::kN;
+  __shared__ __align__(16) float red[W > 1 ? kWarps : 1][W > 1 ? 32 * VPL * V : 4];
+  const int lane = threadIdx.x & 31, wi = threadIdx.x >> 5, sub = wi % W;
+  const i64 t = static_cast<i64>(blockIdx.x) * (kWarps / W) + wi / W;
+  const bool live = t < T;  // no early return: the warps of a block meet at a barrier
+  const int nvec = H / V;
+  float acc[VPL][V];
+#pragma unroll
+  for (int j = 0; j < VPL; ++j)
+#pragma unroll
+    for (int i = 0; i < V; ++i) acc[j][i] = 0.f;
+  for (int k = sub; live && k < K; k += W) {
+    const i64 task = t * K + k, e = ids[task];
+    if (e < 0) continue;  // the token kernel flagged it; store_rows makes its row NaN
+    const float d = dh[task];
+#pragma unroll
+    for (int j = 0; j < VPL; ++j) {
+      const int v = j * 32 + lane;
+      if (v >= nvec) continue;
+      float w[V];
+      unpack16<S>(*reinterpret_cast<const uint4*>(w_in + e * H + v * V), w);
+#pragma unroll
+      for (int i = 0; i < V; ++i) acc[j][i] = fmaf(d, w[i], acc[j][i]);
+    }
+  }
+  if constexpr (W > 1) {
+    reduce_token_warps<W, VPL, V>(acc, &red[0][0], sub);
+    if (sub != 0) return;
+  }
+  if (live) store_row_f32<VPL, V>(acc, dx + t * H, nvec, lane);
+}
+
+// Any H: lane-strided scalar loads (as tokens_kernel).
+template <class S>
+__global__ void __launch_bounds__(kWarps * 32)
+    dx_kernel(i64 T, int H, int K, const S* __restrict__ w_in, const i32* __restrict__ ids,
+              const float* __restrict__ dh, float* __restrict__ dx) {
+  const int lane = threadIdx.x & 31;
+  const i64 t = static_cast<i64>(blockIdx.x) * kWarps + (threadIdx.x >> 5);
+  if (t >= T) return;
+  for (int i = lane; i < H; i += 32) dx[t * H + i] = 0.f;
+  for (int k = 0; k < K; ++k) {
+    const i64 task = t * K + k, e = ids[task];
+    if (e < 0) continue;
+    for (int i = lane; i < H; i += 32) dx[t * H + i] = fmaf(dh[task], to_f32(w_in[e * H + i]), dx[t * H + i]);
+  }
 }
 
 // ---- expert rows: dw_in[e] = sum dh x[t], dw_out[e] = sum a dy[t] over e's tasks -------
@@ -345,6 +396,26 @@ Status experts_backward_tokens(const ExpertsArgs& a, const void* dy, float* act_
         go(tokens_vec_kernel<S, decltype(p)::value, decltype(w)::value>, decltype(w)::value);
       });
     OMNIMOE_CUDA_LAUNCH_CHECK("experts_backward tokens_kernel");
+    return Status::Ok();
+  });
+}
+
+Status experts_backward_dx(const Config& c, DType dtype, i64 T, const void* w_in, const i32* ids, const float* dh,
+                           float* dx, cudaStream_t stream) {
+  return by_dtype(dtype, [&](auto tag) {
+    using S = decltype(tag);
+    const int H = static_cast<int>(c.hidden), K = static_cast<int>(c.top_k);
+    const int vpl = (H / Vec<S>::kN + 31) / 32;
+    const bool vec = H % Vec<S>::kN == 0 && vpl <= 8 && aligned16(w_in) && aligned16(dx);
+    const auto w = static_cast<const S*>(w_in);
+    if (!vec) dx_kernel<S><<<ceil_div(T, kWarps), kWarps * 32, 0, stream>>>(T, H, K, w, ids, dh, dx);
+    else
+      dispatch_tile<8>(vpl, token_warps(T, K), [&](auto p, auto wt) {
+        constexpr int W = decltype(wt)::value;
+        dx_vec_kernel<S, decltype(p)::value, W><<<ceil_div(T * W, kWarps), kWarps * 32, 0, stream>>>(T, H, K, w, ids,
+                                                                                                     dh, dx);
+      });
+    OMNIMOE_CUDA_LAUNCH_CHECK("experts_backward dx_kernel");
     return Status::Ok();
   });
 }

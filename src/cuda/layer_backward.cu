@@ -2,7 +2,8 @@
 // from the forward is recomputed from x and the routing (the router product and norm, the
 // gates, the shared MLP's activations), so the caller keeps only the
 // expert ids. The router is recomputed per token chunk and the shared MLP per slice of its
-// width, so their buffers do not grow with T. No host synchronisation, no allocation, no
+// width, so their buffers do not grow with T; at large T the fp32 dx is written per token
+// chunk too (BackwardPlan). No host synchronisation, no allocation, no
 // float atomics on any output: graph-capturable and bitwise deterministic (the dense path's
 // chunk cells are added to atomically only where one token names an expert twice, and the
 // backward's gates for such duplicates are equal, so the sum is exact).
@@ -22,26 +23,63 @@ constexpr i64 kDenseTokens = 2048, kDenseExperts = 2048;  // chunk extents of th
 // slice by slice of its width: both bounded by these budgets instead of growing with T.
 constexpr std::size_t kRouteBytes = std::size_t{24} << 20;
 constexpr std::size_t kMlpBytes = std::size_t{24} << 20;
+constexpr std::size_t kMlpWeightsBytes = std::size_t{48} << 20;
+// dx in fp32 over all T tokens is the one buffer that grows with T times H (64 MiB at
+// T = 16384, H = 1024: issue 5's whole budget). Beyond kDxBytes the gather path writes dx
+// one token chunk of at most kDxChunkBytes at a time ("chunked", below).
+constexpr std::size_t kDxBytes = std::size_t{16} << 20;
+constexpr std::size_t kDxChunkBytes = std::size_t{16} << 20;
+// Chunked: the MLP's weight pass over all T runs first and shares the whole workspace but
+// cuBLASLt's scratch, so its slices may be wider than kMlpBytes allows (512 columns at
+// T = 16384 in bf16: its weight-gradient products, 512 x H over K = T, need split-K, and at
+// 256 columns they ran at ~60% of the tensor-core rate).
 
+// Whole: dx [T, H] in fp32; the token kernel writes it, the router's and the shared MLP's
+// products add to it (the MLP slice by slice of its width, each slice's weight gradients
+// written once). Chunked: the token kernel runs over all T without dx (a, dgates, dh), the
+// expert rows follow; the MLP's weight gradients come from width slices over all T; then
+// per token chunk dx = the experts' share (experts_backward_dx, from dh) + the router's +
+// the MLP's, recomputing u, v and dm of the chunk at full width: three more products of the
+// MLP's eleven, the price of not keeping a [T, H] or [3 I, H] fp32 accumulator.
 struct BackwardPlan {
   i64 route_rows, route_chunks;  // router token chunks
-  i64 mlp_cols;                  // shared-MLP width slice
+  i64 mlp_cols;                  // shared-MLP width slice over all T
+  i64 dx_rows;                   // tokens per dx chunk: T (whole), else a multiple of route_rows
+  i64 mlp_chunk_cols;            // chunked: width slice of the MLP's recompute for one dx chunk
+  bool chunked = false;
 };
 
-// OMNIMOE_CHUNK_BYTES overrides both budgets (tests use a tiny one to exercise many chunks).
+// OMNIMOE_CHUNK_BYTES overrides every budget (tests use a tiny one to exercise many chunks).
 BackwardPlan backward_plan(const Config& cfg, i64 T, DType dt) {
-  const i64 n = cfg.grid_rows + cfg.grid_cols, es = static_cast<i64>(dtype_size(dt));
+  const i64 n = cfg.grid_rows + cfg.grid_cols, es = static_cast<i64>(dtype_size(dt)), H = cfg.hidden;
+  const char* env = std::getenv("OMNIMOE_CHUNK_BYTES");
   i64 route_bytes = static_cast<i64>(kRouteBytes), mlp_bytes = static_cast<i64>(kMlpBytes);
-  if (const char* env = std::getenv("OMNIMOE_CHUNK_BYTES")) route_bytes = mlp_bytes = std::max(1L, std::atol(env));
+  i64 dx_bytes = static_cast<i64>(kDxBytes), dx_chunk_bytes = static_cast<i64>(kDxChunkBytes);
+  i64 weights_bytes = static_cast<i64>(kMlpWeightsBytes);
+  if (env != nullptr)
+    route_bytes = mlp_bytes = dx_bytes = dx_chunk_bytes = weights_bytes = std::max(1L, std::atol(env));
   BackwardPlan p;
+  // The experts' dx can come in chunks on the gather path only: the dense path's products
+  // add to dx over expert chunks, token chunk by token chunk.
+  p.chunked = T * H * 4 > dx_bytes && choose_path(cfg, T, dt, Pass::backward) == ExpertsPath::gather;
   // logits and dlogp in fp32, plus dlogp in the storage dtype for the weight products (for
   // f32 that is dlogp itself).
-  p.route_rows = route_chunk_rows(route_bytes / (n * (8 + (dt == DType::f32 ? 0 : es))), T);
+  i64 route_rows = route_bytes / (n * (8 + (dt == DType::f32 ? 0 : es)));
+  // At least one statistics row block, so the router chunks cut the forward's blocks.
+  const i64 dx_chunk = std::max<i64>(dx_chunk_bytes / (H * 4), env != nullptr ? 1 : kStatBlockRows);
+  if (p.chunked) route_rows = std::min(route_rows, dx_chunk);  // whole router chunks per dx chunk
+  p.route_rows = route_chunk_rows(route_rows, T);
   p.route_chunks = (T + p.route_rows - 1) / p.route_rows;
-  // At least 1024 columns (unless the budget is overridden): thinner slices re-read and
-  // re-write the fp32 dx once per slice, which costs more than their memory saves.
-  const i64 cols = std::max<i64>(mlp_bytes / (3 * T * es), std::getenv("OMNIMOE_CHUNK_BYTES") ? 1 : 1024);
-  p.mlp_cols = std::clamp<i64>(cols >= 64 ? cols / 8 * 8 : cols, 1, std::max<i64>(cfg.intermediate, 1));
+  p.dx_rows = p.chunked ? std::min(T, std::max<i64>(dx_chunk / p.route_rows, 1) * p.route_rows) : T;
+  const auto width = [&](i64 bytes, i64 rows, i64 at_least) {
+    const i64 cols = std::max<i64>(bytes / (3 * rows * es), env != nullptr ? 1 : at_least);
+    return std::clamp<i64>(cols >= 64 ? cols / 8 * 8 : cols, 1, std::max<i64>(cfg.intermediate, 1));
+  };
+  // At least 1024 columns where a slice adds to dx (unless the budget is overridden):
+  // thinner slices re-read and re-write the fp32 dx once per slice, which costs more than
+  // their memory saves. The chunked mode's slices over all T write weight gradients only.
+  p.mlp_cols = p.chunked ? width(weights_bytes, T, 8) : width(mlp_bytes, T, 1024);
+  p.mlp_chunk_cols = p.chunked ? width(mlp_bytes, p.dx_rows, 1024) : 0;
   return p;
 }
 
@@ -57,17 +95,20 @@ struct BackwardBuffers {
   i32* ids;             // [T, K]
   float *gates, *dg;    // [T, K]
   int* bad;             // [T] token has an id out of range
-  float* dx;            // [T, H] fp32 accumulator
+  float* dx;            // [plan.dx_rows, H] fp32 accumulator: all T, or one token chunk
+  float* dh_kept;       // chunked: [T, K] dh, read per dx chunk after the experts phase
   ExpertsPath path;
   // Phases that run one after the other share one region:
   float* logits;        // route: [route_rows, n] logits, normalised in place (lhat)
   float* dlogp;         // route: [route_rows, n] gradient w.r.t. logp, then lhat, then the logits
   void* dl;             // route: [route_rows, n] that gradient in the storage dtype
   SegmentScratch seg;   // experts: active experts, sparse slots, split segments
-  float *a, *dh;        // experts, gather path: [T, K] a = g act(h) and dh (in by_expert's keys)
+  float *a, *dh;        // experts, gather path: [T, K] a = g act(h) and dh (in by_expert's
+                        // keys; dh in dh_kept when chunked)
   GroupSchedule by_expert;     // experts, gather path: tasks sorted by expert
   DenseBackwardBuffers dense;  // experts, dense path
-  void *u, *v, *dm;     // shared_mlp: [T, mlp_cols] slices
+  void *u, *v, *dm;     // shared_mlp: [T, mlp_cols] slices (chunked: [dx_rows, mlp_chunk_cols])
+  void *wu, *wv, *wdm;  // chunked: the weight pass's [T, mlp_cols] slices, over everything else
 };
 
 BackwardBuffers carve_backward(Arena& a, const Config& cfg, i64 T, DType dt) {
@@ -78,6 +119,13 @@ BackwardBuffers carve_backward(Arena& a, const Config& cfg, i64 T, DType dt) {
   b.plan = backward_plan(cfg, T, dt);
   const auto chunks = static_cast<std::size_t>(b.plan.route_chunks * stat_blocks(b.plan.route_rows));
   b.gemm = {a.take<char>(kLayerGemmBytes), kLayerGemmBytes};
+  if (b.plan.chunked) {  // the weight pass runs before anything below is written
+    const std::size_t first = a.mark(), w = static_cast<std::size_t>(T * b.plan.mlp_cols) * es;
+    b.wu = a.take<char>(w);
+    b.wv = a.take<char>(w);
+    b.wdm = a.take<char>(w);
+    a.rewind(first);
+  }
   b.wcat = a.take<char>(n * static_cast<std::size_t>(H) * es);
   b.partial = a.take<double>(chunks * 2 * n);
   b.sums = a.take<double>(chunks * 2 * n);
@@ -89,18 +137,24 @@ BackwardBuffers carve_backward(Arena& a, const Config& cfg, i64 T, DType dt) {
   b.gates = a.take<float>(tk);
   b.dg = a.take<float>(tk);
   b.bad = a.take<int>(t);
-  b.dx = a.take<float>(t * static_cast<std::size_t>(H));
+  if (!b.plan.chunked) b.dx = a.take<float>(t * static_cast<std::size_t>(H));
+  b.dh_kept = b.plan.chunked ? a.take<float>(tk) : nullptr;
   b.path = choose_path(cfg, T, dt, Pass::backward);
   const std::size_t phase = a.mark();
+  // Chunked: the dx chunk lives beside the router's and the MLP's buffers (all used in the
+  // chunk loop); the experts phase, over before the loop, shares its memory too.
+  if (b.plan.chunked) b.dx = a.take<float>(static_cast<std::size_t>(b.plan.dx_rows * H));
+  const std::size_t loop = a.mark();
 
   const auto rn = static_cast<std::size_t>(b.plan.route_rows) * n;
   b.logits = a.take<float>(rn);
   b.dlogp = a.take<float>(rn);
   b.dl = dt == DType::f32 ? static_cast<void*>(b.dlogp) : a.take<char>(rn * es);
   const std::size_t route_end = a.mark();
-  a.rewind(phase);
+  a.rewind(loop);
 
-  const auto mlp = t * static_cast<std::size_t>(b.plan.mlp_cols) * es;
+  const auto mlp = static_cast<std::size_t>(b.plan.chunked ? b.plan.dx_rows * b.plan.mlp_chunk_cols
+                                                            : T * b.plan.mlp_cols) * es;
   b.u = a.take<char>(mlp);
   b.v = a.take<char>(mlp);
   b.dm = a.take<char>(mlp);
@@ -122,7 +176,7 @@ BackwardBuffers carve_backward(Arena& a, const Config& cfg, i64 T, DType dt) {
     // saves 8 bytes per pair (paper-k512-t16384: 369 -> 305 MiB, within issue 5's goal).
     static_assert(sizeof(unsigned) == sizeof(float));
     b.a = reinterpret_cast<float*>(b.by_expert.keys[0]);
-    b.dh = reinterpret_cast<float*>(b.by_expert.keys[1]);
+    b.dh = b.plan.chunked ? b.dh_kept : reinterpret_cast<float*>(b.by_expert.keys[1]);
   } else {
     DenseBackwardBuffers& d = b.dense;
     d.schedule = carve_token_chunk_schedule(a, T, cfg.top_k, N, kDenseTokens, kDenseExperts);
@@ -189,7 +243,8 @@ Status experts_backward(const Config& cfg, const TensorView& x, const Params& p,
   OMNIMOE_RETURN_IF_ERROR(schedule_groups(b.ids, T, K, by_expert, s));
   OMNIMOE_RETURN_IF_ERROR(experts_active_list(N, by_expert.offsets, b.seg, sp, s));
   ExpertsArgs e{&cfg, T, dt, x.data, p.expert_in.data, p.expert_out.data, b.ids, b.gates, nullptr};
-  OMNIMOE_RETURN_IF_ERROR(experts_backward_tokens(e, grad_y.data, b.a, b.dg, b.dh, b.dx, b.bad, s));
+  float* dx = b.plan.chunked ? nullptr : b.dx;  // chunked: experts_backward_dx per dx chunk
+  OMNIMOE_RETURN_IF_ERROR(experts_backward_tokens(e, grad_y.data, b.a, b.dg, b.dh, dx, b.bad, s));
   RowsArgs r{&cfg, dt, x.data, grad_y.data, by_expert.tasks, by_expert.offsets, b.a, b.dh, &b.seg,
              g.expert_in.data, g.expert_out.data, sp};
   return experts_backward_rows(r, s);
@@ -238,6 +293,42 @@ Status backward(const Config& cfg, Mode mode, const TensorView& x, const Params&
                                  b.dg + t0 * K, b.dlogp, s);
   };
 
+  // The shared MLP over tokens [t0, t0 + rows), slice by slice of width w: recompute u, v;
+  // dm = dy down; (du, m, dv); with `weights` (rows = T) the slice's weight-gradient rows /
+  // columns, each written once; with dx_rows its share of dx (tokens t0.. of dx_rows). u, v
+  // and dm hold [rows, width] each.
+  auto mlp_slices = [&](i64 t0, i64 rows, i64 width, bool weights, float* dx_rows, void* u, void* v,
+                        void* dm) -> Status {
+    const char* xc = at(x.data, t0 * H, dt);
+    const char* dyc = at(grad_y.data, t0 * H, dt);
+    for (i64 i0 = 0; cfg.has_shared_mlp() && i0 < I; i0 += width) {
+      const i64 w = std::min(width, I - i0);
+      const char* gate = at(p.gate.data, i0 * H, dt);
+      const char* up = at(p.up.data, i0 * H, dt);
+      OMNIMOE_RETURN_IF_ERROR(mm(b, s, false, true, rows, w, H, xc, H, gate, H, u, w, dt, dt, 0.f));
+      OMNIMOE_RETURN_IF_ERROR(mm(b, s, false, true, rows, w, H, xc, H, up, H, v, w, dt, dt, 0.f));
+      OMNIMOE_RETURN_IF_ERROR(
+          mm(b, s, false, false, rows, w, H, dyc, H, at(p.down.data, i0, dt), I, dm, w, dt, dt, 0.f));
+      OMNIMOE_RETURN_IF_ERROR(shared_mlp_swiglu_backward(dt, u, v, dm, rows * w, s));
+      if (weights) {
+        OMNIMOE_RETURN_IF_ERROR(mm(b, s, true, false, H, w, rows, dyc, H, v, w,
+                                   const_cast<char*>(at(g.down.data, i0, dt)), I, dt, dt, 0.f));
+        OMNIMOE_RETURN_IF_ERROR(mm(b, s, true, false, w, H, rows, u, w, xc, H,
+                                   const_cast<char*>(at(g.gate.data, i0 * H, dt)), H, dt, dt, 0.f));
+        OMNIMOE_RETURN_IF_ERROR(mm(b, s, true, false, w, H, rows, dm, w, xc, H,
+                                   const_cast<char*>(at(g.up.data, i0 * H, dt)), H, dt, dt, 0.f));
+      }
+      if (dx_rows != nullptr) {
+        OMNIMOE_RETURN_IF_ERROR(mm(b, s, false, false, rows, H, w, u, w, gate, H, dx_rows, H, dt, DType::f32, 1.f));
+        OMNIMOE_RETURN_IF_ERROR(mm(b, s, false, false, rows, H, w, dm, w, up, H, dx_rows, H, dt, DType::f32, 1.f));
+      }
+    }
+    return Status::Ok();
+  };
+
+  // Chunked: the MLP's weight pass first, its slices over buffers that later phases reuse.
+  if (plan.chunked) OMNIMOE_RETURN_IF_ERROR(mlp_slices(0, T, plan.mlp_cols, true, nullptr, b.wu, b.wv, b.wdm));
+
   // route, recomputed: norm statistics (running ones untouched), then per chunk the gates.
   OMNIMOE_CUDA_TRY(cudaMemcpyAsync(b.wcat, p.router_row.data, Nr * H * es, cudaMemcpyDeviceToDevice, s));
   OMNIMOE_CUDA_TRY(cudaMemcpyAsync(static_cast<char*>(b.wcat) + Nr * H * es, p.router_col.data,
@@ -260,7 +351,8 @@ Status backward(const Config& cfg, Mode mode, const TensorView& x, const Params&
   }
 
   // experts: dgates, the experts' share of dx, each expert's rows once. The gather path's
-  // token kernel writes dx; the dense path's products add to it.
+  // token kernel writes dx (chunked: dh only, dx from it per chunk below); the dense
+  // path's products add to it.
   if (b.path == ExpertsPath::dense)
     OMNIMOE_CUDA_TRY(cudaMemsetAsync(b.dx, 0, static_cast<std::size_t>(T * H) * sizeof(float), s));
   OMNIMOE_RETURN_IF_ERROR(experts_backward(cfg, x, p, grad_y, g, sparse, b, s));
@@ -275,7 +367,9 @@ Status backward(const Config& cfg, Mode mode, const TensorView& x, const Params&
     }
     OMNIMOE_RETURN_IF_ERROR(route_norm_means(cfg, R, T, b.sums, b.means, s));
   }
-  for (i64 k = 0; k < plan.route_chunks; ++k) {
+  // The router's last pass for chunk k: its weight gradients (summed over the chunks in
+  // order) and its share of dx, added to dx_rows (tokens [k R, ..) of the current dx).
+  auto route_weights_and_dx = [&](i64 k, float* dx_rows) -> Status {
     const i64 t0 = k * R, rows = std::min(R, T - t0);
     OMNIMOE_RETURN_IF_ERROR(route_chunk_grad(t0, rows));
     OMNIMOE_RETURN_IF_ERROR(route_norm_apply(cfg, mode, rows, b.logits, b.rstd, b.means, b.dlogp, s));
@@ -283,33 +377,28 @@ Status backward(const Config& cfg, Mode mode, const TensorView& x, const Params&
     const char* xc = at(x.data, t0 * H, dt);
     OMNIMOE_RETURN_IF_ERROR(mm(b, s, true, false, n, H, rows, b.dl, n, xc, H, b.gw, H, dt, DType::f32,
                                k > 0 ? 1.f : 0.f));
-    OMNIMOE_RETURN_IF_ERROR(mm(b, s, false, false, rows, H, n, b.dl, n, b.wcat, H, b.dx + t0 * H, H, dt, DType::f32,
-                               1.f));
+    return mm(b, s, false, false, rows, H, n, b.dl, n, b.wcat, H, dx_rows, H, dt, DType::f32, 1.f);
+  };
+  if (!plan.chunked) {
+    for (i64 k = 0; k < plan.route_chunks; ++k) OMNIMOE_RETURN_IF_ERROR(route_weights_and_dx(k, b.dx + k * R * H));
+    OMNIMOE_RETURN_IF_ERROR(mlp_slices(0, T, plan.mlp_cols, true, b.dx, b.u, b.v, b.dm));
+    OMNIMOE_RETURN_IF_ERROR(store_rows(dt, b.dx, T, H, b.bad, g.x.data, s));
+  } else {
+    // Per dx chunk of C = plan.dx_rows tokens (whole router chunks): the experts' share,
+    // then the router's, then the MLP's, then stored. The router's weight gradients add up
+    // its chunks in ascending order, as in the whole mode.
+    const i64 C = plan.dx_rows;
+    for (i64 c0 = 0; c0 < T; c0 += C) {
+      const i64 rows = std::min(C, T - c0);
+      OMNIMOE_RETURN_IF_ERROR(
+          experts_backward_dx(cfg, dt, rows, p.expert_in.data, b.ids + c0 * K, b.dh_kept + c0 * K, b.dx, s));
+      for (i64 k = c0 / R; k * R < c0 + rows; ++k) OMNIMOE_RETURN_IF_ERROR(route_weights_and_dx(k, b.dx + (k * R - c0) * H));
+      OMNIMOE_RETURN_IF_ERROR(mlp_slices(c0, rows, plan.mlp_chunk_cols, false, b.dx, b.u, b.v, b.dm));
+      OMNIMOE_RETURN_IF_ERROR(store_rows(dt, b.dx, rows, H, b.bad + c0, const_cast<char*>(at(g.x.data, c0 * H, dt)), s));
+    }
   }
   OMNIMOE_RETURN_IF_ERROR(store_rows(dt, b.gw, Nr, H, nullptr, g.router_row.data, s));
-  OMNIMOE_RETURN_IF_ERROR(store_rows(dt, b.gw + Nr * H, cfg.grid_cols, H, nullptr, g.router_col.data, s));
-
-  // shared_mlp, slice by slice of its width [i0, i0 + w): recompute u, v; dm = dy down;
-  // (du, m, dv); the slice's weight-gradient rows / columns (each written once); dx.
-  for (i64 i0 = 0; cfg.has_shared_mlp() && i0 < I; i0 += plan.mlp_cols) {
-    const i64 w = std::min(plan.mlp_cols, I - i0);
-    const char* gate = at(p.gate.data, i0 * H, dt);
-    const char* up = at(p.up.data, i0 * H, dt);
-    OMNIMOE_RETURN_IF_ERROR(mm(b, s, false, true, T, w, H, x.data, H, gate, H, b.u, w, dt, dt, 0.f));
-    OMNIMOE_RETURN_IF_ERROR(mm(b, s, false, true, T, w, H, x.data, H, up, H, b.v, w, dt, dt, 0.f));
-    OMNIMOE_RETURN_IF_ERROR(
-        mm(b, s, false, false, T, w, H, grad_y.data, H, at(p.down.data, i0, dt), I, b.dm, w, dt, dt, 0.f));
-    OMNIMOE_RETURN_IF_ERROR(shared_mlp_swiglu_backward(dt, b.u, b.v, b.dm, T * w, s));
-    OMNIMOE_RETURN_IF_ERROR(mm(b, s, true, false, H, w, T, grad_y.data, H, b.v, w,
-                               const_cast<char*>(at(g.down.data, i0, dt)), I, dt, dt, 0.f));
-    OMNIMOE_RETURN_IF_ERROR(mm(b, s, true, false, w, H, T, b.u, w, x.data, H,
-                               const_cast<char*>(at(g.gate.data, i0 * H, dt)), H, dt, dt, 0.f));
-    OMNIMOE_RETURN_IF_ERROR(mm(b, s, true, false, w, H, T, b.dm, w, x.data, H,
-                               const_cast<char*>(at(g.up.data, i0 * H, dt)), H, dt, dt, 0.f));
-    OMNIMOE_RETURN_IF_ERROR(mm(b, s, false, false, T, H, w, b.u, w, gate, H, b.dx, H, dt, DType::f32, 1.f));
-    OMNIMOE_RETURN_IF_ERROR(mm(b, s, false, false, T, H, w, b.dm, w, up, H, b.dx, H, dt, DType::f32, 1.f));
-  }
-  return store_rows(dt, b.dx, T, H, b.bad, g.x.data, s);
+  return store_rows(dt, b.gw + Nr * H, cfg.grid_cols, H, nullptr, g.router_col.data, s);
 }
 
 }  // namespace omnimoe::cuda
