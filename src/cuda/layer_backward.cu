@@ -60,8 +60,14 @@ BackwardPlan backward_plan(const Config& cfg, i64 T, DType dt) {
     route_bytes = mlp_bytes = dx_bytes = dx_chunk_bytes = weights_bytes = std::max(1L, std::atol(env));
   BackwardPlan p;
   // The experts' dx can come in chunks on the gather path only: the dense path's products
-  // add to dx over expert chunks, token chunk by token chunk.
-  p.chunked = T * H * 4 > dx_bytes && choose_path(cfg, T, dt, Pass::backward) == ExpertsPath::gather;
+  // add to dx over expert chunks, token chunk by token chunk. And only where dx outweighs
+  // the per-pair state (H fp32 values against 32 bytes per pair, issue 5's budget: K < H / 8):
+  // the chunks' dx pass re-reads the T K chosen rows of w_in, which at the paper family's
+  // K = 512 cost more than the whole step's MLP (paper-k512-t16384, H200: 35.1 -> 40.5 ms
+  // chunked, for 306 -> 275 MB, already within its goal of 320).
+  // (Under OMNIMOE_CHUNK_BYTES every gather case is chunked, so the tests reach the chunks.)
+  p.chunked = T * H * 4 > dx_bytes && (env != nullptr || H * 4 > 32 * cfg.top_k) &&
+              choose_path(cfg, T, dt, Pass::backward) == ExpertsPath::gather;
   // logits and dlogp in fp32, plus dlogp in the storage dtype for the weight products (for
   // f32 that is dlogp itself).
   i64 route_rows = route_bytes / (n * (8 + (dt == DType::f32 ? 0 : es)));
