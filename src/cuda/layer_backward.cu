@@ -46,6 +46,7 @@ struct BackwardPlan {
   i64 mlp_cols;                  // shared-MLP width slice over all T
   i64 dx_rows;                   // tokens per dx chunk: T (whole), else a multiple of route_rows
   i64 mlp_chunk_cols;            // chunked: width slice of the MLP's recompute for one dx chunk
+  ExpertsPath path;               // the experts' path (choose_path, Pass::backward)
   bool chunked = false;
 };
 
@@ -59,6 +60,7 @@ BackwardPlan backward_plan(const Config& cfg, i64 T, DType dt) {
   if (env != nullptr)
     route_bytes = mlp_bytes = dx_bytes = dx_chunk_bytes = weights_bytes = std::max(1L, std::atol(env));
   BackwardPlan p;
+  p.path = choose_path(cfg, T, dt, Pass::backward);
   // The experts' dx can come in chunks on the gather path only: the dense path's products
   // add to dx over expert chunks, token chunk by token chunk. And only where dx outweighs
   // the per-pair state (H fp32 values against 32 bytes per pair, issue 5's budget: K < H / 8):
@@ -67,7 +69,7 @@ BackwardPlan backward_plan(const Config& cfg, i64 T, DType dt) {
   // chunked, for 306 -> 275 MB, already within its goal of 320).
   // (Under OMNIMOE_CHUNK_BYTES every gather case is chunked, so the tests reach the chunks.)
   p.chunked = T * H * 4 > dx_bytes && (env != nullptr || H * 4 > 32 * cfg.top_k) &&
-              choose_path(cfg, T, dt, Pass::backward) == ExpertsPath::gather;
+              p.path == ExpertsPath::gather;
   // logits and dlogp in fp32, plus dlogp in the storage dtype for the weight products (for
   // f32 that is dlogp itself).
   i64 route_rows = route_bytes / (n * (8 + (dt == DType::f32 ? 0 : es)));
@@ -102,15 +104,13 @@ struct BackwardBuffers {
   float *gates, *dg;    // [T, K]
   int* bad;             // [T] token has an id out of range
   float* dx;            // [plan.dx_rows, H] fp32 accumulator: all T, or one token chunk
-  float* dh_kept;       // chunked: [T, K] dh, read per dx chunk after the experts phase
-  ExpertsPath path;
   // Phases that run one after the other share one region:
   float* logits;        // route: [route_rows, n] logits, normalised in place (lhat)
   float* dlogp;         // route: [route_rows, n] gradient w.r.t. logp, then lhat, then the logits
   void* dl;             // route: [route_rows, n] that gradient in the storage dtype
   SegmentScratch seg;   // experts: active experts, sparse slots, split segments
   float *a, *dh;        // experts, gather path: [T, K] a = g act(h) and dh (in by_expert's
-                        // keys; dh in dh_kept when chunked)
+                        // keys; chunked: dh in its own buffer, read per dx chunk later)
   GroupSchedule by_expert;     // experts, gather path: tasks sorted by expert
   DenseBackwardBuffers dense;  // experts, dense path
   void *u, *v, *dm;     // shared_mlp: [T, mlp_cols] slices (chunked: [dx_rows, mlp_chunk_cols])
@@ -144,8 +144,7 @@ BackwardBuffers carve_backward(Arena& a, const Config& cfg, i64 T, DType dt) {
   b.dg = a.take<float>(tk);
   b.bad = a.take<int>(t);
   if (!b.plan.chunked) b.dx = a.take<float>(t * static_cast<std::size_t>(H));
-  b.dh_kept = b.plan.chunked ? a.take<float>(tk) : nullptr;
-  b.path = choose_path(cfg, T, dt, Pass::backward);
+  float* dh_kept = b.plan.chunked ? a.take<float>(tk) : nullptr;  // outlives the experts phase
   const std::size_t phase = a.mark();
   // Chunked: the dx chunk lives beside the router's and the MLP's buffers (all used in the
   // chunk loop); the experts phase, over before the loop, shares its memory too.
@@ -175,14 +174,14 @@ BackwardBuffers carve_backward(Arena& a, const Config& cfg, i64 T, DType dt) {
   // under one task) had set the step's workspace (T = 4096: 75 MB against issue 5's goal
   // of 66); at N <= 65536 the budget stays 16 MB.
   b.seg = carve_segment_scratch(a, N);
-  if (b.path == ExpertsPath::gather) {
+  if (b.plan.path == ExpertsPath::gather) {
     b.by_expert = carve_group_schedule(a, T, cfg.top_k, N, T, 1);  // group = expert id
     // a and dh live in the sort's two key buffers: the sort runs first, and once the offsets
     // are found the keys are dead (the sorted tasks stay in one of the value buffers). That
     // saves 8 bytes per pair (paper-k512-t16384: 369 -> 305 MiB, within issue 5's goal).
     static_assert(sizeof(unsigned) == sizeof(float));
     b.a = reinterpret_cast<float*>(b.by_expert.keys[0]);
-    b.dh = b.plan.chunked ? b.dh_kept : reinterpret_cast<float*>(b.by_expert.keys[1]);
+    b.dh = b.plan.chunked ? dh_kept : reinterpret_cast<float*>(b.by_expert.keys[1]);
   } else {
     DenseBackwardBuffers& d = b.dense;
     d.schedule = carve_token_chunk_schedule(a, T, cfg.top_k, N, kDenseTokens, kDenseExperts);
@@ -219,7 +218,7 @@ BackwardBuffers carve_backward(Arena& a, const Config& cfg, i64 T, DType dt) {
     d.gemm = b.gemm;
     a.skip_to(scratch_end);  // what follows starts past all three
   }
-  const i64 tasks = b.path == ExpertsPath::gather ? T * cfg.top_k : 0;
+  const i64 tasks = b.plan.path == ExpertsPath::gather ? T * cfg.top_k : 0;
   carve_segment_partials(a, b.seg, tasks, H, room_end > a.mark() ? room_end - a.mark() : 0);
   a.rewind(phase);
   return b;
@@ -237,7 +236,7 @@ Status experts_backward(const Config& cfg, const TensorView& x, const Params& p,
     so = {sparse->ids.as<i32>(), sparse->count.as<i32>(), sparse->expert_in.data, sparse->expert_out.data,
           sparse_gradient_capacity(cfg, T)};
   const SparseRowsOut* sp = sparse != nullptr ? &so : nullptr;
-  if (b.path == ExpertsPath::dense) {
+  if (b.plan.path == ExpertsPath::dense) {
     if (sp != nullptr) OMNIMOE_RETURN_IF_ERROR(experts_active_from_ids(b.ids, T * K, N, b.seg, so, s));
     DenseBackwardArgs d{&cfg,          T,      dt,     x.data,  grad_y.data,        p.expert_in.data,
                         p.expert_out.data, b.ids, b.gates, b.dg, b.bad,             b.dx,
@@ -359,7 +358,7 @@ Status backward(const Config& cfg, Mode mode, const TensorView& x, const Params&
   // experts: dgates, the experts' share of dx, each expert's rows once. The gather path's
   // token kernel writes dx (chunked: dh only, dx from it per chunk below); the dense
   // path's products add to it.
-  if (b.path == ExpertsPath::dense)
+  if (b.plan.path == ExpertsPath::dense)
     OMNIMOE_CUDA_TRY(cudaMemsetAsync(b.dx, 0, static_cast<std::size_t>(T * H) * sizeof(float), s));
   OMNIMOE_RETURN_IF_ERROR(experts_backward(cfg, x, p, grad_y, g, sparse, b, s));
 
@@ -397,7 +396,7 @@ Status backward(const Config& cfg, Mode mode, const TensorView& x, const Params&
     for (i64 c0 = 0; c0 < T; c0 += C) {
       const i64 rows = std::min(C, T - c0);
       OMNIMOE_RETURN_IF_ERROR(
-          experts_backward_dx(cfg, dt, rows, p.expert_in.data, b.ids + c0 * K, b.dh_kept + c0 * K, b.dx, s));
+          experts_backward_dx(cfg, dt, rows, p.expert_in.data, b.ids + c0 * K, b.dh + c0 * K, b.dx, s));
       for (i64 k = c0 / R; k * R < c0 + rows; ++k) OMNIMOE_RETURN_IF_ERROR(route_weights_and_dx(k, b.dx + (k * R - c0) * H));
       OMNIMOE_RETURN_IF_ERROR(mlp_slices(c0, rows, plan.mlp_chunk_cols, false, b.dx, b.u, b.v, b.dm));
       OMNIMOE_RETURN_IF_ERROR(store_rows(dt, b.dx, rows, H, b.bad + c0, const_cast<char*>(at(g.x.data, c0 * H, dt)), s));
