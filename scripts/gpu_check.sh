@@ -67,8 +67,8 @@ fi
 # environment from the caller (e.g. OMNIMOE_EXPERTS_PATH=dense racecheck ...). cuBLASLt's
 # Hopper kernels (nvjet_*) synchronise through mbarriers, which racecheck does not model: it
 # reports hazards inside them; any hazard in another kernel fails the step. Racecheck of
-# Cases/CudaBackward.*router_600x520_bf16 with the dense path forced is killed by the host's
-# OOM killer (status 9; ~130 GB of racecheck state, session i): keep it out of such filters.
+# Cases/CudaBackward.*router_600x520_bf16 with the dense path forced needs ~130 GB of
+# racecheck state (session i): it ends unchecked.
 memcheck() {
   compute-sanitizer --tool memcheck --error-exitcode 3 build-gpu/tests/cuda/test_cuda --gtest_filter="$2" \
     >>"$OUT/sanitize.log" 2>&1
@@ -76,16 +76,37 @@ memcheck() {
   echo "compute-sanitizer memcheck$1: rc=$rc" | tee -a "$OUT/sanitize.log"
   [[ $rc == 0 ]] || status=1
 }
+# Racecheck runs one test at a time, each in its own process under a time limit
+# (RACECHECK_TIMEOUT seconds, default 120): one run over a whole filter keeps every test's
+# state and was killed by the host at the largest cases (status 9, session k), losing the
+# report of the tests before. A test that ends at the limit or is killed (status 124, 137)
+# is listed as unchecked, not failed; any other failure or a hazard outside cuBLASLt fails
+# the step.
 racecheck() {
-  compute-sanitizer --tool racecheck build-gpu/tests/cuda/test_cuda --gtest_filter="$2" >"$OUT/racecheck.log" 2>&1
-  local rc=$? ours
-  ours=$(grep -E "Race reported" "$OUT/racecheck.log" | grep -vc nvjet)
-  echo "compute-sanitizer racecheck$1: rc=$rc, hazards outside cuBLASLt: $ours" | tee -a "$OUT/sanitize.log"
-  grep -E "RACECHECK SUMMARY|PASSED|FAILED" "$OUT/racecheck.log" | tee -a "$OUT/sanitize.log"
-  [[ $rc == 0 && $ours == 0 ]] || status=1
-  grep -E "Race reported" "$OUT/racecheck.log" | grep -v nvjet | head -5 >>"$OUT/sanitize.log"
-  [[ $rc == 0 ]] || { grep -vE "^=========  |^=========$|Race reported" "$OUT/racecheck.log" | tail -40 >>"$OUT/sanitize.log"; }
-  rm -f "$OUT/racecheck.log"
+  local t rc ours checked=0 unchecked=() bad=0 log="$OUT/racecheck.log"
+  for t in $(build-gpu/tests/cuda/test_cuda --gtest_list_tests --gtest_filter="$2" |
+    awk '/^[^ ]/ {s = $1} /^  / {print s $1}'); do
+    timeout "${RACECHECK_TIMEOUT:-120}" compute-sanitizer --tool racecheck build-gpu/tests/cuda/test_cuda \
+      --gtest_filter="$t" >"$log" 2>&1
+    rc=$?
+    ours=$(grep -E "Race reported" "$log" | grep -vc nvjet)
+    if [[ $rc == 124 || $rc == 137 ]]; then
+      unchecked+=("$t (status $rc)")
+      continue
+    fi
+    checked=$((checked + 1))
+    if [[ $rc != 0 || $ours != 0 ]]; then
+      bad=$((bad + 1))
+      echo "racecheck$1: $t: rc=$rc, hazards outside cuBLASLt: $ours" >>"$OUT/sanitize.log"
+      grep -E "Race reported" "$log" | grep -v nvjet | head -5 >>"$OUT/sanitize.log"
+      [[ $rc == 0 ]] || grep -vE "^=========  |^=========$|Race reported" "$log" | tail -40 >>"$OUT/sanitize.log"
+    fi
+  done
+  echo "compute-sanitizer racecheck$1: $checked tests checked, $bad with hazards outside cuBLASLt or failing," \
+    "${#unchecked[@]} unchecked" | tee -a "$OUT/sanitize.log"
+  for t in "${unchecked[@]}"; do echo "  unchecked (time or memory limit): $t"; done | tee -a "$OUT/sanitize.log"
+  [[ $bad == 0 ]] || status=1
+  rm -f "$log"
 }
 if want sanitize; then
   : >"$OUT/sanitize.log"
