@@ -10,7 +10,8 @@
 #         (ref-tree/ and exp-*/ are ignored by git). Each is built once, in build-<its name>,
 #         all of them at the same time (a tree's build is bound by its slowest file, not by
 #         the cores). TREE:VAR=value runs TREE's binary with VAR=value in its environment
-#         (an experiment switch), labelled TREE_value.
+#         (an experiment switch), labelled TREE_value; a:VAR=value does so with the working
+#         tree's binary (labelled a_value).
 #   CONFIG  exact benchmark configuration names (omnimoe bench --only matches substrings)
 #   AB_BACKWARD=0  time the forward only (default 1: forward and the training step)
 # Writes $OUT/ab.csv: the bench CSV rows with two columns added, tree (a = working tree,
@@ -38,6 +39,12 @@ for ref in "${refs[@]}"; do
   label=$name extra=
   if [[ $ref == *:* ]]; then extra=${ref#*:}; label=${name}_${extra#*=}; fi
   ((${#refs[@]} == 1)) && label=b
+  if [[ $tree == a ]]; then  # a:VAR=value: the working tree's binary with VAR=value
+    [[ -n $extra ]] || { echo "ab_bench: 'a' needs :VAR=value"; exit 1; }
+    label=a_${extra#*=} bin[$label]=build-gpu/omnimoe envs[$label]=$extra
+    labels+=("$label")
+    continue
+  fi
   [[ $label == *.* ]] && { echo "ab_bench: label $label holds a dot"; exit 1; }
   bin[$label]=build-$name/omnimoe
   envs[$label]=$extra

@@ -136,6 +136,35 @@ __device__ __forceinline__ void reduce_token_warps(float (&acc)[VPL][V], float* 
   }
 }
 
+// The tasks of one warp of a token in the register-tile gather kernels (forward, backward,
+// the backward's dx pass): k = sub, sub + W, .. < K, in that order. For each, the NR rows
+// rows(q, e) (q < NR) of its expert e = tid[k] are all loaded as 16-byte vectors (lane owns
+// vectors lane + 32 j, j < VPL; zeros past nvec and for e < 0) before body(k, e, f, r) runs,
+// f = per_task[k] (a gate, or dh): a task's NR VPL loads are in flight together (the kernels
+// this replaced interleaved each load with its arithmetic). e is warp-uniform, so the body
+// may reduce across the warp.
+// Measured (H100, session l, docs/perf_log.md): prefetching the next task's rows as well
+// (two or three tasks in flight per warp, ids and gates read 32 at a time) was no faster
+// than this at any benchmark point, and up to 13% slower in the forward, so it was dropped.
+template <int W, int NR, int VPL, class S, class Rows, class Body>
+__device__ __forceinline__ void token_tasks(const i32* __restrict__ tid, const float* __restrict__ per_task, int K,
+                                            int sub, bool live, int nvec, Rows rows, Body body) {
+  const int lane = threadIdx.x & 31;
+  for (int k = sub; live && k < K; k += W) {
+    const i64 e = tid[k];
+    uint4 r[NR][VPL];
+#pragma unroll
+    for (int q = 0; q < NR; ++q)
+#pragma unroll
+      for (int j = 0; j < VPL; ++j) {
+        const int v = j * 32 + lane;
+        r[q][j] =
+            e >= 0 && v < nvec ? *reinterpret_cast<const uint4*>(rows(q, e) + v * Vec<S>::kN) : make_uint4(0, 0, 0, 0);
+      }
+    body(k, e, per_task[k], r);
+  }
+}
+
 // Host side: calls f(integral_constant<int, P>{}, integral_constant<int, W>{}) for the
 // register-tile kernels, P = 16-byte vectors per lane (vpl rounded up to a power of two, at
 // most MaxP) and W = warps per token (w where P <= 4, whose partial rows fit 32 KB of shared

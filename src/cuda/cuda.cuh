@@ -289,8 +289,26 @@ struct RowsArgs {
   void* dw_in;               // dense output [N, H] (sparse == nullptr)
   void* dw_out;
   const SparseRowsOut* sparse;  // or sparse output
+  // Expert-side values (experts_rows_values_possible must hold): each warp loads its
+  // expert's two rows once and computes its tasks' a, dg and dh itself, bitwise as the token
+  // kernel would; act_out and dh above are then not read. It writes dg_out and dh_out at
+  // every task with a valid id (experts_flag_bad_ids covers the others); dx then comes from
+  // experts_backward_dx. With many tasks per expert this reads each chosen expert row once
+  // instead of once per task (and the token kernel's pass over them goes).
+  bool values = false;
+  const void* w_in = nullptr;    // [N, H]
+  const void* w_out = nullptr;   // [N, H]
+  const float* gates = nullptr;  // [T K]
+  float* dg_out = nullptr;       // [T K]
+  float* dh_out = nullptr;       // [T K]
 };
 Status experts_backward_rows(const RowsArgs& r, cudaStream_t stream);
+// Whether r may ask for expert-side values: rows of whole 16-byte vectors, H <= 4 x 32
+// vectors (one pass per task), 16-byte aligned tensors.
+bool experts_rows_values_possible(const RowsArgs& r);
+// For the expert-side values: tasks with an id < 0 get dg = dh = 0, their token bad[t] = 1
+// (others 0).
+Status experts_flag_bad_ids(const i32* ids, i64 T, i64 K, float* dg, float* dh, int* bad, cudaStream_t stream);
 // Active flags and sparse slots straight from the ids (the dense backward has no per-expert
 // offsets): seg.active / seg.rank, then sparse ids and count. Ids < 0 are skipped.
 Status experts_active_from_ids(const i32* ids, i64 tasks, i64 N, const SegmentScratch& s, const SparseRowsOut& sparse,

@@ -38,39 +38,35 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32)
 #pragma unroll
       for (int i = 0; i < V; ++i) xr[j][i] = 0.f;
   }
-  const i32* tid = ids + t * K;
-  const float* tg = gates + t * K;
   bool bad = false;  // an id outside [0, N) (caller routing): the token's row becomes NaN
-  for (int k = sub; live && k < K; k += W) {
-    const i64 e = tid[k];
+  // Both rows of a task are loaded before its reduction, so they are in flight together.
+  const auto rows = [&](int q, i64 e) { return (q == 0 ? w_in : w_out) + e * H; };
+  const auto body = [&](int, i64 e, float g, const uint4(&r)[2][VPL]) {
     if (e < 0) {
       bad = true;
-      continue;
+      return;
     }
-    const S* wi_row = w_in + e * H;
-    const S* wo_row = w_out + e * H;
-    // Issue the output row's loads before the reduction so both rows are in flight.
-    float wor[VPL][V];
     float h = 0.f;
 #pragma unroll
-    for (int j = 0; j < VPL; ++j) {
-      const int v = j * 32 + lane;
-      if (v < nvec) {
-        float wir[V];
-        load16(wi_row + v * V, wir);
-        load16(wo_row + v * V, wor[j]);
+    for (int j = 0; j < VPL; ++j)
+      if (j * 32 + lane < nvec) {
+        float w[V];
+        unpack16<S>(r[0][j], w);
 #pragma unroll
-        for (int i = 0; i < V; ++i) h = fmaf(xr[j][i], wir[i], h);
+        for (int i = 0; i < V; ++i) h = fmaf(xr[j][i], w[i], h);
       }
-    }
     h = warp_sum(h);
-    const float a = tg[k] * activate(act, h);
+    const float a = g * activate(act, h);
 #pragma unroll
     for (int j = 0; j < VPL; ++j)
-      if (j * 32 + lane < nvec)
+      if (j * 32 + lane < nvec) {
+        float w[V];
+        unpack16<S>(r[1][j], w);
 #pragma unroll
-        for (int i = 0; i < V; ++i) acc[j][i] = fmaf(a, wor[j][i], acc[j][i]);
-  }
+        for (int i = 0; i < V; ++i) acc[j][i] = fmaf(a, w[i], acc[j][i]);
+      }
+  };
+  token_tasks<W, 2, VPL, S>(ids + (live ? t * K : 0), gates + (live ? t * K : 0), K, sub, live, nvec, rows, body);
   if constexpr (W > 1) {
     if (lane == 0) bad_s[wi] = bad;
     reduce_token_warps<W, VPL, V>(acc, &red[0][0], sub);  // its barrier also publishes bad_s

@@ -91,28 +91,24 @@ __global__ void __launch_bounds__(kWarps * 32)
     for (int i = 0; i < V; ++i) acc[j][i] = 0.f;
   }
   int bad_id = 0;
-  for (int k = sub; live && k < K; k += W) {
-    const i64 task = t * K + k, e = ids[task];
+  const i64 t0 = live ? t * K : 0;
+  const auto rows = [&](int q, i64 e) { return (q == 0 ? w_in : w_out) + e * H; };
+  const auto body = [&](int k, i64 e, float g, const uint4(&r)[2][VPL]) {
+    const i64 task = t0 + k;
     if (e < 0) {
       if (lane == 0) a_out[task] = dg_out[task] = dh_out[task] = 0.f;
       bad_id = 1;
-      continue;
+      return;
     }
-    uint4 wir[VPL];
     float h = 0.f, da = 0.f;
 #pragma unroll
-    for (int j = 0; j < VPL; ++j) {
-      const int v = j * 32 + lane;
-      wir[j] = make_uint4(0, 0, 0, 0);
-      if (v < nvec) {
-        wir[j] = *reinterpret_cast<const uint4*>(w_in + e * H + v * V);
-        const uint4 wor = *reinterpret_cast<const uint4*>(w_out + e * H + v * V);
-        h += dot16<S>(xr[j], wir[j]);
-        da += dot16<S>(dyr[j], wor);
+    for (int j = 0; j < VPL; ++j)
+      if (j * 32 + lane < nvec) {
+        h += dot16<S>(xr[j], r[0][j]);
+        da += dot16<S>(dyr[j], r[1][j]);
       }
-    }
     warp_sum2(h, da);
-    const float g = gates[task], s = activate(act, h), dh = da * g * activate_grad(act, h);
+    const float s = activate(act, h), dh = da * g * activate_grad(act, h);
     if (lane == 0) {
       a_out[task] = g * s;
       dg_out[task] = da * s;
@@ -121,11 +117,12 @@ __global__ void __launch_bounds__(kWarps * 32)
 #pragma unroll
     for (int j = 0; j < VPL; ++j) {
       float w[V];
-      unpack16<S>(wir[j], w);
+      unpack16<S>(r[0][j], w);
 #pragma unroll
       for (int i = 0; i < V; ++i) acc[j][i] = fmaf(dh, w[i], acc[j][i]);
     }
-  }
+  };
+  token_tasks<W, 2, VPL, S>(ids + t0, gates + t0, K, sub, live, nvec, rows, body);
   if constexpr (W > 1) {
     if (lane == 0) bad_s[wi] = bad_id;
     reduce_token_warps<W, VPL, V>(acc, &red[0][0], sub);  // its barrier also publishes bad_s
@@ -156,20 +153,21 @@ __global__ void __launch_bounds__(kWarps * 32)
   for (int j = 0; j < VPL; ++j)
 #pragma unroll
     for (int i = 0; i < V; ++i) acc[j][i] = 0.f;
-  for (int k = sub; live && k < K; k += W) {
-    const i64 task = t * K + k, e = ids[task];
-    if (e < 0) continue;  // the token kernel flagged it; store_rows makes its row NaN
-    const float d = dh[task];
+  const i64 t0 = live ? t * K : 0;
+  // e < 0: the token kernel flagged it; store_rows makes its row NaN. Its rows load as zeros.
+  const auto row = [&](int, i64 e) { return w_in + e * H; };
+  const auto body = [&](int, i64 e, float d, const uint4(&r)[1][VPL]) {
+    if (e < 0) return;
 #pragma unroll
-    for (int j = 0; j < VPL; ++j) {
-      const int v = j * 32 + lane;
-      if (v >= nvec) continue;
-      float w[V];
-      unpack16<S>(*reinterpret_cast<const uint4*>(w_in + e * H + v * V), w);
+    for (int j = 0; j < VPL; ++j)
+      if (j * 32 + lane < nvec) {
+        float w[V];
+        unpack16<S>(r[0][j], w);
 #pragma unroll
-      for (int i = 0; i < V; ++i) acc[j][i] = fmaf(d, w[i], acc[j][i]);
-    }
-  }
+        for (int i = 0; i < V; ++i) acc[j][i] = fmaf(d, w[i], acc[j][i]);
+      }
+  };
+  token_tasks<W, 1, VPL, S>(ids + t0, dh + t0, K, sub, live, nvec, row, body);
   if constexpr (W > 1) {
     reduce_token_warps<W, VPL, V>(acc, &red[0][0], sub);
     if (sub != 0) return;
@@ -260,14 +258,101 @@ __device__ __forceinline__ void sum_tasks(i32 begin, i32 end, const i32* __restr
   }
 }
 
+// Expert-side task values (RowsArgs::values): the warp also computes each task's a, dg and
+// dh from its expert's rows, loaded once per warp (win / wout, 16-byte vectors in the
+// layout of the slices: the whole row in one pass, H <= NS kWidth), instead of reading a
+// and dh that the token kernel wrote. Each task's expert rows then come from memory once
+// per warp instead of once per task, and no token kernel reads them at all (dx follows
+// from dh in experts_backward_dx). h and da are summed in the token kernel's order (lane
+// vectors j = 0.., then the warp tree), so every value, and every sum below, is bitwise
+// what the token kernel and sum_tasks give. Registers (ptxas, sm_90a, H = 1024 in bf16:
+// NS = 4): 219, one block of 8 warps per SM; capped at 128 for two blocks it spilled
+// 180 to 320 bytes (the 64 fp32 row sums, the two expert rows and the task's x and dy rows
+// are 128 registers before any address or temporary).
+template <class S>
+struct ValueArgs {
+  const S* w_in;  // [N, H] expert tables
+  const S* w_out;
+  const float* gates;  // [T K]
+  Activation act;
+  float* dg;  // [T K] out: dgate
+  float* dh;  // [T K] out: dh (for experts_backward_dx)
+};
+
+template <class S, int NS>
+__device__ __forceinline__ void load_expert_rows(const ValueArgs<S>& v, i64 e, int H, int lane, uint4 (&win)[NS],
+                                                 uint4 (&wout)[NS]) {
+  constexpr int V = Vec<S>::kN;
+#pragma unroll
+  for (int q = 0; q < NS; ++q) {
+    const int c = (q * 32 + lane) * V;
+    win[q] = wout[q] = make_uint4(0, 0, 0, 0);
+    if (c < H) {
+      win[q] = *reinterpret_cast<const uint4*>(v.w_in + e * H + c);
+      wout[q] = *reinterpret_cast<const uint4*>(v.w_out + e * H + c);
+    }
+  }
+}
+
+template <class S, int NS>
+__device__ __forceinline__ void sum_tasks_values(i32 begin, i32 end, const i32* __restrict__ tasks, int K, int H,
+                                                 int lane, const S* __restrict__ x, const S* __restrict__ dy,
+                                                 const ValueArgs<S>& v, const uint4 (&win)[NS], const uint4 (&wout)[NS],
+                                                 float (&gi)[NS][Vec<S>::kN], float (&go)[NS][Vec<S>::kN]) {
+  constexpr int V = Vec<S>::kN;
+  i32 next = begin < end ? tasks[begin] : 0;  // the next task's index, read a task ahead
+  for (i32 i = begin; i < end; ++i) {
+    const i32 task = next;
+    if (i + 1 < end) next = tasks[i + 1];
+    const i64 t = task / K;
+    const float g = v.gates[task];
+    uint4 xr[NS], dr[NS];
+#pragma unroll
+    for (int q = 0; q < NS; ++q) {
+      const int c = (q * 32 + lane) * V;
+      xr[q] = dr[q] = make_uint4(0, 0, 0, 0);
+      if (c < H) {
+        xr[q] = *reinterpret_cast<const uint4*>(x + t * H + c);
+        dr[q] = *reinterpret_cast<const uint4*>(dy + t * H + c);
+      }
+    }
+    float h = 0.f, da = 0.f;
+#pragma unroll
+    for (int q = 0; q < NS; ++q)
+      if ((q * 32 + lane) * V < H) {
+        h += dot16<S>(xr[q], win[q]);
+        da += dot16<S>(dr[q], wout[q]);
+      }
+    warp_sum2(h, da);
+    const float s = activate(v.act, h), dh = da * g * activate_grad(v.act, h), a = g * s;
+    if (lane == 0) {
+      v.dg[task] = da * s;
+      v.dh[task] = dh;
+    }
+#pragma unroll
+    for (int q = 0; q < NS; ++q) {
+      float xf[V], df[V];
+      unpack16<S>(xr[q], xf);
+      unpack16<S>(dr[q], df);
+#pragma unroll
+      for (int j = 0; j < V; ++j) {
+        gi[q][j] = fmaf(dh, xf[j], gi[q][j]);
+        go[q][j] = fmaf(a, df[j], go[q][j]);
+      }
+    }
+  }
+}
+
 // Stage 1 of a long segment (more than `piece` tasks): one warp per piece of `piece`
 // consecutive tasks writes its partial rows (fp32) to partial[p] = [2][H]. Pieces are
 // numbered expert by expert (pstart, an exclusive scan); warps past the last piece exit.
-template <class S, bool kVec, int NS>
+// kValues: the tasks' values come from the expert rows (sum_tasks_values; one pass, kVec).
+template <class S, bool kVec, int NS, bool kValues>
 __global__ void __launch_bounds__(kWarps * 32)
     pieces_kernel(i64 N, int H, int K, int piece, const S* __restrict__ x, const S* __restrict__ dy,
                   const i32* __restrict__ tasks, const i32* __restrict__ offsets, const i32* __restrict__ pstart,
-                  const float* __restrict__ a, const float* __restrict__ dh, float* __restrict__ partial) {
+                  const float* __restrict__ a, const float* __restrict__ dh, ValueArgs<S> values,
+                  float* __restrict__ partial) {
   using R = RowSlice<S, kVec>;
   const int lane = threadIdx.x & 31;
   const i64 p = static_cast<i64>(blockIdx.x) * kWarps + (threadIdx.x >> 5);
@@ -283,7 +368,13 @@ __global__ void __launch_bounds__(kWarps * 32)
   float* out = partial + p * 2 * H;
   for (int c0 = 0; c0 < H; c0 += NS * R::kWidth) {
     float gi[NS][R::V] = {}, go[NS][R::V] = {};
-    sum_tasks<S, kVec, NS>(begin, end, tasks, K, H, c0, lane, x, dy, a, dh, gi, go);
+    if constexpr (kValues) {
+      uint4 win[NS], wout[NS];
+      load_expert_rows<S, NS>(values, lo, H, lane, win, wout);
+      sum_tasks_values<S, NS>(begin, end, tasks, K, H, lane, x, dy, values, win, wout, gi, go);
+    } else {
+      sum_tasks<S, kVec, NS>(begin, end, tasks, K, H, c0, lane, x, dy, a, dh, gi, go);
+    }
 #pragma unroll
     for (int q = 0; q < NS; ++q) {
       R::store(out, c0 + q * R::kWidth, lane, H, gi[q]);
@@ -295,12 +386,13 @@ __global__ void __launch_bounds__(kWarps * 32)
 // Stage 2: one warp per output row. Dense output: row e of the [N, H] tables; sparse: slot
 // s holds expert slot_ids[s] (-1: padding, a zero row). A segment of at most `piece` tasks is
 // summed directly; a longer one sums its pieces' partial rows in order (deterministic).
-template <class S, bool kVec, int NS>
+// kValues: as in pieces_kernel, for the segments summed directly.
+template <class S, bool kVec, int NS, bool kValues>
 __global__ void __launch_bounds__(kWarps * 32)
     rows_kernel(i64 rows, int H, int K, int piece, const S* __restrict__ x, const S* __restrict__ dy,
                 const i32* __restrict__ tasks, const i32* __restrict__ offsets, const i32* __restrict__ pstart,
                 const float* __restrict__ partial, const float* __restrict__ a, const float* __restrict__ dh,
-                const i32* __restrict__ slot_ids, S* __restrict__ dw_in, S* __restrict__ dw_out) {
+                ValueArgs<S> values, const i32* __restrict__ slot_ids, S* __restrict__ dw_in, S* __restrict__ dw_out) {
   using R = RowSlice<S, kVec>;
   const int lane = threadIdx.x & 31;
   const i64 r = static_cast<i64>(blockIdx.x) * kWarps + (threadIdx.x >> 5);
@@ -310,9 +402,7 @@ __global__ void __launch_bounds__(kWarps * 32)
   const bool split = end - begin > piece;
   for (int c0 = 0; c0 < H; c0 += NS * R::kWidth) {
     float gi[NS][R::V] = {}, go[NS][R::V] = {};
-    if (!split) {
-      sum_tasks<S, kVec, NS>(begin, end, tasks, K, H, c0, lane, x, dy, a, dh, gi, go);
-    } else {
+    if (split) {
       for (i32 p = pstart[e]; p < pstart[e + 1]; ++p) {
         const float* in = partial + static_cast<i64>(p) * 2 * H;
 #pragma unroll
@@ -326,6 +416,14 @@ __global__ void __launch_bounds__(kWarps * 32)
             }
           }
       }
+    } else if constexpr (kValues) {
+      if (begin < end) {  // (a padding slot of the sparse output has e < 0 and no tasks)
+        uint4 win[NS], wout[NS];
+        load_expert_rows<S, NS>(values, e, H, lane, win, wout);
+        sum_tasks_values<S, NS>(begin, end, tasks, K, H, lane, x, dy, values, win, wout, gi, go);
+      }
+    } else {
+      sum_tasks<S, kVec, NS>(begin, end, tasks, K, H, c0, lane, x, dy, a, dh, gi, go);
     }
 #pragma unroll
     for (int q = 0; q < NS; ++q) {
@@ -412,8 +510,8 @@ Status experts_backward_dx(const Config& c, DType dtype, i64 T, const void* w_in
     else
       dispatch_tile<8>(vpl, token_warps(T, K), [&](auto p, auto wt) {
         constexpr int W = decltype(wt)::value;
-        dx_vec_kernel<S, decltype(p)::value, W><<<ceil_div(T * W, kWarps), kWarps * 32, 0, stream>>>(T, H, K, w, ids,
-                                                                                                     dh, dx);
+        dx_vec_kernel<S, decltype(p)::value, W>
+            <<<ceil_div(T * W, kWarps), kWarps * 32, 0, stream>>>(T, H, K, w, ids, dh, dx);
       });
     OMNIMOE_CUDA_LAUNCH_CHECK("experts_backward dx_kernel");
     return Status::Ok();
@@ -495,44 +593,88 @@ Status experts_active_list(i64 N, const i32* offsets, const SegmentScratch& s, c
   return Status::Ok();
 }
 
+namespace {
+// Rows of whole 16-byte vectors and 16-byte aligned tensors (a caller's view into a larger
+// buffer may not be): the 16-byte loads and stores of the rows kernels.
+bool rows_vec(const RowsArgs& r) {
+  const i64 v = 16 / static_cast<i64>(dtype_size(r.dtype));
+  const void* out_in = r.sparse != nullptr ? r.sparse->dw_in : r.dw_in;
+  const void* out_out = r.sparse != nullptr ? r.sparse->dw_out : r.dw_out;
+  return r.cfg->hidden % v == 0 && aligned16(r.x) && aligned16(r.dy) && aligned16(out_in) && aligned16(out_out);
+}
+
+// Per token, a warp over its K tasks: an id < 0 zeroes the task's dg and dh and flags the
+// token in bad[t] (the expert-side values never see such a task: it is in no segment).
+__global__ void __launch_bounds__(kWarps * 32)
+    flag_bad_kernel(i64 T, int K, const i32* __restrict__ ids, float* __restrict__ dg, float* __restrict__ dh,
+                    int* __restrict__ bad) {
+  const int lane = threadIdx.x & 31;
+  const i64 t = static_cast<i64>(blockIdx.x) * kWarps + (threadIdx.x >> 5);
+  if (t >= T) return;
+  bool any = false;
+  for (int k = lane; k < K; k += 32) {
+    const i64 task = t * K + k;
+    if (ids[task] < 0) {
+      dg[task] = dh[task] = 0.f;
+      any = true;
+    }
+  }
+  any = __any_sync(0xffffffffu, any);
+  if (lane == 0) bad[t] = any;
+}
+}  // namespace
+
+bool experts_rows_values_possible(const RowsArgs& r) {
+  const i64 H = r.cfg->hidden, v = 16 / static_cast<i64>(dtype_size(r.dtype));
+  return rows_vec(r) && H <= 4 * 32 * v && aligned16(r.w_in) && aligned16(r.w_out);
+}
+
+Status experts_flag_bad_ids(const i32* ids, i64 T, i64 K, float* dg, float* dh, int* bad, cudaStream_t stream) {
+  flag_bad_kernel<<<ceil_div(T, kWarps), kWarps * 32, 0, stream>>>(T, static_cast<int>(K), ids, dg, dh, bad);
+  OMNIMOE_CUDA_LAUNCH_CHECK("experts_backward flag_bad_kernel");
+  return Status::Ok();
+}
+
 Status experts_backward_rows(const RowsArgs& r, cudaStream_t stream) {
   const Config& c = *r.cfg;
   const i64 N = c.num_experts();
   const int H = static_cast<int>(c.hidden), K = static_cast<int>(c.top_k);
   const SegmentScratch& s = *r.seg;
   const i64 rows = r.sparse != nullptr ? r.sparse->capacity : N;
+  if (r.values && !experts_rows_values_possible(r))
+    return {StatusCode::internal,
+            "experts_backward_rows: expert-side values need rows of whole 16-byte "
+            "vectors, H <= 512 (fp32) or 1024 (16-bit) and aligned tensors"};
   return by_dtype(r.dtype, [&](auto tag) {
     using S = decltype(tag);
-    auto launch_ns = [&](auto vec, auto ns) {
-      constexpr bool kVec = decltype(vec)::value;
+    const ValueArgs<S> values{
+        static_cast<const S*>(r.w_in), static_cast<const S*>(r.w_out), r.gates, c.activation, r.dg_out, r.dh_out};
+    auto launch_ns = [&](auto vec, auto ns, auto kv) {
+      constexpr bool kVec = decltype(vec)::value, kValues = decltype(kv)::value;
       constexpr int NS = decltype(ns)::value;
-      pieces_kernel<S, kVec, NS><<<ceil_div(s.max_pieces, kWarps), kWarps * 32, 0, stream>>>(
+      pieces_kernel<S, kVec, NS, kValues><<<ceil_div(s.max_pieces, kWarps), kWarps * 32, 0, stream>>>(
           N, H, K, s.piece, static_cast<const S*>(r.x), static_cast<const S*>(r.dy), r.tasks, r.offsets, s.pstart,
-          r.act_out, r.dh, s.partial);
+          r.act_out, r.dh, values, s.partial);
       OMNIMOE_CUDA_LAUNCH_CHECK("experts_backward pieces_kernel");
-      rows_kernel<S, kVec, NS><<<ceil_div(rows, kWarps), kWarps * 32, 0, stream>>>(
+      rows_kernel<S, kVec, NS, kValues><<<ceil_div(rows, kWarps), kWarps * 32, 0, stream>>>(
           rows, H, K, s.piece, static_cast<const S*>(r.x), static_cast<const S*>(r.dy), r.tasks, r.offsets, s.pstart,
-          s.partial, r.act_out, r.dh, r.sparse != nullptr ? r.sparse->ids : nullptr,
+          s.partial, r.act_out, r.dh, values, r.sparse != nullptr ? r.sparse->ids : nullptr,
           static_cast<S*>(r.sparse != nullptr ? r.sparse->dw_in : r.dw_in),
           static_cast<S*>(r.sparse != nullptr ? r.sparse->dw_out : r.dw_out));
       OMNIMOE_CUDA_LAUNCH_CHECK("experts_backward rows_kernel");
       return Status::Ok();
     };
     // Slices of a row summed together: up to 4 (H <= 1024 in 16-bit storage in one pass).
-    auto launch = [&](auto vec) {
+    auto launch = [&](auto vec, auto kv) {
       constexpr int kWidth = RowSlice<S, decltype(vec)::value>::kWidth;
       const int slices = (H + kWidth - 1) / kWidth;
-      if (slices <= 1) return launch_ns(vec, std::integral_constant<int, 1>{});
-      if (slices <= 2) return launch_ns(vec, std::integral_constant<int, 2>{});
-      return launch_ns(vec, std::integral_constant<int, 4>{});
+      if (slices <= 1) return launch_ns(vec, std::integral_constant<int, 1>{}, kv);
+      if (slices <= 2) return launch_ns(vec, std::integral_constant<int, 2>{}, kv);
+      return launch_ns(vec, std::integral_constant<int, 4>{}, kv);
     };
-    // 16-byte loads and stores need rows of whole vectors and 16-byte aligned tensors (a
-    // caller's view into a larger buffer may not be).
-    const void* out_in = r.sparse != nullptr ? r.sparse->dw_in : r.dw_in;
-    const void* out_out = r.sparse != nullptr ? r.sparse->dw_out : r.dw_out;
-    if (H % Vec<S>::kN == 0 && aligned16(r.x) && aligned16(r.dy) && aligned16(out_in) && aligned16(out_out))
-      return launch(std::true_type{});
-    return launch(std::false_type{});
+    if (r.values) return launch(std::true_type{}, std::true_type{});
+    if (rows_vec(r)) return launch(std::true_type{}, std::false_type{});
+    return launch(std::false_type{}, std::false_type{});
   });
 }
 

@@ -9,6 +9,7 @@
 // backward's gates for such duplicates are equal, so the sum is exact).
 #include <algorithm>
 #include <cstdlib>
+#include <string>
 
 #include "core/backend.hpp"
 #include "core/workspace.hpp"
@@ -224,6 +225,24 @@ BackwardBuffers carve_backward(Arena& a, const Config& cfg, i64 T, DType dt) {
   return b;
 }
 
+// The gather path's task values (a, dg, dh per task) from the expert side (RowsArgs::values:
+// each chosen expert's rows read once, by the warp that sums its gradient rows) where an
+// expert has at least kValueTasks tasks on average; else from the token side (the token
+// kernel reads both rows of every task, then the rows pass reads x and dy of every task).
+// Both give bitwise the same gradients. Predicted at paper-k512-t4096 (20 tasks per
+// expert, 420 MB of tables, each task's rows 4 KB from DRAM): the token kernel's 3.3 ms
+// (8.6 GB) goes, the rows pass stays near its 1.2 ms (L2-bound on x and dy), dx from dh
+// reads w_in once per task (4.3 GB, ~1.7 ms). OMNIMOE_BACKWARD_VALUES = experts | tokens
+// forces one side (tests).
+constexpr i64 kValueTasks = 8;
+bool expert_side_values(const Config& cfg, i64 T) {
+  if (const char* env = std::getenv("OMNIMOE_BACKWARD_VALUES")) {
+    if (std::string(env) == "experts") return true;
+    if (std::string(env) == "tokens") return false;
+  }
+  return T * cfg.top_k >= kValueTasks * cfg.num_experts();
+}
+
 // The experts' backward on the chosen path: dgates, the experts' share of dx, and the
 // expert rows (dense tables or sparse slots).
 Status experts_backward(const Config& cfg, const TensorView& x, const Params& p, const TensorView& grad_y,
@@ -247,11 +266,23 @@ Status experts_backward(const Config& cfg, const TensorView& x, const Params& p,
   GroupSchedule by_expert = b.by_expert;
   OMNIMOE_RETURN_IF_ERROR(schedule_groups(b.ids, T, K, by_expert, s));
   OMNIMOE_RETURN_IF_ERROR(experts_active_list(N, by_expert.offsets, b.seg, sp, s));
-  ExpertsArgs e{&cfg, T, dt, x.data, p.expert_in.data, p.expert_out.data, b.ids, b.gates, nullptr};
   float* dx = b.plan.chunked ? nullptr : b.dx;  // chunked: experts_backward_dx per dx chunk
-  OMNIMOE_RETURN_IF_ERROR(experts_backward_tokens(e, grad_y.data, b.a, b.dg, b.dh, dx, b.bad, s));
   RowsArgs r{&cfg, dt, x.data, grad_y.data, by_expert.tasks, by_expert.offsets, b.a, b.dh, &b.seg,
              g.expert_in.data, g.expert_out.data, sp};
+  r.w_in = p.expert_in.data;
+  r.w_out = p.expert_out.data;
+  r.gates = b.gates;
+  r.dg_out = b.dg;
+  r.dh_out = b.dh;
+  r.values = expert_side_values(cfg, T) && experts_rows_values_possible(r);
+  if (r.values) {  // the expert rows' pass computes dg and dh; dx from dh after it
+    OMNIMOE_RETURN_IF_ERROR(experts_flag_bad_ids(b.ids, T, K, b.dg, b.dh, b.bad, s));
+    OMNIMOE_RETURN_IF_ERROR(experts_backward_rows(r, s));
+    if (dx == nullptr) return Status::Ok();
+    return experts_backward_dx(cfg, dt, T, p.expert_in.data, b.ids, b.dh, dx, s);
+  }
+  ExpertsArgs e{&cfg, T, dt, x.data, p.expert_in.data, p.expert_out.data, b.ids, b.gates, nullptr};
+  OMNIMOE_RETURN_IF_ERROR(experts_backward_tokens(e, grad_y.data, b.a, b.dg, b.dh, dx, b.bad, s));
   return experts_backward_rows(r, s);
 }
 

@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
+#include <string>
 #include <vector>
 
 #include "core/backend.hpp"
@@ -297,6 +298,66 @@ TEST(CudaBackwardCallerIds, DuplicatesSumAndBadIdsPoisonTheirRow) {
   }
 }
 
+// The gather path's task values from the token side (the token kernel) and from the expert
+// side (the rows pass, RowsArgs::values) are the same arithmetic in the same order: every
+// gradient bitwise equal, for a hot expert (split segments), a duplicate and a bad id
+// (NaN row), in each storage type (H = 1024 in bf16: four slices per row; H = 96 in fp32:
+// one, partly filled), dense and sparse expert gradients.
+TEST(CudaBackwardValues, ExpertAndTokenSidesBitwiseEqual) {
+  if (!have_gpu()) GTEST_SKIP() << "no CUDA device";
+  if (std::getenv("OMNIMOE_EXPERTS_PATH") != nullptr) GTEST_SKIP() << "OMNIMOE_EXPERTS_PATH overrides config.schedule";
+  const char* saved = std::getenv("OMNIMOE_BACKWARD_VALUES");
+  const std::string restore = saved != nullptr ? saved : "";
+  struct Shape {
+    std::int64_t H, T;
+    DType dt;
+  };
+  for (const Shape sh : {Shape{1024, 200, DType::bf16}, Shape{96, 300, DType::f32}, Shape{256, 150, DType::f16}}) {
+    Config cfg = make_config(sh.H, 32, 8, 8, 6, RouterNorm::batchnorm, GateKind::softmax, Activation::gelu);
+    cfg.schedule = Schedule::token_centric;  // the gather path
+    const std::int64_t T = sh.T, K = cfg.top_k, N = cfg.num_experts();
+    const Problem p = make_problem(cfg, T, sh.dt, test_seed(static_cast<int>(sh.dt) + 40));
+    std::mt19937_64 rng(test_seed(41));
+    HostTensor ids = random_distinct_ids(T, K, N, rng);
+    for (std::int64_t t = 0; t < T; ++t) {  // expert 5 for every token: a segment of T tasks
+      bool has = false;
+      for (std::int64_t k = 0; k < K; ++k) has = has || ids.get(t * K + k) == 5.0;
+      if (!has) ids.set(t * K + 2, 5.0);
+    }
+    ids.set(7 * K + 1, ids.get(7 * K + 0));          // token 7 names one expert twice
+    ids.set(9 * K + 4, static_cast<double>(N + 2));  // token 9: an id out of range
+    HostTensor dy(sh.dt, {T, sh.H});
+    fill_normal(dy, rng, 1.0);
+    DeviceProblem dev(p);
+    DeviceTensor dids(ids), ddy(dy);
+    std::size_t bytes = 0;
+    ASSERT_TRUE(backward_workspace_size(cfg, T, sh.dt, Device::cuda, &bytes).ok());
+    DeviceWorkspace ws(bytes);
+    Grads side[2] = {make_grads(cfg, T, sh.dt), make_grads(cfg, T, sh.dt)};
+    for (int i = 0; i < 2; ++i) {
+      setenv("OMNIMOE_BACKWARD_VALUES", i == 0 ? "tokens" : "experts", 1);
+      DeviceGrads dg(side[i]);
+      dg.poison();
+      const Status st =
+          backward(cfg, Mode::training, dev.x.view(), dev.params(), dids.view(), ddy.view(), dg.view(), ws.ws());
+      ASSERT_TRUE(st.ok()) << st.message();
+      ASSERT_TRUE(synchronize(Device::cuda).ok());
+      dg.download(side[i]);
+      if (i == 1) expect_sparse_matches_dense(cfg, Mode::training, dev, dids, ids, ddy, side[1], sh.dt, ws);
+    }
+    const auto a = side[0].all(), b = side[1].all();
+    for (std::size_t i = 0; i < a.size(); ++i)
+      if (a[i]->defined()) EXPECT_TRUE(a[i]->bitwise_equal(*b[i])) << kTrainableNames[i] << " " << dtype_name(sh.dt);
+    const auto x = side[1].x.to_f64();
+    EXPECT_TRUE(std::isnan(x[9 * sh.H])) << "the bad id's token row";
+    EXPECT_FALSE(std::isnan(x[8 * sh.H])) << "another token's row";
+  }
+  if (saved != nullptr)
+    setenv("OMNIMOE_BACKWARD_VALUES", restore.c_str(), 1);
+  else
+    unsetenv("OMNIMOE_BACKWARD_VALUES");
+}
+
 using RN = RouterNorm;
 using GK = GateKind;
 using AC = Activation;
@@ -314,8 +375,7 @@ const BCase kBCases[] = {
     // the second chunk's tile products read x and dy from row t0 = 2048; with H = 20 (not
     // whole 16-byte rows) the warp-per-task fallback does, for both products.
     {"token_chunks_bf16", 64, 16, 48, 50, 12, 2100, RN::batchnorm, Mode::training, GK::softmax, AC::gelu, DType::bf16},
-    {"token_chunks_h20_bf16", 20, 8, 48, 50, 12, 2100, RN::batchnorm, Mode::inference, GK::exp, AC::silu,
-     DType::bf16},
+    {"token_chunks_h20_bf16", 20, 8, 48, 50, 12, 2100, RN::batchnorm, Mode::inference, GK::exp, AC::silu, DType::bf16},
     // Wide rows: the token kernel's register tiles of 4 and 8 vectors per lane (H = 1024 in
     // bf16, H = 1000 in f32: a partial last tile) and row sums over 4 slices at once.
     {"wide_h1024_bf16", 1024, 64, 8, 8, 6, 40, RN::batchnorm, Mode::training, GK::exp, AC::silu, DType::bf16},
@@ -340,6 +400,13 @@ const BCase kBCases[] = {
     {"dx_chunks_bf16", 1024, 64, 32, 32, 4, 4200, RN::batchnorm, Mode::training, GK::exp, AC::silu, DType::bf16},
     {"dx_chunks_h1002_f32", 1002, 48, 32, 32, 3, 4200, RN::batchnorm, Mode::inference, GK::softmax, AC::gelu,
      DType::f32},
+    // More than 32 tasks per warp on the gather path: the token kernels read ids and gates 32
+    // at a time (token_tasks), so these take a second, partial batch: K = 300 over 8 warps
+    // per token (38 or 37 tasks each, the 4-vector tiles of H = 1024), and K = 40 at one warp
+    // per token (T >= 4096).
+    {"many_tasks_h1024_bf16", 1024, 32, 32, 32, 300, 24, RN::batchnorm, Mode::training, GK::softmax, AC::silu,
+     DType::bf16},
+    {"many_tasks_w1_f32", 64, 16, 16, 16, 40, 4100, RN::batchnorm, Mode::inference, GK::exp, AC::gelu, DType::f32},
 };
 INSTANTIATE_TEST_SUITE_P(Cases, CudaBackward, ::testing::ValuesIn(kBCases),
                          [](const auto& info) { return std::string(info.param.name); });
