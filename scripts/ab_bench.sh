@@ -41,7 +41,9 @@ for ref in "${refs[@]}"; do
   ((${#refs[@]} == 1)) && label=b
   if [[ $tree == a ]]; then  # a:VAR=value: the working tree's binary with VAR=value
     [[ -n $extra ]] || { echo "ab_bench: 'a' needs :VAR=value"; exit 1; }
-    label=a_${extra#*=} bin[$label]=build-gpu/omnimoe envs[$label]=$extra
+    label=a_${extra#*=}
+    [[ $label == *.* || -n ${bin[$label]:-} ]] && { echo "ab_bench: label $label holds a dot or repeats"; exit 1; }
+    bin[$label]=build-gpu/omnimoe envs[$label]=$extra
     labels+=("$label")
     continue
   fi

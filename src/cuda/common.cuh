@@ -136,13 +136,46 @@ __device__ __forceinline__ void reduce_token_warps(float (&acc)[VPL][V], float* 
   }
 }
 
+// A task's expert rows as the gather kernels' bodies see them: r(q, j) = 16-byte vector
+// lane + 32 j of row q (zeros past nvec and for an id < 0). Loaded up front (kPre: tiles of
+// up to 4 vectors per lane, every benchmark point) so that all NR VPL loads are in flight
+// together; wider tiles load each vector where the body uses it, since holding NR VPL more
+// vectors through the body spilled (ptxas, sm_90a: the forward's 16-vector tile 2.5 KB,
+// the backward's 8-vector tile 80 bytes).
+template <class S, int NR, int VPL, class Rows>
+struct TaskRows {
+  static constexpr bool kPre = VPL <= 4;
+  i64 e;
+  int lane, nvec;
+  Rows rows;
+  uint4 v[kPre ? NR : 1][kPre ? VPL : 1];
+  __device__ __forceinline__ uint4 fetch(int q, int j) const {
+    const int c = j * 32 + lane;
+    return e >= 0 && c < nvec ? *reinterpret_cast<const uint4*>(rows(q, e) + c * Vec<S>::kN) : make_uint4(0, 0, 0, 0);
+  }
+  __device__ __forceinline__ TaskRows(i64 e_, int lane_, int nvec_, Rows rows_)
+      : e(e_), lane(lane_), nvec(nvec_), rows(rows_) {
+    if constexpr (kPre) {
+#pragma unroll
+      for (int q = 0; q < NR; ++q)
+#pragma unroll
+        for (int j = 0; j < VPL; ++j) v[q][j] = fetch(q, j);
+    }
+  }
+  __device__ __forceinline__ uint4 operator()(int q, int j) const {
+    if constexpr (kPre)
+      return v[q][j];
+    else
+      return fetch(q, j);
+  }
+};
+
 // The tasks of one warp of a token in the register-tile gather kernels (forward, backward,
-// the backward's dx pass): k = sub, sub + W, .. < K, in that order. For each, the NR rows
-// rows(q, e) (q < NR) of its expert e = tid[k] are all loaded as 16-byte vectors (lane owns
-// vectors lane + 32 j, j < VPL; zeros past nvec and for e < 0) before body(k, e, f, r) runs,
-// f = per_task[k] (a gate, or dh): a task's NR VPL loads are in flight together (the kernels
-// this replaced interleaved each load with its arithmetic). e is warp-uniform, so the body
-// may reduce across the warp.
+// the backward's dx pass): k = sub, sub + W, .. < K, in that order. For each, body(k, e, f,
+// r) runs with e = tid[k], f = per_task[k] (a gate, or dh) and r the NR rows rows(q, e) of
+// expert e (TaskRows: loaded before the body where the tile allows, so a task's loads are
+// in flight together; the kernels this replaced interleaved each load with its
+// arithmetic). e is warp-uniform, so the body may reduce across the warp.
 // Measured (H100, session l, docs/perf_log.md): prefetching the next task's rows as well
 // (two or three tasks in flight per warp, ids and gates read 32 at a time) was no faster
 // than this at any benchmark point, and up to 13% slower in the forward, so it was dropped.
@@ -152,15 +185,7 @@ __device__ __forceinline__ void token_tasks(const i32* __restrict__ tid, const f
   const int lane = threadIdx.x & 31;
   for (int k = sub; live && k < K; k += W) {
     const i64 e = tid[k];
-    uint4 r[NR][VPL];
-#pragma unroll
-    for (int q = 0; q < NR; ++q)
-#pragma unroll
-      for (int j = 0; j < VPL; ++j) {
-        const int v = j * 32 + lane;
-        r[q][j] =
-            e >= 0 && v < nvec ? *reinterpret_cast<const uint4*>(rows(q, e) + v * Vec<S>::kN) : make_uint4(0, 0, 0, 0);
-      }
+    const TaskRows<S, NR, VPL, Rows> r(e, lane, nvec, rows);
     body(k, e, per_task[k], r);
   }
 }

@@ -41,7 +41,7 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32)
   bool bad = false;  // an id outside [0, N) (caller routing): the token's row becomes NaN
   // Both rows of a task are loaded before its reduction, so they are in flight together.
   const auto rows = [&](int q, i64 e) { return (q == 0 ? w_in : w_out) + e * H; };
-  const auto body = [&](int, i64 e, float g, const uint4(&r)[2][VPL]) {
+  const auto body = [&](int, i64 e, float g, const auto& r) {
     if (e < 0) {
       bad = true;
       return;
@@ -51,7 +51,7 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32)
     for (int j = 0; j < VPL; ++j)
       if (j * 32 + lane < nvec) {
         float w[V];
-        unpack16<S>(r[0][j], w);
+        unpack16<S>(r(0, j), w);
 #pragma unroll
         for (int i = 0; i < V; ++i) h = fmaf(xr[j][i], w[i], h);
       }
@@ -61,7 +61,7 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32)
     for (int j = 0; j < VPL; ++j)
       if (j * 32 + lane < nvec) {
         float w[V];
-        unpack16<S>(r[1][j], w);
+        unpack16<S>(r(1, j), w);
 #pragma unroll
         for (int i = 0; i < V; ++i) acc[j][i] = fmaf(a, w[i], acc[j][i]);
       }

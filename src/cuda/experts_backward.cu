@@ -93,7 +93,7 @@ __global__ void __launch_bounds__(kWarps * 32)
   int bad_id = 0;
   const i64 t0 = live ? t * K : 0;
   const auto rows = [&](int q, i64 e) { return (q == 0 ? w_in : w_out) + e * H; };
-  const auto body = [&](int k, i64 e, float g, const uint4(&r)[2][VPL]) {
+  const auto body = [&](int k, i64 e, float g, const auto& r) {
     const i64 task = t0 + k;
     if (e < 0) {
       if (lane == 0) a_out[task] = dg_out[task] = dh_out[task] = 0.f;
@@ -104,8 +104,8 @@ __global__ void __launch_bounds__(kWarps * 32)
 #pragma unroll
     for (int j = 0; j < VPL; ++j)
       if (j * 32 + lane < nvec) {
-        h += dot16<S>(xr[j], r[0][j]);
-        da += dot16<S>(dyr[j], r[1][j]);
+        h += dot16<S>(xr[j], r(0, j));
+        da += dot16<S>(dyr[j], r(1, j));
       }
     warp_sum2(h, da);
     const float s = activate(act, h), dh = da * g * activate_grad(act, h);
@@ -117,7 +117,7 @@ __global__ void __launch_bounds__(kWarps * 32)
 #pragma unroll
     for (int j = 0; j < VPL; ++j) {
       float w[V];
-      unpack16<S>(r[0][j], w);
+      unpack16<S>(r(0, j), w);
 #pragma unroll
       for (int i = 0; i < V; ++i) acc[j][i] = fmaf(dh, w[i], acc[j][i]);
     }
@@ -156,13 +156,13 @@ __global__ void __launch_bounds__(kWarps * 32)
   const i64 t0 = live ? t * K : 0;
   // e < 0: the token kernel flagged it; store_rows makes its row NaN. Its rows load as zeros.
   const auto row = [&](int, i64 e) { return w_in + e * H; };
-  const auto body = [&](int, i64 e, float d, const uint4(&r)[1][VPL]) {
+  const auto body = [&](int, i64 e, float d, const auto& r) {
     if (e < 0) return;
 #pragma unroll
     for (int j = 0; j < VPL; ++j)
       if (j * 32 + lane < nvec) {
         float w[V];
-        unpack16<S>(r[0][j], w);
+        unpack16<S>(r(0, j), w);
 #pragma unroll
         for (int i = 0; i < V; ++i) acc[j][i] = fmaf(d, w[i], acc[j][i]);
       }
@@ -266,7 +266,7 @@ __device__ __forceinline__ void sum_tasks(i32 begin, i32 end, const i32* __restr
 // from dh in experts_backward_dx). h and da are summed in the token kernel's order (lane
 // vectors j = 0.., then the warp tree), so every value, and every sum below, is bitwise
 // what the token kernel and sum_tasks give. Registers (ptxas, sm_90a, H = 1024 in bf16:
-// NS = 4): 219, one block of 8 warps per SM; capped at 128 for two blocks it spilled
+// NS = 4): 230, one block of 8 warps per SM; capped at 128 for two blocks it spilled
 // 180 to 320 bytes (the 64 fp32 row sums, the two expert rows and the task's x and dy rows
 // are 128 registers before any address or temporary).
 template <class S>
