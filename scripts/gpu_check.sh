@@ -24,6 +24,9 @@
 #                     20: inside the warm-up forward, past its first expert chunks; the bench's
 #                     ceilings run first, so a regex must not match their kernels)
 #   TESTS_ONLY=regex  limit the CUDA test suites to those ctest -R matches
+#   CTEST_JOBS=n      CUDA test processes at once on the one GPU (default 4: the tests are
+#                     correctness checks, none timed and none reading free memory; a call's
+#                     device time is mostly these tests)
 #   SANITIZE_FILTER=f the gtest filter the sanitizers run (default: a cross-section)
 #   SANITIZE_DENSE_FILTER=f the same for the runs with the dense path's output forced
 #   CMAKE_ARGS="..."  extra configure arguments (e.g. -DOMNIMOE_BASELINES=OFF)
@@ -59,7 +62,7 @@ build_python() {  # each call reinstalls from the tree; the CMake build in build
 }
 
 if want tests; then
-  (cd build-gpu && ctest -L cuda ${TESTS_ONLY:+-R "$TESTS_ONLY"} --output-on-failure -j 1 2>&1) >"$OUT/ctest_cuda.log"
+  (cd build-gpu && ctest -L cuda ${TESTS_ONLY:+-R "$TESTS_ONLY"} --output-on-failure -j "${CTEST_JOBS:-4}" 2>&1) >"$OUT/ctest_cuda.log"
   grep -E "tests passed|FAILED|Failed" "$OUT/ctest_cuda.log" | head -20
   grep -q ", 0 tests failed" "$OUT/ctest_cuda.log" || grep -q "100% tests passed" "$OUT/ctest_cuda.log" || status=1
 fi
