@@ -2,7 +2,7 @@
 # One device call does everything: build (Release, sm_90a), CUDA tests, compute-sanitizer,
 # the benchmark and a per-kernel profile; CSVs go to $OUT (default ./out), the logs packed into
 # $OUT/logs.tar.gz at the end (the device tool returns at most 8 files).
-# Usage: scripts/gpu_check.sh [tests|sanitize|bench|bench_backward|profile|dense_outputs|paper|paths|all|python|train]...
+# Usage: scripts/gpu_check.sh [tests|sanitize|bench|bench_backward|profile|kernels|dense_outputs|paper|paths|all|python|train]...
 #   (default: all = the five C++ steps; python = build the PyTorch package into
 #   build-python/site and run tests/python; train = build the package and run
 #   examples/train_lm.py --preset gpu, corpus from $OMNIMOE_CORPUS, default data/fortunes;
@@ -17,6 +17,9 @@
 #   PROFILE_ONLY=text configuration(s) to profile (default: two representative ones)
 #   PROFILE_STEPS=..  forward and/or backward (default both); PROFILE_COUNT=n launches profiled
 #                     per run (default 600: a training step's full profile ran past 300 s)
+#   kernels = per-kernel medians (time, registers, DRAM %) of the kernels matching
+#   KERNELS (ncu regex; default the gather path's), PROFILE_COUNT launches (default 40) of
+#   each PROFILE_ONLY configuration (default paper-k512-t4096) and PROFILE_STEPS
 #   PROFILE_KERNEL=re the profile step instead reads one launch of the kernels matching re
 #                     (ncu's throughput, memory, warp-state and occupancy sections and the
 #                     stall reasons), forward of the PROFILE_ONLY configurations (default
@@ -35,7 +38,7 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/out}
 mkdir -p "$OUT"
 steps=("${@:-all}")
-optional=" python train dense_outputs paper paths "  # steps `all` leaves out
+optional=" python train dense_outputs paper paths kernels "  # steps `all` leaves out
 want() {
   for s in "${steps[@]}"; do
     [[ $s == "$1" ]] && return 0
@@ -48,7 +51,7 @@ status=0
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,driver_version --format=csv | tee "$OUT/gpu.txt"
 date -u +"%Y-%m-%d %H:%M UTC" >>"$OUT/gpu.txt"
 if want tests || want sanitize || want bench || want bench_backward || want profile || want dense_outputs ||
-  want paper || want paths; then
+  want paper || want paths || want kernels; then
   cmake -S . -B build-gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DOMNIMOE_FUZZ=OFF ${CMAKE_ARGS:-} >"$OUT/build.log" 2>&1 || { tail -30 "$OUT/build.log"; exit 1; }
   cmake --build build-gpu -j 16 ${BUILD_TARGETS:+--target $BUILD_TARGETS} >>"$OUT/build.log" 2>&1 || { grep -E "error|FAILED" "$OUT/build.log" | head -40; exit 1; }
 fi
@@ -192,6 +195,23 @@ elif want profile; then
   done
   grep -E "^===|^  [a-zA-Z_].*\(|gpu__time_duration.sum" "$OUT/profile.log" >"$OUT/profile_summary.txt"
   head -80 "$OUT/profile_summary.txt"
+fi
+# Per-kernel medians of a few kernels (time, registers, DRAM use) in forward and training
+# steps: ncu on the named kernels only (the set-up kernels before them are skipped by name),
+# summarised by scripts/ncu_summary.py.
+if want kernels; then
+  for cfg in ${PROFILE_ONLY:-paper-k512-t4096}; do
+    for step in ${PROFILE_STEPS:-forward backward}; do
+      flags=()
+      [[ $step == backward ]] && flags=(--backward)
+      csv="$OUT/kernels_${cfg}_$step.csv"
+      ncu --clock-control none --cache-control none --csv --launch-count "${PROFILE_COUNT:-40}" \
+        -k "regex:${KERNELS:-^(gather_kernel|tokens_vec_kernel|dx_vec_kernel|rows_kernel|pieces_kernel|flag_bad_kernel)\$}" \
+        --metrics gpu__time_duration.sum,launch__registers_per_thread,dram__throughput.avg.pct_of_peak_sustained_elapsed \
+        build-gpu/omnimoe bench --device cuda --suite omnimoe "${flags[@]}" --only "$cfg" --reps 2 >"$csv" 2>&1
+      python3 scripts/ncu_summary.py "$csv" "$cfg $step" | tee -a "$OUT/kernels_summary.txt"
+    done
+  done
 fi
 if want python; then
   build_python
