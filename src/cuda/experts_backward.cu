@@ -266,7 +266,7 @@ __device__ __forceinline__ void sum_tasks(i32 begin, i32 end, const i32* __restr
 // from dh in experts_backward_dx). h and da are summed in the token kernel's order (lane
 // vectors j = 0.., then the warp tree), so every value, and every sum below, is bitwise
 // what the token kernel and sum_tasks give. Registers (ptxas, sm_90a, H = 1024 in bf16:
-// NS = 4): 230, one block of 8 warps per SM; capped at 128 for two blocks it spilled
+// NS = 4): 224 to 230, one block of 8 warps per SM; capped at 128 for two blocks it spilled
 // 180 to 320 bytes (the 64 fp32 row sums, the two expert rows and the task's x and dy rows
 // are 128 registers before any address or temporary).
 template <class S>
@@ -279,18 +279,14 @@ struct ValueArgs {
   float* dh;  // [T K] out: dh (for experts_backward_dx)
 };
 
+// Row `row` of H elements as the values' slices hold it: vector q * 32 + lane in r[q], zeros
+// past H.
 template <class S, int NS>
-__device__ __forceinline__ void load_expert_rows(const ValueArgs<S>& v, i64 e, int H, int lane, uint4 (&win)[NS],
-                                                 uint4 (&wout)[NS]) {
-  constexpr int V = Vec<S>::kN;
+__device__ __forceinline__ void load_row_vecs(const S* __restrict__ row, int H, int lane, uint4 (&r)[NS]) {
 #pragma unroll
   for (int q = 0; q < NS; ++q) {
-    const int c = (q * 32 + lane) * V;
-    win[q] = wout[q] = make_uint4(0, 0, 0, 0);
-    if (c < H) {
-      win[q] = *reinterpret_cast<const uint4*>(v.w_in + e * H + c);
-      wout[q] = *reinterpret_cast<const uint4*>(v.w_out + e * H + c);
-    }
+    const int c = (q * 32 + lane) * Vec<S>::kN;
+    r[q] = c < H ? *reinterpret_cast<const uint4*>(row + c) : make_uint4(0, 0, 0, 0);
   }
 }
 
@@ -307,15 +303,8 @@ __device__ __forceinline__ void sum_tasks_values(i32 begin, i32 end, const i32* 
     const i64 t = task / K;
     const float g = v.gates[task];
     uint4 xr[NS], dr[NS];
-#pragma unroll
-    for (int q = 0; q < NS; ++q) {
-      const int c = (q * 32 + lane) * V;
-      xr[q] = dr[q] = make_uint4(0, 0, 0, 0);
-      if (c < H) {
-        xr[q] = *reinterpret_cast<const uint4*>(x + t * H + c);
-        dr[q] = *reinterpret_cast<const uint4*>(dy + t * H + c);
-      }
-    }
+    load_row_vecs<S, NS>(x + t * H, H, lane, xr);
+    load_row_vecs<S, NS>(dy + t * H, H, lane, dr);
     float h = 0.f, da = 0.f;
 #pragma unroll
     for (int q = 0; q < NS; ++q)
@@ -370,7 +359,8 @@ __global__ void __launch_bounds__(kWarps * 32)
     float gi[NS][R::V] = {}, go[NS][R::V] = {};
     if constexpr (kValues) {
       uint4 win[NS], wout[NS];
-      load_expert_rows<S, NS>(values, lo, H, lane, win, wout);
+      load_row_vecs<S, NS>(values.w_in + lo * H, H, lane, win);
+      load_row_vecs<S, NS>(values.w_out + lo * H, H, lane, wout);
       sum_tasks_values<S, NS>(begin, end, tasks, K, H, lane, x, dy, values, win, wout, gi, go);
     } else {
       sum_tasks<S, kVec, NS>(begin, end, tasks, K, H, c0, lane, x, dy, a, dh, gi, go);
@@ -419,7 +409,8 @@ __global__ void __launch_bounds__(kWarps * 32)
     } else if constexpr (kValues) {
       if (begin < end) {  // (a padding slot of the sparse output has e < 0 and no tasks)
         uint4 win[NS], wout[NS];
-        load_expert_rows<S, NS>(values, e, H, lane, win, wout);
+        load_row_vecs<S, NS>(values.w_in + e * H, H, lane, win);
+        load_row_vecs<S, NS>(values.w_out + e * H, H, lane, wout);
         sum_tasks_values<S, NS>(begin, end, tasks, K, H, lane, x, dy, values, win, wout, gi, go);
       }
     } else {

@@ -5,8 +5,10 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <numeric>
 #include <random>
+#include <string>
 #include <vector>
 
 #include "core/backend.hpp"
@@ -141,6 +143,34 @@ class MisalignedCopies {
 };
 
 inline bool have_gpu() { return cuda_available(); }
+
+// Sets an environment variable (value nullptr: unsets it) for a scope, then puts back what
+// was there, also when an assertion returns early: the tests' way to force a library switch.
+class ScopedEnv {
+ public:
+  ScopedEnv(const char* name, const char* value) : name_(name) {
+    const char* old = std::getenv(name);
+    had_ = old != nullptr;
+    if (had_) old_ = old;
+    if (value != nullptr)
+      setenv(name, value, 1);
+    else
+      unsetenv(name);
+  }
+  ~ScopedEnv() {
+    if (had_)
+      setenv(name_, old_.c_str(), 1);
+    else
+      unsetenv(name_);
+  }
+  ScopedEnv(const ScopedEnv&) = delete;
+  ScopedEnv& operator=(const ScopedEnv&) = delete;
+
+ private:
+  const char* name_;
+  bool had_ = false;
+  std::string old_;
+};
 
 // A caller's routing [T, K] (i64): K distinct uniform random experts of N per token.
 inline HostTensor random_distinct_ids(std::int64_t T, std::int64_t K, std::int64_t N, std::mt19937_64& rng) {

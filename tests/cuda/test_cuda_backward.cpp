@@ -299,29 +299,6 @@ TEST(CudaBackwardCallerIds, DuplicatesSumAndBadIdsPoisonTheirRow) {
   }
 }
 
-// Sets an environment variable for a scope, then puts back what was there (also when an
-// assertion returns early).
-class ScopedEnv {
- public:
-  ScopedEnv(const char* name, const char* value) : name_(name) {
-    const char* old = std::getenv(name);
-    had_ = old != nullptr;
-    if (had_) old_ = old;
-    setenv(name, value, 1);
-  }
-  ~ScopedEnv() {
-    if (had_)
-      setenv(name_, old_.c_str(), 1);
-    else
-      unsetenv(name_);
-  }
-
- private:
-  const char* name_;
-  bool had_ = false;
-  std::string old_;
-};
-
 // The gather path's task values from the token side (the token kernel) and from the expert
 // side (the rows pass, RowsArgs::values) are the same arithmetic in the same order: every
 // gradient bitwise equal, for a hot expert (split segments), a duplicate and a bad id

@@ -578,8 +578,6 @@ TEST(CudaForwardErrors, RefusesWhatItCannotServe) {
 // scores: the scores at the tasks, from a tile schedule) and K = 4096 the product;
 // OMNIMOE_DENSE_OUTPUT forces either.
 TEST(CudaDenseOutput, SizeRuleAndSwitchShapeTheWorkspace) {
-  const char* saved = std::getenv("OMNIMOE_DENSE_OUTPUT");
-  const std::string keep = saved != nullptr ? saved : "";
   Config cfg;
   cfg.hidden = 1024;
   cfg.intermediate = 1024;
@@ -587,8 +585,7 @@ TEST(CudaDenseOutput, SizeRuleAndSwitchShapeTheWorkspace) {
   cfg.grid_cols = 320;
   cfg.schedule = Schedule::expert_centric;
   auto query = [&](const char* mode) {
-    if (mode != nullptr) setenv("OMNIMOE_DENSE_OUTPUT", mode, 1);
-    else unsetenv("OMNIMOE_DENSE_OUTPUT");
+    const ScopedEnv env("OMNIMOE_DENSE_OUTPUT", mode);
     std::size_t bytes = 0;
     EXPECT_TRUE(forward_workspace_size(cfg, 4096, DType::bf16, Device::cuda, &bytes).ok());
     return bytes;
@@ -599,8 +596,6 @@ TEST(CudaDenseOutput, SizeRuleAndSwitchShapeTheWorkspace) {
   EXPECT_LT(sparse, product);
   cfg.top_k = 4096;
   EXPECT_EQ(query(nullptr), query("product"));
-  if (saved != nullptr) setenv("OMNIMOE_DENSE_OUTPUT", keep.c_str(), 1);
-  else unsetenv("OMNIMOE_DENSE_OUTPUT");
 }
 
 // The expert ids' dtype and the workspace (host only, no GPU): with i32 out.expert_ids the
