@@ -233,6 +233,18 @@ inline bool aligned16(const void* p) { return reinterpret_cast<std::uintptr_t>(p
 
 inline unsigned ceil_div(i64 a, i64 b) { return static_cast<unsigned>((a + b - 1) / b); }
 
+// Blocks of `threads` threads of `kernel` resident at once on the current device (a
+// persistent grid's size): host queries only, no synchronisation, allowed in stream capture.
+template <class Kernel>
+Status resident_blocks(Kernel kernel, int threads, unsigned& blocks) {
+  int dev = 0, sms = 0, per_sm = 0;
+  OMNIMOE_CUDA_TRY(cudaGetDevice(&dev));
+  OMNIMOE_CUDA_TRY(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+  OMNIMOE_CUDA_TRY(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, 0));
+  blocks = static_cast<unsigned>(sms * (per_sm > 0 ? per_sm : 1));
+  return Status::Ok();
+}
+
 // Address of element `elems` of a tensor of dtype dt starting at base.
 inline const char* at(const void* base, i64 elems, DType dt) {
   return static_cast<const char*>(base) + elems * static_cast<i64>(dtype_size(dt));

@@ -296,15 +296,26 @@ __device__ __forceinline__ void sum_tasks_values(i32 begin, i32 end, const i32* 
                                                  const ValueArgs<S>& v, const uint4 (&win)[NS], const uint4 (&wout)[NS],
                                                  float (&gi)[NS][Vec<S>::kN], float (&go)[NS][Vec<S>::kN]) {
   constexpr int V = Vec<S>::kN;
-  i32 next = begin < end ? tasks[begin] : 0;  // the next task's index, read a task ahead
+  if (begin >= end) return;
+  // Software pipeline, one task deep: the next task's x and dy rows (and gate) are loaded
+  // before this task's dot products, warp sums and row updates, so their L2 latency overlaps
+  // that chain (session m, H200: without it the pass waited out both in turn, ~3000 cycles
+  // a task at one block of 8 warps per SM). The index is read two tasks ahead.
+  i32 task = tasks[begin], after = begin + 1 < end ? tasks[begin + 1] : 0;
+  uint4 xr[NS], dr[NS];
+  load_row_vecs<S, NS>(x + static_cast<i64>(task / K) * H, H, lane, xr);
+  load_row_vecs<S, NS>(dy + static_cast<i64>(task / K) * H, H, lane, dr);
+  float g = v.gates[task];
   for (i32 i = begin; i < end; ++i) {
-    const i32 task = next;
-    if (i + 1 < end) next = tasks[i + 1];
-    const i64 t = task / K;
-    const float g = v.gates[task];
-    uint4 xr[NS], dr[NS];
-    load_row_vecs<S, NS>(x + t * H, H, lane, xr);
-    load_row_vecs<S, NS>(dy + t * H, H, lane, dr);
+    uint4 xn[NS], dn[NS];
+    float gn = 0.f;
+    const i32 next = after;
+    if (i + 1 < end) {
+      if (i + 2 < end) after = tasks[i + 2];
+      load_row_vecs<S, NS>(x + static_cast<i64>(next / K) * H, H, lane, xn);
+      load_row_vecs<S, NS>(dy + static_cast<i64>(next / K) * H, H, lane, dn);
+      gn = v.gates[next];
+    }
     float h = 0.f, da = 0.f;
 #pragma unroll
     for (int q = 0; q < NS; ++q)
@@ -328,7 +339,11 @@ __device__ __forceinline__ void sum_tasks_values(i32 begin, i32 end, const i32* 
         gi[q][j] = fmaf(dh, xf[j], gi[q][j]);
         go[q][j] = fmaf(a, df[j], go[q][j]);
       }
+      xr[q] = xn[q];
+      dr[q] = dn[q];
     }
+    task = next;
+    g = gn;
   }
 }
 
@@ -373,20 +388,17 @@ __global__ void __launch_bounds__(kWarps * 32)
   }
 }
 
-// Stage 2: one warp per output row. Dense output: row e of the [N, H] tables; sparse: slot
-// s holds expert slot_ids[s] (-1: padding, a zero row). A segment of at most `piece` tasks is
-// summed directly; a longer one sums its pieces' partial rows in order (deterministic).
-// kValues: as in pieces_kernel, for the segments summed directly.
+// Row r of the output (rows_kernel's body): its expert's partial rows or tasks summed.
 template <class S, bool kVec, int NS, bool kValues>
-__global__ void __launch_bounds__(kWarps * 32)
-    rows_kernel(i64 rows, int H, int K, int piece, const S* __restrict__ x, const S* __restrict__ dy,
-                const i32* __restrict__ tasks, const i32* __restrict__ offsets, const i32* __restrict__ pstart,
-                const float* __restrict__ partial, const float* __restrict__ a, const float* __restrict__ dh,
-                ValueArgs<S> values, const i32* __restrict__ slot_ids, S* __restrict__ dw_in, S* __restrict__ dw_out) {
+__device__ __forceinline__ void sum_row(i64 r, int H, int K, int piece, const S* __restrict__ x,
+                                        const S* __restrict__ dy, const i32* __restrict__ tasks,
+                                        const i32* __restrict__ offsets, const i32* __restrict__ pstart,
+                                        const float* __restrict__ partial, const float* __restrict__ a,
+                                        const float* __restrict__ dh, const ValueArgs<S>& values,
+                                        const i32* __restrict__ slot_ids, S* __restrict__ dw_in,
+                                        S* __restrict__ dw_out) {
   using R = RowSlice<S, kVec>;
   const int lane = threadIdx.x & 31;
-  const i64 r = static_cast<i64>(blockIdx.x) * kWarps + (threadIdx.x >> 5);
-  if (r >= rows) return;
   const i64 e = slot_ids != nullptr ? slot_ids[r] : r;
   const i32 begin = e >= 0 ? offsets[e] : 0, end = e >= 0 ? offsets[e + 1] : 0;
   const bool split = end - begin > piece;
@@ -424,6 +436,26 @@ __global__ void __launch_bounds__(kWarps * 32)
   }
 }
 
+
+// Stage 2: one warp per output row. Dense output: row e of the [N, H] tables; sparse: slot
+// s holds expert slot_ids[s] (-1: padding, a zero row). A segment of at most `piece` tasks is
+// summed directly; a longer one sums its pieces' partial rows in order (deterministic).
+// kValues: as in pieces_kernel, for the segments summed directly. Warp w of the grid's W
+// takes rows w, w + W, ...: one row each when the grid covers the rows; the expert-side
+// values launch only the blocks resident at once (one of 8 warps per SM at H = 1024: 246
+// registers), so that each warp sums ~N / W experts' tasks and a block does not wait for its
+// busiest expert before the next block can start (Poisson task counts of mean ~20).
+template <class S, bool kVec, int NS, bool kValues>
+__global__ void __launch_bounds__(kWarps * 32)
+    rows_kernel(i64 rows, int H, int K, int piece, const S* __restrict__ x, const S* __restrict__ dy,
+                const i32* __restrict__ tasks, const i32* __restrict__ offsets, const i32* __restrict__ pstart,
+                const float* __restrict__ partial, const float* __restrict__ a, const float* __restrict__ dh,
+                ValueArgs<S> values, const i32* __restrict__ slot_ids, S* __restrict__ dw_in, S* __restrict__ dw_out) {
+  const i64 stride = static_cast<i64>(gridDim.x) * kWarps;
+  for (i64 r = static_cast<i64>(blockIdx.x) * kWarps + (threadIdx.x >> 5); r < rows; r += stride)
+    sum_row<S, kVec, NS, kValues>(r, H, K, piece, x, dy, tasks, offsets, pstart, partial, a, dh, values, slot_ids,
+                                  dw_in, dw_out);
+}
 // Per expert: whether any task chose it, and how many pieces its segment splits into.
 __global__ void segment_counts_kernel(i64 N, int piece, const i32* __restrict__ offsets, i32* __restrict__ active,
                                       i32* __restrict__ npieces) {
@@ -647,7 +679,14 @@ Status experts_backward_rows(const RowsArgs& r, cudaStream_t stream) {
           N, H, K, s.piece, static_cast<const S*>(r.x), static_cast<const S*>(r.dy), r.tasks, r.offsets, s.pstart,
           r.act_out, r.dh, values, s.partial);
       OMNIMOE_CUDA_LAUNCH_CHECK("experts_backward pieces_kernel");
-      rows_kernel<S, kVec, NS, kValues><<<ceil_div(rows, kWarps), kWarps * 32, 0, stream>>>(
+      // The expert-side values take a persistent grid (rows_kernel), the other forms a warp a row.
+      unsigned grid = ceil_div(rows, kWarps);
+      if constexpr (kValues) {
+        unsigned resident = 0;
+        OMNIMOE_RETURN_IF_ERROR(resident_blocks(rows_kernel<S, kVec, NS, kValues>, kWarps * 32, resident));
+        grid = std::min(grid, resident);
+      }
+      rows_kernel<S, kVec, NS, kValues><<<grid, kWarps * 32, 0, stream>>>(
           rows, H, K, s.piece, static_cast<const S*>(r.x), static_cast<const S*>(r.dy), r.tasks, r.offsets, s.pstart,
           s.partial, r.act_out, r.dh, values, r.sparse != nullptr ? r.sparse->ids : nullptr,
           static_cast<S*>(r.sparse != nullptr ? r.sparse->dw_in : r.dw_in),
