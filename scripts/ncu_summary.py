@@ -15,7 +15,7 @@ import sys
 def short(name):
     # ncu writes the anonymous namespace as "(anonymous namespace)" or "<unnamed>" (its CSV
     # has shown "unnamed>::"); either would unbalance the template brackets below.
-    name = re.sub(r"\(anonymous namespace\)::|<?unnamed>::", "", name)
+    name = re.sub(r"\(anonymous namespace\)::|(?<![\w>])<unnamed>::|unnamed>::", "", name)
     name = re.sub(r"\(.*$", "", name)  # parameters
     name = re.sub(r"^\S+\s+(?=\S)", "", name) if " " in name.split("<")[0] else name  # return type
     depth, out = 0, []

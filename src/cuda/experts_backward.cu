@@ -266,9 +266,10 @@ __device__ __forceinline__ void sum_tasks(i32 begin, i32 end, const i32* __restr
 // from dh in experts_backward_dx). h and da are summed in the token kernel's order (lane
 // vectors j = 0.., then the warp tree), so every value, and every sum below, is bitwise
 // what the token kernel and sum_tasks give. Registers (ptxas, sm_90a, H = 1024 in bf16:
-// NS = 4): 224 to 230, one block of 8 warps per SM; capped at 128 for two blocks it spilled
-// 180 to 320 bytes (the 64 fp32 row sums, the two expert rows and the task's x and dy rows
-// are 128 registers before any address or temporary).
+// NS = 4): 242 with the next task's rows loaded ahead (224 to 230 without), one block of 8
+// warps per SM; capped at 128 for two blocks the form without it spilled 180 to 320 bytes
+// (the 64 fp32 row sums, the two expert rows and one task's x and dy rows are 128
+// registers before any address or temporary; the next task's rows 32 more).
 template <class S>
 struct ValueArgs {
   const S* w_in;  // [N, H] expert tables
@@ -307,7 +308,7 @@ __device__ __forceinline__ void sum_tasks_values(i32 begin, i32 end, const i32* 
   load_row_vecs<S, NS>(dy + static_cast<i64>(task / K) * H, H, lane, dr);
   float g = v.gates[task];
   for (i32 i = begin; i < end; ++i) {
-    uint4 xn[NS], dn[NS];
+    uint4 xn[NS] = {}, dn[NS] = {};  // (left zero past the last task: copied, never used)
     float gn = 0.f;
     const i32 next = after;
     if (i + 1 < end) {
@@ -436,15 +437,14 @@ __device__ __forceinline__ void sum_row(i64 r, int H, int K, int piece, const S*
   }
 }
 
-
 // Stage 2: one warp per output row. Dense output: row e of the [N, H] tables; sparse: slot
 // s holds expert slot_ids[s] (-1: padding, a zero row). A segment of at most `piece` tasks is
 // summed directly; a longer one sums its pieces' partial rows in order (deterministic).
 // kValues: as in pieces_kernel, for the segments summed directly. Warp w of the grid's W
 // takes rows w, w + W, ...: one row each when the grid covers the rows; the expert-side
-// values launch only the blocks resident at once (one of 8 warps per SM at H = 1024: 246
-// registers), so that each warp sums ~N / W experts' tasks and a block does not wait for its
-// busiest expert before the next block can start (Poisson task counts of mean ~20).
+// values launch only the blocks resident at once (one block of 8 warps per SM at H = 1024:
+// 242 registers), so that each warp sums ~N / W experts' tasks (Poisson task counts of mean
+// ~20 at paper-k512-t4096) and no new block waits for a finished block's busiest expert.
 template <class S, bool kVec, int NS, bool kValues>
 __global__ void __launch_bounds__(kWarps * 32)
     rows_kernel(i64 rows, int H, int K, int piece, const S* __restrict__ x, const S* __restrict__ dy,
