@@ -126,11 +126,8 @@ Status measure_l2_gather_rate(Device d, double* bytes_per_s) {
   constexpr std::int32_t rows = 8192;                 // 16 MB: an expert chunk's w_out rows
   constexpr std::int64_t n = std::int64_t{1} << 22;   // 8 GiB of rows per pass
   constexpr int threads = 256;
-  int dev = 0, sms = 0, per_sm = 0;
-  OMNIMOE_CUDA_TRY(cudaGetDevice(&dev));
-  OMNIMOE_CUDA_TRY(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
-  OMNIMOE_CUDA_TRY(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, gather_rows_kernel, threads, 0));
-  const int blocks = std::max(1, per_sm) * sms;  // one full wave: as many warps per SM as fit
+  unsigned blocks = 0;  // one full wave: as many warps per SM as fit
+  OMNIMOE_RETURN_IF_ERROR(cuda::resident_blocks(gather_rows_kernel, threads, blocks));
   void *table = nullptr, *idx = nullptr, *sink = nullptr;
   auto release = [&] {
     for (void* p : {table, idx, sink}) cudaFree(p);

@@ -437,7 +437,7 @@ __device__ __forceinline__ void sum_row(i64 r, int H, int K, int piece, const S*
   }
 }
 
-// Stage 2: one warp per output row. Dense output: row e of the [N, H] tables; sparse: slot
+// Stage 2: a warp per output row at a time. Dense output: row e of the [N, H] tables; sparse: slot
 // s holds expert slot_ids[s] (-1: padding, a zero row). A segment of at most `piece` tasks is
 // summed directly; a longer one sums its pieces' partial rows in order (deterministic).
 // kValues: as in pieces_kernel, for the segments summed directly. Warp w of the grid's W
@@ -456,6 +456,7 @@ __global__ void __launch_bounds__(kWarps * 32)
     sum_row<S, kVec, NS, kValues>(r, H, K, piece, x, dy, tasks, offsets, pstart, partial, a, dh, values, slot_ids,
                                   dw_in, dw_out);
 }
+
 // Per expert: whether any task chose it, and how many pieces its segment splits into.
 __global__ void segment_counts_kernel(i64 N, int piece, const i32* __restrict__ offsets, i32* __restrict__ active,
                                       i32* __restrict__ npieces) {
