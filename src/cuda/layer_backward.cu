@@ -229,15 +229,13 @@ BackwardBuffers carve_backward(Arena& a, const Config& cfg, i64 T, DType dt) {
 // each chosen expert's rows read once, by the warp that sums its gradient rows) where an
 // expert has at least kValueTasks tasks on average; else from the token side (the token
 // kernel reads both rows of every task, then the rows pass reads x and dy of every task).
-// Both give bitwise the same gradients. Predicted at paper-k512-t4096 (20 tasks per
-// expert, 420 MB of tables, each task's rows 4 KB from DRAM): the token kernel's 3.3 ms
-// (8.6 GB) goes, the rows pass stays near its 1.2 ms (L2-bound on x and dy), dx from dh
-// reads w_in once per task (4.3 GB, ~1.7 ms). OMNIMOE_BACKWARD_VALUES = experts | tokens
-// forces one side (tests). kExpertSideByDefault: off until the expert side has passed the
-// CUDA suites on a GPU (written in session l, which got no machine); until then it runs
-// only where OMNIMOE_BACKWARD_VALUES=experts asks for it.
-constexpr i64 kValueTasks = 8;
-constexpr bool kExpertSideByDefault = false;
+// Both give bitwise the same gradients. Measured (H200, session n, training step, ms;
+// docs/bench/ab_values_h200_2026-12-06n.csv): paper-k512-t4096 (20.5 tasks per expert)
+// 6.81 token side -> 6.29 expert side, lm-64x64-t16384 (64) 5.06 -> 4.98, but
+// lm-64x64-t4096 (16) 1.080 -> 1.097: the expert side from 20 tasks per expert on.
+// OMNIMOE_BACKWARD_VALUES = experts | tokens forces one side (tests, A/B).
+constexpr i64 kValueTasks = 20;
+constexpr bool kExpertSideByDefault = true;
 bool expert_side_values(const Config& cfg, i64 T) {
   if (const char* env = std::getenv("OMNIMOE_BACKWARD_VALUES")) {
     if (std::string(env) == "experts") return true;
