@@ -235,13 +235,12 @@ BackwardBuffers carve_backward(Arena& a, const Config& cfg, i64 T, DType dt) {
 // lm-64x64-t4096 (16) 1.080 -> 1.097: the expert side from 20 tasks per expert on.
 // OMNIMOE_BACKWARD_VALUES = experts | tokens forces one side (tests, A/B).
 constexpr i64 kValueTasks = 20;
-constexpr bool kExpertSideByDefault = true;
 bool expert_side_values(const Config& cfg, i64 T) {
   if (const char* env = std::getenv("OMNIMOE_BACKWARD_VALUES")) {
     if (std::string(env) == "experts") return true;
     if (std::string(env) == "tokens") return false;
   }
-  return kExpertSideByDefault && T * cfg.top_k >= kValueTasks * cfg.num_experts();
+  return T * cfg.top_k >= kValueTasks * cfg.num_experts();
 }
 
 // The experts' backward on the chosen path: dgates, the experts' share of dx, and the
