@@ -45,4 +45,30 @@ template <class C> OMNIMOE_HD C activate_grad(Activation a, C h) {
   }
 }
 
+// Both at once: the same expressions as activate and activate_grad, so the same values bit
+// for bit, with the shared sigmoid or erf evaluated once (the CUDA backward's per-task chains
+// computed each twice).
+template <class C>
+OMNIMOE_HD void activate_with_grad(Activation a, C h, C& act, C& grad) {
+  switch (a) {
+    case Activation::silu: {
+      const C s = sigmoid(h);
+      act = h * s;
+      grad = s * (C(1) + h * (C(1) - s));
+      return;
+    }
+    case Activation::gelu: {
+      const C e = erf_c(h * C(0.70710678118654752440));
+      act = C(0.5) * h * (C(1) + e);
+      const C cdf = C(0.5) * (C(1) + e);
+      const C pdf = C(0.39894228040143267794) * exp_c(C(-0.5) * h * h);
+      grad = cdf + h * pdf;
+      return;
+    }
+    default:
+      act = h > C(0) ? h : C(0);
+      grad = h > C(0) ? C(1) : C(0);
+  }
+}
+
 }  // namespace omnimoe

@@ -10,6 +10,7 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "core/fast_div.hpp"
 #include "core/math.hpp"
 #include "core/workspace.hpp"
 #include "cuda/cuda.cuh"
@@ -47,7 +48,10 @@ __global__ void __launch_bounds__(kWarps * 32)
     }
     h = warp_sum(h);
     da = warp_sum(da);
-    const float g = gates[task], s = activate(act, h), dh = da * g * activate_grad(act, h);
+    const float g = gates[task];
+    float s, grad;
+    activate_with_grad(act, h, s, grad);
+    const float dh = da * g * grad;
     if (lane == 0) {
       a_out[task] = g * s;
       dg_out[task] = da * s;
@@ -108,7 +112,9 @@ __global__ void __launch_bounds__(kWarps * 32)
         da += dot16<S>(dyr[j], r(1, j));
       }
     warp_sum2(h, da);
-    const float s = activate(act, h), dh = da * g * activate_grad(act, h);
+    float s, grad;
+    activate_with_grad(act, h, s, grad);
+    const float dh = da * g * grad;
     if (lane == 0) {
       a_out[task] = g * s;
       dg_out[task] = da * s;
@@ -232,15 +238,15 @@ struct RowSlice {
 // Sums tasks [begin, end) of the sorted list into gi / go for NS slices starting at c0 (a
 // task's x and dy rows are read once for all NS slices: NS independent loads in flight).
 template <class S, bool kVec, int NS>
-__device__ __forceinline__ void sum_tasks(i32 begin, i32 end, const i32* __restrict__ tasks, int K, int H, int c0,
-                                          int lane, const S* __restrict__ x, const S* __restrict__ dy,
+__device__ __forceinline__ void sum_tasks(i32 begin, i32 end, const i32* __restrict__ tasks, FastDiv kdiv, int H,
+                                          int c0, int lane, const S* __restrict__ x, const S* __restrict__ dy,
                                           const float* __restrict__ a, const float* __restrict__ dh,
                                           float (&gi)[NS][RowSlice<S, kVec>::V],
                                           float (&go)[NS][RowSlice<S, kVec>::V]) {
   using R = RowSlice<S, kVec>;
   for (i32 i = begin; i < end; ++i) {
     const i32 task = tasks[i];
-    const i64 t = task / K;
+    const i64 t = kdiv.div(static_cast<std::uint32_t>(task));
     const float w = dh[task], v = a[task];
     float xr[NS][R::V], dr[NS][R::V];
 #pragma unroll
@@ -266,8 +272,9 @@ __device__ __forceinline__ void sum_tasks(i32 begin, i32 end, const i32* __restr
 // from dh in experts_backward_dx). h and da are summed in the token kernel's order (lane
 // vectors j = 0.., then the warp tree), so every value, and every sum below, is bitwise
 // what the token kernel and sum_tasks give. Registers (ptxas, sm_90a, H = 1024 in bf16:
-// NS = 4): 242 with the next task's rows loaded ahead (224 to 230 without), one block of 8
-// warps per SM; capped at 128 for two blocks the form without it spilled 180 to 320 bytes
+// NS = 4): 255 and 56 bytes of spills (one register stored and reloaded per two tasks)
+// with the next task's rows loaded ahead in two buffers taken in turn (242 with one buffer
+// copied into the other, 224 to 230 without loading ahead), one block of 8 warps per SM; capped at 128 for two blocks the form without it spilled 180 to 320 bytes
 // (the 64 fp32 row sums, the two expert rows and one task's x and dy rows are 128
 // registers before any address or temporary; the next task's rows 32 more).
 template <class S>
@@ -291,60 +298,82 @@ __device__ __forceinline__ void load_row_vecs(const S* __restrict__ row, int H, 
   }
 }
 
+// One task of the values loop: its h and da from the expert rows (a warp sum each), its
+// a, dg and dh, and its x and dy rows added into gi / go. Every lane's vectors take part in
+// the dot products, also past H: load_row_vecs left them zero, so they add +0.f to dot
+// products that are never -0.f (sums from +0.f), which leaves them bitwise as the token
+// kernel's, which skips them.
 template <class S, int NS>
-__device__ __forceinline__ void sum_tasks_values(i32 begin, i32 end, const i32* __restrict__ tasks, int K, int H,
+__device__ __forceinline__ void value_task(i32 task, float g, int lane, const ValueArgs<S>& v, const uint4 (&xr)[NS],
+                                           const uint4 (&dr)[NS], const uint4 (&win)[NS], const uint4 (&wout)[NS],
+                                           float (&gi)[NS][Vec<S>::kN], float (&go)[NS][Vec<S>::kN]) {
+  constexpr int V = Vec<S>::kN;
+  float h = 0.f, da = 0.f;
+#pragma unroll
+  for (int q = 0; q < NS; ++q) {
+    h += dot16<S>(xr[q], win[q]);
+    da += dot16<S>(dr[q], wout[q]);
+  }
+  warp_sum2(h, da);
+  float s, grad;
+  activate_with_grad(v.act, h, s, grad);
+  const float dh = da * g * grad, a = g * s;
+  if (lane == 0) {
+    v.dg[task] = da * s;
+    v.dh[task] = dh;
+  }
+#pragma unroll
+  for (int q = 0; q < NS; ++q) {
+    float xf[V], df[V];
+    unpack16<S>(xr[q], xf);
+    unpack16<S>(dr[q], df);
+#pragma unroll
+    for (int j = 0; j < V; ++j) {
+      gi[q][j] = fmaf(dh, xf[j], gi[q][j]);
+      go[q][j] = fmaf(a, df[j], go[q][j]);
+    }
+  }
+}
+
+// Software pipeline, one task deep: the next task's x and dy rows (and gate) are loaded
+// before this task's chain, so their L2 latency overlaps it (session m, H200: without it
+// the pass waited out both in turn, ~3000 cycles a task at one block of 8 warps per SM).
+// Two register buffers in turn (the loop unrolled by two), so no row is copied between
+// them. Session n's profile found the pass issue-bound (0.58 instructions a cycle per
+// scheduler, few memory stalls) at ~710 instructions a task: the token's index by FastDiv
+// instead of a division, the activation and its derivative from one sigmoid, and neither
+// row copies nor zero fills take ~150 of them.
+template <class S, int NS>
+__device__ __forceinline__ void sum_tasks_values(i32 begin, i32 end, const i32* __restrict__ tasks, FastDiv kdiv, int H,
                                                  int lane, const S* __restrict__ x, const S* __restrict__ dy,
                                                  const ValueArgs<S>& v, const uint4 (&win)[NS], const uint4 (&wout)[NS],
                                                  float (&gi)[NS][Vec<S>::kN], float (&go)[NS][Vec<S>::kN]) {
-  constexpr int V = Vec<S>::kN;
+  const auto load = [&](i32 task, uint4(&xr)[NS], uint4(&dr)[NS]) {
+    const i64 t = kdiv.div(static_cast<std::uint32_t>(task));
+    load_row_vecs<S, NS>(x + t * H, H, lane, xr);
+    load_row_vecs<S, NS>(dy + t * H, H, lane, dr);
+  };
   if (begin >= end) return;
-  // Software pipeline, one task deep: the next task's x and dy rows (and gate) are loaded
-  // before this task's dot products, warp sums and row updates, so their L2 latency overlaps
-  // that chain (session m, H200: without it the pass waited out both in turn, ~3000 cycles
-  // a task at one block of 8 warps per SM). The index is read two tasks ahead.
-  i32 task = tasks[begin], after = begin + 1 < end ? tasks[begin + 1] : 0;
-  uint4 xr[NS], dr[NS];
-  load_row_vecs<S, NS>(x + static_cast<i64>(task / K) * H, H, lane, xr);
-  load_row_vecs<S, NS>(dy + static_cast<i64>(task / K) * H, H, lane, dr);
-  float g = v.gates[task];
-  for (i32 i = begin; i < end; ++i) {
-    uint4 xn[NS] = {}, dn[NS] = {};  // (left zero past the last task: copied, never used)
-    float gn = 0.f;
-    const i32 next = after;
-    if (i + 1 < end) {
-      if (i + 2 < end) after = tasks[i + 2];
-      load_row_vecs<S, NS>(x + static_cast<i64>(next / K) * H, H, lane, xn);
-      load_row_vecs<S, NS>(dy + static_cast<i64>(next / K) * H, H, lane, dn);
-      gn = v.gates[next];
+  uint4 xa[NS], da[NS], xb[NS], db[NS];
+  i32 ta = tasks[begin];
+  load(ta, xa, da);
+  float ga = v.gates[ta];
+  for (i32 i = begin; i < end; i += 2) {
+    // buffers a hold task i; b take task i + 1 while a's chain runs, then the other way round
+    if (i + 1 >= end) {
+      value_task<S, NS>(ta, ga, lane, v, xa, da, win, wout, gi, go);
+      break;
     }
-    float h = 0.f, da = 0.f;
-#pragma unroll
-    for (int q = 0; q < NS; ++q)
-      if ((q * 32 + lane) * V < H) {
-        h += dot16<S>(xr[q], win[q]);
-        da += dot16<S>(dr[q], wout[q]);
-      }
-    warp_sum2(h, da);
-    const float s = activate(v.act, h), dh = da * g * activate_grad(v.act, h), a = g * s;
-    if (lane == 0) {
-      v.dg[task] = da * s;
-      v.dh[task] = dh;
+    const i32 tb = tasks[i + 1];
+    load(tb, xb, db);
+    const float gb = v.gates[tb];
+    value_task<S, NS>(ta, ga, lane, v, xa, da, win, wout, gi, go);
+    if (i + 2 < end) {
+      ta = tasks[i + 2];
+      load(ta, xa, da);
+      ga = v.gates[ta];
     }
-#pragma unroll
-    for (int q = 0; q < NS; ++q) {
-      float xf[V], df[V];
-      unpack16<S>(xr[q], xf);
-      unpack16<S>(dr[q], df);
-#pragma unroll
-      for (int j = 0; j < V; ++j) {
-        gi[q][j] = fmaf(dh, xf[j], gi[q][j]);
-        go[q][j] = fmaf(a, df[j], go[q][j]);
-      }
-      xr[q] = xn[q];
-      dr[q] = dn[q];
-    }
-    task = next;
-    g = gn;
+    value_task<S, NS>(tb, gb, lane, v, xb, db, win, wout, gi, go);
   }
 }
 
@@ -371,15 +400,16 @@ __global__ void __launch_bounds__(kWarps * 32)
   const i32 begin = offsets[lo] + static_cast<i32>(p - pstart[lo]) * piece;
   const i32 end = min(begin + piece, offsets[lo + 1]);
   float* out = partial + p * 2 * H;
+  const FastDiv kdiv(static_cast<std::uint32_t>(K));
   for (int c0 = 0; c0 < H; c0 += NS * R::kWidth) {
     float gi[NS][R::V] = {}, go[NS][R::V] = {};
     if constexpr (kValues) {
       uint4 win[NS], wout[NS];
       load_row_vecs<S, NS>(values.w_in + lo * H, H, lane, win);
       load_row_vecs<S, NS>(values.w_out + lo * H, H, lane, wout);
-      sum_tasks_values<S, NS>(begin, end, tasks, K, H, lane, x, dy, values, win, wout, gi, go);
+      sum_tasks_values<S, NS>(begin, end, tasks, kdiv, H, lane, x, dy, values, win, wout, gi, go);
     } else {
-      sum_tasks<S, kVec, NS>(begin, end, tasks, K, H, c0, lane, x, dy, a, dh, gi, go);
+      sum_tasks<S, kVec, NS>(begin, end, tasks, kdiv, H, c0, lane, x, dy, a, dh, gi, go);
     }
 #pragma unroll
     for (int q = 0; q < NS; ++q) {
@@ -391,7 +421,7 @@ __global__ void __launch_bounds__(kWarps * 32)
 
 // Row r of the output (rows_kernel's body): its expert's partial rows or tasks summed.
 template <class S, bool kVec, int NS, bool kValues>
-__device__ __forceinline__ void sum_row(i64 r, int H, int K, int piece, const S* __restrict__ x,
+__device__ __forceinline__ void sum_row(i64 r, int H, FastDiv kdiv, int piece, const S* __restrict__ x,
                                         const S* __restrict__ dy, const i32* __restrict__ tasks,
                                         const i32* __restrict__ offsets, const i32* __restrict__ pstart,
                                         const float* __restrict__ partial, const float* __restrict__ a,
@@ -424,10 +454,10 @@ __device__ __forceinline__ void sum_row(i64 r, int H, int K, int piece, const S*
         uint4 win[NS], wout[NS];
         load_row_vecs<S, NS>(values.w_in + e * H, H, lane, win);
         load_row_vecs<S, NS>(values.w_out + e * H, H, lane, wout);
-        sum_tasks_values<S, NS>(begin, end, tasks, K, H, lane, x, dy, values, win, wout, gi, go);
+        sum_tasks_values<S, NS>(begin, end, tasks, kdiv, H, lane, x, dy, values, win, wout, gi, go);
       }
     } else {
-      sum_tasks<S, kVec, NS>(begin, end, tasks, K, H, c0, lane, x, dy, a, dh, gi, go);
+      sum_tasks<S, kVec, NS>(begin, end, tasks, kdiv, H, c0, lane, x, dy, a, dh, gi, go);
     }
 #pragma unroll
     for (int q = 0; q < NS; ++q) {
@@ -443,7 +473,7 @@ __device__ __forceinline__ void sum_row(i64 r, int H, int K, int piece, const S*
 // kValues: as in pieces_kernel, for the segments summed directly. Warp w of the grid's W
 // takes rows w, w + W, ...: one row each when the grid covers the rows; the expert-side
 // values launch only the blocks resident at once (one block of 8 warps per SM at H = 1024:
-// 242 registers), so that each warp sums ~N / W experts' tasks (Poisson task counts of mean
+// 255 registers), so that each warp sums ~N / W experts' tasks (Poisson task counts of mean
 // ~20 at paper-k512-t4096) and no new block waits for a finished block's busiest expert.
 template <class S, bool kVec, int NS, bool kValues>
 __global__ void __launch_bounds__(kWarps * 32)
@@ -452,8 +482,9 @@ __global__ void __launch_bounds__(kWarps * 32)
                 const float* __restrict__ partial, const float* __restrict__ a, const float* __restrict__ dh,
                 ValueArgs<S> values, const i32* __restrict__ slot_ids, S* __restrict__ dw_in, S* __restrict__ dw_out) {
   const i64 stride = static_cast<i64>(gridDim.x) * kWarps;
+  const FastDiv kdiv(static_cast<std::uint32_t>(K));
   for (i64 r = static_cast<i64>(blockIdx.x) * kWarps + (threadIdx.x >> 5); r < rows; r += stride)
-    sum_row<S, kVec, NS, kValues>(r, H, K, piece, x, dy, tasks, offsets, pstart, partial, a, dh, values, slot_ids,
+    sum_row<S, kVec, NS, kValues>(r, H, kdiv, piece, x, dy, tasks, offsets, pstart, partial, a, dh, values, slot_ids,
                                   dw_in, dw_out);
 }
 
