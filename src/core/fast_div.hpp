@@ -1,6 +1,7 @@
-// Division of non-negative 32-bit integers by a fixed positive divisor with one multiply-high
-// and three shifts and adds (Granlund and Montgomery, "Division by invariant integers using
-// multiplication", 1994, section 4). The expert rows pass divides every task index by K to
+// Division of 32-bit unsigned integers by a fixed divisor d >= 1 with one multiply-high, a
+// subtraction, an addition and two shifts (Granlund and Montgomery, "Division by invariant
+// integers using multiplication", 1994, section 4). d = 0 is undefined (K >= 1 is checked
+// by validate(Config), core/config.cpp). The expert rows pass divides every task index by K to
 // find its token; a full 32-bit division there is ~25 instructions of a task's ~700
 // (session n's SASS count). Exact for every dividend below 2^32 (tests/unit/test_fast_div.cpp).
 #pragma once

@@ -274,9 +274,10 @@ __device__ __forceinline__ void sum_tasks(i32 begin, i32 end, const i32* __restr
 // what the token kernel and sum_tasks give. Registers (ptxas, sm_90a, H = 1024 in bf16:
 // NS = 4): 255 and 56 bytes of spills (one register stored and reloaded per two tasks)
 // with the next task's rows loaded ahead in two buffers taken in turn (242 with one buffer
-// copied into the other, 224 to 230 without loading ahead), one block of 8 warps per SM; capped at 128 for two blocks the form without it spilled 180 to 320 bytes
-// (the 64 fp32 row sums, the two expert rows and one task's x and dy rows are 128
-// registers before any address or temporary; the next task's rows 32 more).
+// copied into the other, 224 to 230 without loading ahead), one block of 8 warps per SM.
+// Capped at 128 registers for two blocks, the form without loading ahead spilled 180 to
+// 320 bytes: the 64 fp32 row sums, the two expert rows and one task's x and dy rows are
+// 128 registers before any address or temporary (the next task's rows 32 more).
 template <class S>
 struct ValueArgs {
   const S* w_in;  // [N, H] expert tables
@@ -301,8 +302,11 @@ __device__ __forceinline__ void load_row_vecs(const S* __restrict__ row, int H, 
 // One task of the values loop: its h and da from the expert rows (a warp sum each), its
 // a, dg and dh, and its x and dy rows added into gi / go. Every lane's vectors take part in
 // the dot products, also past H: load_row_vecs left them zero, so they add +0.f to dot
-// products that are never -0.f (sums from +0.f), which leaves them bitwise as the token
-// kernel's, which skips them.
+// products that are never -0.f (sums from +0.f under round-to-nearest), which leaves them
+// bitwise as the token kernel's, which skips them. (This assumes no flush-to-zero, which
+// could make a -0.f: the project builds without -ftz or --use_fast_math, src/CMakeLists.txt;
+// nvcc defines no macro for them to test here, and CudaBackwardValues would see a
+// difference.)
 template <class S, int NS>
 __device__ __forceinline__ void value_task(i32 task, float g, int lane, const ValueArgs<S>& v, const uint4 (&xr)[NS],
                                            const uint4 (&dr)[NS], const uint4 (&win)[NS], const uint4 (&wout)[NS],

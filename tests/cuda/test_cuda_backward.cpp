@@ -303,7 +303,8 @@ TEST(CudaBackwardCallerIds, DuplicatesSumAndBadIdsPoisonTheirRow) {
 // side (the rows pass, RowsArgs::values) are the same arithmetic in the same order: every
 // gradient bitwise equal, for a hot expert (split segments), a duplicate and a bad id
 // (NaN row), in each storage type (H = 1024 in bf16: four slices per row; H = 96 in fp32:
-// one, partly filled), dense and sparse expert gradients. The expert side runs first and
+// one, partly filled; H = 768 in bf16: a fourth slice wholly past H; H = 320 in fp16: a
+// second slice partly past H), each activation, dense and sparse expert gradients. The expert side runs first and
 // the workspace is poisoned before each side, so neither finds the other's values there.
 // (Both sides' conditions hold here: fresh aligned buffers, rows of whole 16-byte vectors,
 // H <= 1024; the suites test_cuda_values_* check each side against the float64 reference.)
@@ -313,9 +314,12 @@ TEST(CudaBackwardValues, ExpertAndTokenSidesBitwiseEqual) {
   struct Shape {
     std::int64_t H, T;
     DType dt;
+    Activation act;
   };
-  for (const Shape sh : {Shape{1024, 200, DType::bf16}, Shape{96, 300, DType::f32}, Shape{256, 150, DType::f16}}) {
-    Config cfg = make_config(sh.H, 32, 8, 8, 6, RouterNorm::batchnorm, GateKind::softmax, Activation::gelu);
+  for (const Shape sh : {Shape{1024, 200, DType::bf16, Activation::gelu}, Shape{96, 300, DType::f32, Activation::gelu},
+                         Shape{256, 150, DType::f16, Activation::gelu}, Shape{768, 200, DType::bf16, Activation::silu},
+                         Shape{320, 120, DType::f16, Activation::relu}}) {
+    Config cfg = make_config(sh.H, 32, 8, 8, 6, RouterNorm::batchnorm, GateKind::softmax, sh.act);
     cfg.schedule = Schedule::token_centric;  // the gather path
     const std::int64_t T = sh.T, K = cfg.top_k, N = cfg.num_experts();
     const Problem p = make_problem(cfg, T, sh.dt, test_seed(static_cast<int>(sh.dt) + 40));
