@@ -407,8 +407,9 @@ const BCase kBCases[] = {
     {"dx_chunks_h1002_f32", 1002, 48, 32, 32, 3, 4200, RN::batchnorm, Mode::inference, GK::softmax, AC::gelu,
      DType::f32},
     // Many tasks per warp on the gather path: K = 300 over 8 warps per token (38 or 37 tasks
-    // each, the 4-vector tiles of H = 1024; the token side of the task values, T K < 8 N),
-    // and K = 40 at one warp per token (T >= 4096; T K >= 8 N: the expert side's rule).
+    // each, the 4-vector tiles of H = 1024) and K = 40 at one warp per token (T >= 4096), on
+    // the token side in test_cuda_values_tokens* (the default rule, T K >= N, takes the
+    // expert side for both).
     {"many_tasks_h1024_bf16", 1024, 32, 32, 32, 300, 24, RN::batchnorm, Mode::training, GK::softmax, AC::silu,
      DType::bf16},
     {"many_tasks_w1_f32", 64, 16, 16, 16, 40, 4100, RN::batchnorm, Mode::inference, GK::exp, AC::gelu, DType::f32},
