@@ -383,7 +383,9 @@ const BCase kBCases[] = {
     {"token_chunks_bf16", 64, 16, 48, 50, 12, 2100, RN::batchnorm, Mode::training, GK::softmax, AC::gelu, DType::bf16},
     {"token_chunks_h20_bf16", 20, 8, 48, 50, 12, 2100, RN::batchnorm, Mode::inference, GK::exp, AC::silu, DType::bf16},
     // Wide rows: the token kernel's register tiles of 4 and 8 vectors per lane (H = 1024 in
-    // bf16, H = 1000 in f32: a partial last tile) and row sums over 4 slices at once.
+    // bf16, H = 1000 in f32: a partial last tile; H = 1024 on the token side in
+    // test_cuda_values_tokens*, the default rule takes the expert side) and row sums over 4
+    // slices at once.
     {"wide_h1024_bf16", 1024, 64, 8, 8, 6, 40, RN::batchnorm, Mode::training, GK::exp, AC::silu, DType::bf16},
     {"wide_h1000_f32", 1000, 32, 6, 9, 5, 33, RN::batchnorm, Mode::inference, GK::softmax, AC::gelu, DType::f32},
     // Wide routers: the router's backward kernels run a block per token, 64 to 256 threads
