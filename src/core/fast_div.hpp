@@ -12,13 +12,14 @@
 
 namespace omnimoe {
 
+// Built on the host and passed to a kernel by value (the constructor's 64-bit division is
+// then not repeated by every thread).
 struct FastDiv {
-  std::uint32_t d;   // divisor, >= 1
-  std::uint32_t m;   // multiplier: floor(2^32 (2^l - d) / d) + 1, l = ceil(log2 d)
+  std::uint32_t m;   // multiplier: floor(2^32 (2^l - d) / d) + 1, l = ceil(log2 d), d the divisor
   std::uint32_t s1;  // min(l, 1)
   std::uint32_t s2;  // max(l - 1, 0)
 
-  OMNIMOE_HD explicit FastDiv(std::uint32_t divisor) : d(divisor) {
+  OMNIMOE_HD explicit FastDiv(std::uint32_t divisor) {
     std::uint32_t l = 0;
     while (l < 32 && (std::uint64_t{1} << l) < divisor) ++l;
     m = static_cast<std::uint32_t>((((std::uint64_t{1} << l) - divisor) << 32) / divisor + 1);

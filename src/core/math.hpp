@@ -20,11 +20,39 @@ template <class C> OMNIMOE_HD C log_c(C v) { if constexpr (sizeof(C) == 4) retur
 
 template <class C> OMNIMOE_HD C sigmoid(C h) { return C(1) / (C(1) + exp_c(-h)); }
 
+// The formulas once, from the shared sigmoid s = sigmoid(h) (SiLU) or e = erf(h / sqrt 2)
+// (GELU), so that activate, activate_grad and activate_with_grad give the same values bit
+// for bit.
+template <class C>
+OMNIMOE_HD C silu_act(C h, C s) {
+  return h * s;
+}
+template <class C>
+OMNIMOE_HD C silu_grad(C h, C s) {
+  return s * (C(1) + h * (C(1) - s));
+}
+template <class C>
+OMNIMOE_HD C gelu_erf(C h) {
+  return erf_c(h * C(0.70710678118654752440));
+}
+template <class C>
+OMNIMOE_HD C gelu_act(C h, C e) {
+  return C(0.5) * h * (C(1) + e);
+}
+template <class C>
+OMNIMOE_HD C gelu_grad(C h, C e) {
+  const C cdf = C(0.5) * (C(1) + e);
+  const C pdf = C(0.39894228040143267794) * exp_c(C(-0.5) * h * h);
+  return cdf + h * pdf;
+}
+
 // act(h): SiLU h*sigmoid(h); GELU exact erf form 0.5*h*(1+erf(h/sqrt 2)); ReLU max(h, 0).
 template <class C> OMNIMOE_HD C activate(Activation a, C h) {
   switch (a) {
-    case Activation::silu: return h * sigmoid(h);
-    case Activation::gelu: return C(0.5) * h * (C(1) + erf_c(h * C(0.70710678118654752440)));
+    case Activation::silu:
+      return silu_act(h, sigmoid(h));
+    case Activation::gelu:
+      return gelu_act(h, gelu_erf(h));
     default: return h > C(0) ? h : C(0);
   }
 }
@@ -32,37 +60,29 @@ template <class C> OMNIMOE_HD C activate(Activation a, C h) {
 // d act / dh. ReLU: 0 at h = 0 (as PyTorch).
 template <class C> OMNIMOE_HD C activate_grad(Activation a, C h) {
   switch (a) {
-    case Activation::silu: {
-      C s = sigmoid(h);
-      return s * (C(1) + h * (C(1) - s));
-    }
-    case Activation::gelu: {
-      C cdf = C(0.5) * (C(1) + erf_c(h * C(0.70710678118654752440)));
-      C pdf = C(0.39894228040143267794) * exp_c(C(-0.5) * h * h);
-      return cdf + h * pdf;
-    }
+    case Activation::silu:
+      return silu_grad(h, sigmoid(h));
+    case Activation::gelu:
+      return gelu_grad(h, gelu_erf(h));
     default: return h > C(0) ? C(1) : C(0);
   }
 }
 
-// Both at once: the same expressions as activate and activate_grad, so the same values bit
-// for bit, with the shared sigmoid or erf evaluated once (the CUDA backward's per-task chains
-// computed each twice).
+// Both at once, the sigmoid or erf evaluated once (the CUDA backward's per-task chains
+// computed it twice).
 template <class C>
 OMNIMOE_HD void activate_with_grad(Activation a, C h, C& act, C& grad) {
   switch (a) {
     case Activation::silu: {
       const C s = sigmoid(h);
-      act = h * s;
-      grad = s * (C(1) + h * (C(1) - s));
+      act = silu_act(h, s);
+      grad = silu_grad(h, s);
       return;
     }
     case Activation::gelu: {
-      const C e = erf_c(h * C(0.70710678118654752440));
-      act = C(0.5) * h * (C(1) + e);
-      const C cdf = C(0.5) * (C(1) + e);
-      const C pdf = C(0.39894228040143267794) * exp_c(C(-0.5) * h * h);
-      grad = cdf + h * pdf;
+      const C e = gelu_erf(h);
+      act = gelu_act(h, e);
+      grad = gelu_grad(h, e);
       return;
     }
     default:

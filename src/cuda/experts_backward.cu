@@ -388,7 +388,7 @@ __device__ __forceinline__ void sum_tasks_values(i32 begin, i32 end, const i32* 
 // kValues: the tasks' values come from the expert rows (sum_tasks_values; one pass, kVec).
 template <class S, bool kVec, int NS, bool kValues>
 __global__ void __launch_bounds__(kWarps * 32)
-    pieces_kernel(i64 N, int H, int K, int piece, const S* __restrict__ x, const S* __restrict__ dy,
+    pieces_kernel(i64 N, int H, FastDiv kdiv, int piece, const S* __restrict__ x, const S* __restrict__ dy,
                   const i32* __restrict__ tasks, const i32* __restrict__ offsets, const i32* __restrict__ pstart,
                   const float* __restrict__ a, const float* __restrict__ dh, ValueArgs<S> values,
                   float* __restrict__ partial) {
@@ -405,7 +405,6 @@ __global__ void __launch_bounds__(kWarps * 32)
   const i32 begin = offsets[lo] + static_cast<i32>(p - pstart[lo]) * piece;
   const i32 end = min(begin + piece, offsets[lo + 1]);
   float* out = partial + p * 2 * H;
-  const FastDiv kdiv(static_cast<std::uint32_t>(K));
   for (int c0 = 0; c0 < H; c0 += NS * R::kWidth) {
     float gi[NS][R::V] = {}, go[NS][R::V] = {};
     if constexpr (kValues) {
@@ -482,12 +481,11 @@ __device__ __forceinline__ void sum_row(i64 r, int H, FastDiv kdiv, int piece, c
 // ~20 at paper-k512-t4096) and no new block waits for a finished block's busiest expert.
 template <class S, bool kVec, int NS, bool kValues>
 __global__ void __launch_bounds__(kWarps * 32)
-    rows_kernel(i64 rows, int H, int K, int piece, const S* __restrict__ x, const S* __restrict__ dy,
+    rows_kernel(i64 rows, int H, FastDiv kdiv, int piece, const S* __restrict__ x, const S* __restrict__ dy,
                 const i32* __restrict__ tasks, const i32* __restrict__ offsets, const i32* __restrict__ pstart,
                 const float* __restrict__ partial, const float* __restrict__ a, const float* __restrict__ dh,
                 ValueArgs<S> values, const i32* __restrict__ slot_ids, S* __restrict__ dw_in, S* __restrict__ dw_out) {
   const i64 stride = static_cast<i64>(gridDim.x) * kWarps;
-  const FastDiv kdiv(static_cast<std::uint32_t>(K));
   for (i64 r = static_cast<i64>(blockIdx.x) * kWarps + (threadIdx.x >> 5); r < rows; r += stride)
     sum_row<S, kVec, NS, kValues>(r, H, kdiv, piece, x, dy, tasks, offsets, pstart, partial, a, dh, values, slot_ids,
                                   dw_in, dw_out);
@@ -698,7 +696,8 @@ Status experts_flag_bad_ids(const i32* ids, i64 T, i64 K, float* dg, float* dh, 
 Status experts_backward_rows(const RowsArgs& r, cudaStream_t stream) {
   const Config& c = *r.cfg;
   const i64 N = c.num_experts();
-  const int H = static_cast<int>(c.hidden), K = static_cast<int>(c.top_k);
+  const int H = static_cast<int>(c.hidden);
+  const FastDiv kdiv(static_cast<std::uint32_t>(c.top_k));  // task index -> token, for the rows kernels
   const SegmentScratch& s = *r.seg;
   const i64 rows = r.sparse != nullptr ? r.sparse->capacity : N;
   if (r.values && !experts_rows_values_possible(r))
@@ -713,7 +712,7 @@ Status experts_backward_rows(const RowsArgs& r, cudaStream_t stream) {
       constexpr bool kVec = decltype(vec)::value, kValues = decltype(kv)::value;
       constexpr int NS = decltype(ns)::value;
       pieces_kernel<S, kVec, NS, kValues><<<ceil_div(s.max_pieces, kWarps), kWarps * 32, 0, stream>>>(
-          N, H, K, s.piece, static_cast<const S*>(r.x), static_cast<const S*>(r.dy), r.tasks, r.offsets, s.pstart,
+          N, H, kdiv, s.piece, static_cast<const S*>(r.x), static_cast<const S*>(r.dy), r.tasks, r.offsets, s.pstart,
           r.act_out, r.dh, values, s.partial);
       OMNIMOE_CUDA_LAUNCH_CHECK("experts_backward pieces_kernel");
       // The expert-side values take a persistent grid (rows_kernel), the other forms a warp a row.
@@ -724,7 +723,7 @@ Status experts_backward_rows(const RowsArgs& r, cudaStream_t stream) {
         grid = std::min(grid, resident);
       }
       rows_kernel<S, kVec, NS, kValues><<<grid, kWarps * 32, 0, stream>>>(
-          rows, H, K, s.piece, static_cast<const S*>(r.x), static_cast<const S*>(r.dy), r.tasks, r.offsets, s.pstart,
+          rows, H, kdiv, s.piece, static_cast<const S*>(r.x), static_cast<const S*>(r.dy), r.tasks, r.offsets, s.pstart,
           s.partial, r.act_out, r.dh, values, r.sparse != nullptr ? r.sparse->ids : nullptr,
           static_cast<S*>(r.sparse != nullptr ? r.sparse->dw_in : r.dw_in),
           static_cast<S*>(r.sparse != nullptr ? r.sparse->dw_out : r.dw_out));

@@ -234,9 +234,9 @@ BackwardBuffers carve_backward(Arena& a, const Config& cfg, i64 T, DType dt) {
 // (5 tasks per expert) 2.35 -> 1.99, paper-k512-t2048 (10) 4.10 -> 3.35, lm-64x64-t4096
 // (16) 1.157 -> 1.127, lm-256x256-t16384 (4) 6.52 -> 6.19, lm-256x256-t4096 (1) 1.447 ->
 // 1.417; mixed at 4 (lm-64x64-t1024), ties at 0.25 (lm-256x256-t1024 0.600 both,
-// lm-1024x1024-t16384 10.46 -> 10.51):
-// the expert side from one task per expert on. (Session n's loop, ~700 instructions a
-// task, lost below 20.) OMNIMOE_BACKWARD_VALUES = experts | tokens forces one side.
+// lm-1024x1024-t16384 10.46 -> 10.51): the expert side from one task per expert on.
+// (Session n's loop, ~700 instructions a task, lost below 20.) OMNIMOE_BACKWARD_VALUES =
+// experts | tokens forces one side.
 constexpr i64 kValueTasks = 1;
 bool expert_side_values(const Config& cfg, i64 T) {
   if (const char* env = std::getenv("OMNIMOE_BACKWARD_VALUES")) {

@@ -304,8 +304,9 @@ TEST(CudaBackwardCallerIds, DuplicatesSumAndBadIdsPoisonTheirRow) {
 // gradient bitwise equal, for a hot expert (split segments), a duplicate and a bad id
 // (NaN row), in each storage type (H = 1024 in bf16: four slices per row; H = 96 in fp32:
 // one, partly filled; H = 768 in bf16: a fourth slice wholly past H; H = 320 in fp16: a
-// second slice partly past H), each activation, dense and sparse expert gradients. The expert side runs first and
-// the workspace is poisoned before each side, so neither finds the other's values there.
+// second slice partly past H), each activation, dense and sparse expert gradients. The
+// expert side runs first and the workspace is poisoned before each side, so neither finds
+// the other's values there.
 // (Both sides' conditions hold here: fresh aligned buffers, rows of whole 16-byte vectors,
 // H <= 1024; the suites test_cuda_values_* check each side against the float64 reference.)
 TEST(CudaBackwardValues, ExpertAndTokenSidesBitwiseEqual) {
