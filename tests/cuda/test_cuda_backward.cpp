@@ -238,13 +238,28 @@ TEST(CudaBackwardHot, SplitSegmentsMatchReference) {
 // forward) or name an id outside [0, N). Duplicates: every gradient as the CPU float64
 // backward's. A bad id: that token's dx row becomes NaN (the GPU cannot report it without a
 // host synchronisation), and in inference mode, where tokens do not meet in batch
-// statistics, every other token's dx row is as it was with a valid id there.
+// statistics, every other token's dx row is as it was with a valid id there. The third
+// shape (N = 16900 > 16384 rows of 2 KB, T K >= N) takes the expert side, whose dx walks
+// w_in in two expert chunks (gather_chunks.cuh); the first two the token side's kernels.
 TEST(CudaBackwardCallerIds, DuplicatesSumAndBadIdsPoisonTheirRow) {
   if (!have_gpu()) GTEST_SKIP() << "no CUDA device";
-  for (DType dt : {DType::f32, DType::bf16}) {
-    const Config cfg = make_config(64, 32, 12, 10, 8, RouterNorm::batchnorm, GateKind::softmax, Activation::gelu);
-    const std::int64_t T = 40, K = cfg.top_k, N = cfg.num_experts(), H = cfg.hidden;
-    const Problem stored = convert_problem(make_problem(cfg, T, DType::f64, test_seed(dt == DType::f32)), dt);
+  struct Shape {
+    DType dt;
+    std::int64_t H, grid, K, T;
+  };
+  for (const Shape sh :
+       {Shape{DType::f32, 64, 0, 8, 40}, Shape{DType::bf16, 64, 0, 8, 40}, Shape{DType::bf16, 1024, 130, 64, 300}}) {
+    const DType dt = sh.dt;
+    const Config cfg =
+        sh.grid == 0
+            ? make_config(sh.H, 32, 12, 10, sh.K, RouterNorm::batchnorm, GateKind::softmax, Activation::gelu)
+            : make_config(sh.H, 32, sh.grid, sh.grid, sh.K, RouterNorm::batchnorm, GateKind::softmax, Activation::gelu);
+    const std::int64_t T = sh.T, K = cfg.top_k, N = cfg.num_experts(), H = cfg.hidden;
+    const Problem stored = convert_problem(make_problem(cfg, T, DType::f64,
+                                                        test_seed(dt == DType::f32 ? 1
+                                                                  : sh.grid == 0   ? 0
+                                                                                   : 2)),
+                                           dt);
     const Problem ref = convert_problem(stored, DType::f64);
     std::mt19937_64 rng(test_seed(13));
     HostTensor ids = random_distinct_ids(T, K, N, rng);
@@ -416,6 +431,13 @@ const BCase kBCases[] = {
     {"many_tasks_h1024_bf16", 1024, 32, 32, 32, 300, 24, RN::batchnorm, Mode::training, GK::softmax, AC::silu,
      DType::bf16},
     {"many_tasks_w1_f32", 64, 16, 16, 16, 40, 4100, RN::batchnorm, Mode::inference, GK::exp, AC::gelu, DType::f32},
+    // Tables larger than one 32 MiB expert chunk (16384 rows at H = 1024 in 16-bit, at
+    // H = 512 in f32), T K >= N: the expert side's dx walks w_in in two chunks
+    // (gather_chunks.cuh), the second partial.
+    {"dx_walk_h1024_bf16", 1024, 32, 130, 130, 64, 300, RN::batchnorm, Mode::training, GK::softmax, AC::silu,
+     DType::bf16},
+    {"dx_walk_h512_f32", 512, 16, 130, 130, 64, 280, RN::batchnorm, Mode::inference, GK::exp, AC::gelu, DType::f32},
+    {"dx_walk_h1024_f16", 1024, 16, 140, 125, 48, 400, RN::batchnorm, Mode::training, GK::exp, AC::relu, DType::f16},
 };
 INSTANTIATE_TEST_SUITE_P(Cases, CudaBackward, ::testing::ValuesIn(kBCases),
                          [](const auto& info) { return std::string(info.param.name); });
