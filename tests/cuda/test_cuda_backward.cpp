@@ -415,6 +415,9 @@ const BCase kBCases[] = {
     // 32 tasks.
     {"router_2000x40_bf16", 16, 16, 2000, 40, 40, 24, RN::batchnorm, Mode::training, GK::softmax, AC::silu,
      DType::bf16},
+    // K = 512 over a 320 x 300 grid: the router's backward splits the tasks over 8 warps, one
+    // copy of the 620 entries each (K = 300 in many_tasks_h1024_bf16: 5 warps of 60 tasks).
+    {"router_k512_bf16", 16, 16, 320, 300, 512, 20, RN::batchnorm, Mode::training, GK::softmax, AC::gelu, DType::bf16},
     // 126 K <= N < 220 K in bf16: the forward's rule takes the dense path and the backward's
     // the gather (the paper family's K = 512 regime; CudaBackwardPaths checks the split).
     {"split_paths_bf16", 64, 32, 16, 16, 2, 96, RN::batchnorm, Mode::training, GK::exp, AC::silu, DType::bf16},

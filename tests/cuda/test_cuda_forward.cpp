@@ -203,6 +203,7 @@ const Case kCases[] = {
     // Block top-K kernels sized by axis and K separately.
     {"axis700_k100", 32, 16, 700, 3, 100, 30, RN::batchnorm, Mode::training, GK::softmax, AC::silu, DType::f32},
     {"axis600_k1500", 32, 0, 600, 4, 1500, 10, RN::none, Mode::inference, GK::exp, AC::gelu, DType::bf16},
+    {"axis320_k512", 32, 16, 320, 300, 512, 24, RN::batchnorm, Mode::training, GK::softmax, AC::silu, DType::bf16},
     // Widths the 16-byte register tile does not serve: the generic gather.
     {"odd_h6_f32", 6, 5, 3, 4, 5, 19, RN::batchnorm, Mode::training, GK::softmax, AC::silu, DType::f32},
     {"odd_h36_bf16", 36, 12, 9, 7, 10, 41, RN::batchnorm, Mode::inference, GK::exp, AC::gelu, DType::bf16},
