@@ -587,10 +587,12 @@ Status experts_backward_dx(const Config& c, DType dtype, i64 T, const void* w_in
     const i64 N = c.num_experts(), Ec = gather_chunk_rows(H, sizeof(S));
     if (!vec) {
       dx_kernel<S><<<ceil_div(T, kWarps), kWarps * 32, 0, stream>>>(T, H, K, w, ids, dh, dx);
-    } else if (N > Ec) {
-      // A table larger than one chunk: token by token its rows would come from DRAM (the
-      // per-token kernel below ran at the copy rate, 1.25 ms at paper-k512-t4096 on the
-      // H100); walked in expert chunks they come from L2.
+    } else if (N > Ec && T * K >= 2 * N) {
+      // A table larger than one chunk whose rows serve two tasks or more each on average:
+      // token by token they would come from DRAM once per task (the per-token kernel below
+      // ran at the copy rate, 1.25 ms at paper-k512-t4096 on the H100); walked in expert
+      // chunks, once per launch, then from L2. (At about one task per row, as in the LM
+      // family's dx chunks, there is little to reuse and each chunk would rescan the ids.)
       launch_gather_chunks<S>(T, H, K, Ec, N, w, ids, DxCoef{dh, K}, StoreDx{dx, H}, stream);
     } else {
       dispatch_tile<8>(vpl, token_warps(T, K), [&](auto p, auto wt) {

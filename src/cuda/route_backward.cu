@@ -147,10 +147,11 @@ __global__ void scores_backward_kernel(int Nr, int Nc, int K, int split, int sof
 unsigned token_threads(i64 n) { return n >= 2048 ? 256 : n >= 1024 ? 128 : 64; }
 
 // Warps that share scores_backward_kernel's K tasks: one per 64 tasks, at most 8, and their
-// copies of the n entries within 48 KB of shared memory (K = 512, n = 640: 8 warps of 64
-// tasks; K <= 64 or n > 1536: warp 0 alone).
+// copies of the n entries within 47 KB of dynamic shared memory (room for the kernel's
+// static `part` in the 48 KB a launch gets without opting in): K = 512, n = 640: 8 warps
+// of 64 tasks; n = 2048: at most 5; K <= 64 or n > 6016: warp 0 alone.
 int split_warps(i64 K, i64 n) {
-  const i64 by_tasks = (K + 63) / 64, by_memory = (i64{48} << 10) / (n * static_cast<i64>(sizeof(float)));
+  const i64 by_tasks = (K + 63) / 64, by_memory = (i64{47} << 10) / (n * static_cast<i64>(sizeof(float)));
   return static_cast<int>(std::max<i64>(1, std::min<i64>({8, by_tasks, by_memory})));
 }
 
@@ -222,7 +223,7 @@ Status route_scores_backward(const Config& cfg, i64 T, float* logits, const floa
                              cudaStream_t stream) {
   if (T == 0) return Status::Ok();
   const i64 n = cfg.grid_rows + cfg.grid_cols;  // <= 2 kRouteMaxExtent: 32 KB of shared memory
-  const int split = split_warps(cfg.top_k, n);  // split n floats: at most 48 KB
+  const int split = split_warps(cfg.top_k, n);  // split n floats: at most 47 KB
   const unsigned threads = std::max(token_threads(n), 32u * static_cast<unsigned>(split));
   scores_backward_kernel<<<static_cast<unsigned>(T), threads, split * n * sizeof(float), stream>>>(
       static_cast<int>(cfg.grid_rows), static_cast<int>(cfg.grid_cols), static_cast<int>(cfg.top_k), split,
