@@ -206,7 +206,7 @@ if want kernels; then
       [[ $step == backward ]] && flags=(--backward)
       csv="$OUT/kernels_${cfg}_$step.csv"
       ncu --clock-control none --cache-control none --csv --launch-count "${PROFILE_COUNT:-40}" \
-        -k "regex:${KERNELS:-^(gather_kernel|tokens_vec_kernel|dx_vec_kernel|rows_kernel|pieces_kernel|flag_bad_kernel)\$}" \
+        -k "regex:${KERNELS:-^(gather_kernel|tokens_vec_kernel|dx_vec_kernel|gather_chunks_kernel|rows_kernel|pieces_kernel|flag_bad_kernel)\$}" \
         --metrics gpu__time_duration.sum,launch__registers_per_thread,dram__throughput.avg.pct_of_peak_sustained_elapsed \
         build-gpu/omnimoe bench --device cuda --suite omnimoe "${flags[@]}" --only "$cfg" --reps 2 >"$csv" 2>&1
       python3 scripts/ncu_summary.py "$csv" "$cfg $step" | tee -a "$OUT/kernels_summary.txt"

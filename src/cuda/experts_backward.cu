@@ -3,17 +3,17 @@
 // (sorted by expert, tokens ascending) into the two gradient rows and writes each row once,
 // zero for unchosen experts. No atomics: deterministic. Also the SwiGLU backward and the
 // final fp32 -> storage conversion.
-#include <cub/device/device_scan.cuh>
-
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cub/device/device_scan.cuh>
 #include <type_traits>
 
 #include "core/fast_div.hpp"
 #include "core/math.hpp"
 #include "core/workspace.hpp"
 #include "cuda/cuda.cuh"
+#include "cuda/gather_chunks.cuh"
 
 namespace omnimoe::cuda {
 namespace {
@@ -556,6 +556,26 @@ Status experts_backward_tokens(const ExpertsArgs& a, const void* dy, float* act_
   });
 }
 
+namespace {
+// The dx walk's terms and store for gather_chunks_kernel: task (t, k) adds dh[t K + k] w_in[e];
+// the row is written to dx in fp32 (16-byte stores).
+struct DxCoef {
+  const float* dh;
+  int K;
+  __device__ float operator()(i64 t, int k) const { return dh[t * K + k]; }
+};
+struct StoreDx {
+  float* dx;
+  int H;
+  template <int V>
+  __device__ void operator()(i64 t, int v, float (&acc)[V]) const {
+    float4* out = reinterpret_cast<float4*>(dx + t * H + v * V);
+#pragma unroll
+    for (int i = 0; i < V / 4; ++i) out[i] = make_float4(acc[4 * i], acc[4 * i + 1], acc[4 * i + 2], acc[4 * i + 3]);
+  }
+};
+}  // namespace
+
 Status experts_backward_dx(const Config& c, DType dtype, i64 T, const void* w_in, const i32* ids, const float* dh,
                            float* dx, cudaStream_t stream) {
   return by_dtype(dtype, [&](auto tag) {
@@ -564,13 +584,23 @@ Status experts_backward_dx(const Config& c, DType dtype, i64 T, const void* w_in
     const int vpl = (H / Vec<S>::kN + 31) / 32;
     const bool vec = H % Vec<S>::kN == 0 && vpl <= 8 && aligned16(w_in) && aligned16(dx);
     const auto w = static_cast<const S*>(w_in);
-    if (!vec) dx_kernel<S><<<ceil_div(T, kWarps), kWarps * 32, 0, stream>>>(T, H, K, w, ids, dh, dx);
-    else
+    const i64 N = c.num_experts(), Ec = gather_chunk_rows(H, sizeof(S));
+    if (!vec) {
+      dx_kernel<S><<<ceil_div(T, kWarps), kWarps * 32, 0, stream>>>(T, H, K, w, ids, dh, dx);
+    } else if (N > Ec && T * K >= 2 * N) {
+      // A table larger than one chunk whose rows serve two tasks or more each on average:
+      // token by token they would come from DRAM once per task (the per-token kernel below
+      // ran at the copy rate, 1.25 ms at paper-k512-t4096 on the H100); walked in expert
+      // chunks, once per launch, then from L2. (At about one task per row, as in the LM
+      // family's dx chunks, there is little to reuse and each chunk would rescan the ids.)
+      launch_gather_chunks<S>(T, H, K, Ec, N, w, ids, DxCoef{dh, K}, StoreDx{dx, H}, stream);
+    } else {
       dispatch_tile<8>(vpl, token_warps(T, K), [&](auto p, auto wt) {
         constexpr int W = decltype(wt)::value;
         dx_vec_kernel<S, decltype(p)::value, W>
             <<<ceil_div(T * W, kWarps), kWarps * 32, 0, stream>>>(T, H, K, w, ids, dh, dx);
       });
+    }
     OMNIMOE_CUDA_LAUNCH_CHECK("experts_backward dx_kernel");
     return Status::Ok();
   });

@@ -20,6 +20,7 @@
 
 #include "core/math.hpp"
 #include "cuda/cuda.cuh"
+#include "cuda/gather_chunks.cuh"
 
 namespace omnimoe::cuda {
 namespace {
@@ -64,127 +65,36 @@ __global__ void poison_kernel(const i32* __restrict__ ids, i64 n, int K, int H, 
   for (int h = 0; h < H; ++h) y[t * H + h] = from_f32<S>(__int_as_float(0x7fffffff));
 }
 
-
-constexpr int kOutWarps = 8;  // at most, per block (one token) of the sparse output kernel
-constexpr int kOutScan = 128;  // ids each warp lists per window (four ballots)
-
-// Sparse output of one token per block, every expert chunk (Ec experts each) one after the
-// other, the row's sum in registers throughout (t counts from the token chunk's first token;
-// ids, gates and scores are the token chunk's, scores[t K + k] the score of task (t, k):
-// TaskScores). Walking the chunks in order keeps the step's w_out rows in L2: the blocks of a
-// token chunk, resident together, move through the chunks at about the same pace, so each
-// chunk's rows are read from DRAM about once and by its ~10 tokens from L2 (session g: one
-// launch per token chunk against one per expert chunk with the row through an fp32 buffer,
-// -0.5 ms at paper-k512-t4096). Per chunk and window of W * 128 tasks, the warps list the
-// token's tasks whose expert lies in the chunk in shared memory, in task order (expert id and
-// g * act(s)); then warp w adds, over the whole list, column slice w of each row (and slice
-// w + W when a row has more than 8 slices, SPW = 2; a slice: 32 lanes x 16 bytes), R rows in
-// flight. Each row is read once, in 512-byte
-// pieces by the W warps; no warp holds a whole row, so there are no partial rows to sum
-// across warps and the kernel needs few registers (many blocks per SM keep the L2 busy: the
-// earlier form, W warps each summing whole rows over a share of the tasks and then adding
-// them in shared memory, ran two blocks per SM and about a third of the L2 gather rate).
-// The terms are added in chunk order and task order within a chunk: deterministic. The row
-// (plus y's own when `add`) is stored in y.
-template <class S, int SPW>
-__global__ void __launch_bounds__(kOutWarps * 32, SPW == 2 ? 4 : 5)
-    out_sparse_kernel(int H, int K, Activation act, const S* __restrict__ scores, i64 Ec, i64 N,
-                      const S* __restrict__ w_out, const i32* __restrict__ ids, const float* __restrict__ gates,
-                      S* __restrict__ y, bool add) {
-  constexpr int V = Vec<S>::kN, R = 4, kPer = kOutScan / 32;
-  constexpr unsigned kAll = 0xffffffffu;
-  __shared__ i32 list_e[kOutWarps * kOutScan];
-  __shared__ float list_g[kOutWarps * kOutScan];
-  __shared__ int counts[kOutWarps];
-  const int lane = threadIdx.x & 31, wi = threadIdx.x >> 5, W = static_cast<int>(blockDim.x >> 5);
-  const i64 t = blockIdx.x;
-  const int nvec = H / V;
-  const i32* tid = ids + t * K;
-  const float* tg = gates + t * K;
-  const S* ts = scores + t * K;
-  float acc[SPW][V];
-#pragma unroll
-  for (int s = 0; s < SPW; ++s)
-#pragma unroll
-    for (int i = 0; i < V; ++i) acc[s][i] = 0.f;
-  for (i64 e0 = 0; e0 < N; e0 += Ec) {  // expert chunks in order, each row's terms added in task order
-  const i64 cols = N - e0 < Ec ? N - e0 : Ec;
-  for (int k0 = 0; k0 < K; k0 += W * kOutScan) {
-    // The window's list: warp wi takes tasks [k0 + 128 wi, k0 + 128 (wi + 1)).
-    i32 ev[kPer];
-    float gv[kPer];
-    unsigned mv[kPer];
-    int cnt = 0;
-#pragma unroll
-    for (int q = 0; q < kPer; ++q) {
-      const int k = k0 + wi * kOutScan + q * 32 + lane;
-      ev[q] = k < K ? tid[k] : -1;  // -1: an id out of range (poisoned at the end)
-      const bool mine = ev[q] >= e0 && ev[q] < e0 + cols;
-      gv[q] = mine ? tg[k] * activate(act, to_f32(ts[k])) : 0.f;
-      mv[q] = __ballot_sync(kAll, mine);
-      cnt += __popc(mv[q]);
-    }
-    if (lane == 0) counts[wi] = cnt;
-    __syncthreads();
-    int pos0 = 0, total = 0;  // this warp's first list position; the window's list length
-    for (int w = 0; w < W; ++w) {
-      const int c = counts[w];
-      pos0 += w < wi ? c : 0;
-      total += c;
-    }
-    const unsigned below = (1u << lane) - 1u;
-#pragma unroll
-    for (int q = 0; q < kPer; ++q) {
-      if ((mv[q] >> lane) & 1u) {
-        const int pos = pos0 + __popc(mv[q] & below);
-        list_e[pos] = ev[q];
-        list_g[pos] = gv[q];
-      }
-      pos0 += __popc(mv[q]);
-    }
-    __syncthreads();
-    for (int i = 0; i < total; i += R) {
-      uint4 raw[R][SPW];
-      float gr[R];
-#pragma unroll
-      for (int r = 0; r < R; ++r) {
-        const bool ok = i + r < total;
-        const i64 e = ok ? list_e[i + r] : 0;
-        gr[r] = ok ? list_g[i + r] : 0.f;
-#pragma unroll
-        for (int s = 0; s < SPW; ++s) {
-          const int v = (wi + s * W) * 32 + lane;
-          raw[r][s] = ok && v < nvec ? *reinterpret_cast<const uint4*>(w_out + e * H + v * V) : make_uint4(0, 0, 0, 0);
-        }
-      }
-#pragma unroll
-      for (int r = 0; r < R; ++r) {
-        if (i + r >= total) break;
-#pragma unroll
-        for (int s = 0; s < SPW; ++s) {
-          float w[V];
-          unpack16<S>(raw[r][s], w);
-#pragma unroll
-          for (int j = 0; j < V; ++j) acc[s][j] = fmaf(gr[r], w[j], acc[s][j]);
-        }
-      }
-    }
-    __syncthreads();  // the next window rewrites the list
+// The sparse output's terms and store for gather_chunks_kernel (gather_chunks.cuh): task
+// (t, k) adds g * act(s) * w_out[e] (t counts from the token chunk's first token; gates and
+// scores are the token chunk's, scores[t K + k] the score of task (t, k): TaskScores); the
+// row (plus y's own when `add`: y already holds the shared branch) is stored in y.
+template <class S>
+struct OutputCoef {
+  const float* gates;
+  const S* scores;
+  int K;
+  Activation act;
+  __device__ float operator()(i64 t, int k) const {
+    return gates[t * K + k] * activate(act, to_f32(scores[t * K + k]));
   }
-  }
+};
+template <class S>
+struct StoreOutput {
+  S* y;
+  int H;
+  bool add;
+  __device__ void operator()(i64 t, int v, float (&acc)[Vec<S>::kN]) const {
+    S* row = y + t * H + v * Vec<S>::kN;
+    if (add) {
+      float yr[Vec<S>::kN];
+      load16(row, yr);
 #pragma unroll
-  for (int s = 0; s < SPW; ++s) {
-    const int v = (wi + s * W) * 32 + lane;
-    if (v >= nvec) continue;
-    if (add) {  // y already holds the shared branch
-      float yr[V];
-      load16(y + t * H + v * V, yr);
-#pragma unroll
-      for (int i = 0; i < V; ++i) acc[s][i] += yr[i];
+      for (int i = 0; i < Vec<S>::kN; ++i) acc[i] += yr[i];
     }
-    store16(y + t * H + v * V, acc[s]);
+    store16(row, acc);
   }
-}
+};
 
 // The same for any H (rows not whole 16-byte vectors, wider than the register tile, or not
 // 16-byte aligned): a block per token, each thread a column, the token's tasks walked in
@@ -224,19 +134,12 @@ Status launch_out_sparse(const ExpertsArgs& a, const DenseBuffers& b, i64 t0, i6
     OMNIMOE_CUDA_LAUNCH_CHECK("experts_dense out_sparse_generic_kernel");
     return Status::Ok();
   }
-  // Column slices of 32 16-byte vectors, two per warp (one for a row of one slice;
-  // vector_rows caps a row at 16 slices, so at most 8 warps): 4 rows x 1 KB in flight per
-  // warp. Measured in session g (paper-k512, one launch per token chunk): one slice per warp
-  // was 7% faster at T = 1024 but 2-4% slower at T >= 4096, so two stay.
-  const int slices = (H / Vec<S>::kN + 31) / 32, warps = slices == 1 ? 1 : (slices + 1) / 2;
-  const auto threads = static_cast<unsigned>(32 * warps);
-  if (slices <= warps)
-    out_sparse_kernel<S, 1><<<static_cast<unsigned>(rows), threads, 0, stream>>>(
-        H, K, c.activation, scores, Ec, N, w_out, ids, gates, y, a.add);
-  else
-    out_sparse_kernel<S, 2><<<static_cast<unsigned>(rows), threads, 0, stream>>>(
-        H, K, c.activation, scores, Ec, N, w_out, ids, gates, y, a.add);
-  OMNIMOE_CUDA_LAUNCH_CHECK("experts_dense out_sparse_kernel");
+  // The token chunk's rows walked in expert chunks of Ec (session g: one launch per token
+  // chunk against one per expert chunk with the row through an fp32 buffer, -0.5 ms at
+  // paper-k512-t4096).
+  launch_gather_chunks<S>(rows, H, K, Ec, N, w_out, ids, OutputCoef<S>{gates, scores, K, c.activation},
+                          StoreOutput<S>{y, H, a.add}, stream);
+  OMNIMOE_CUDA_LAUNCH_CHECK("experts_dense gather_chunks_kernel (sparse output)");
   return Status::Ok();
 }
 
@@ -252,7 +155,7 @@ Status scores_product(const ExpertsArgs& a, const DenseBuffers& b, i64 t0, i64 r
 }
 
 // Sparse form, one token chunk: the scores at its tasks, then its outputs in one launch
-// (out_sparse_kernel walks the expert chunks itself).
+// (gather_chunks_kernel walks the expert chunks itself).
 template <class S>
 Status run_sparse_chunk(const ExpertsArgs& a, const DenseBuffers& b, i64 t0, i64 rows, cudaStream_t stream) {
   TaskScores ts = b.scores;  // its sort's outputs are per call

@@ -8,6 +8,7 @@
 #include "core/backend.hpp"
 #include "core/workspace.hpp"
 #include "cuda/cuda.cuh"
+#include "cuda/gather_chunks.cuh"
 #include "cuda/side_stream.cuh"
 
 namespace omnimoe::cuda {
@@ -46,9 +47,6 @@ Plan plan_of(const Config& cfg, i64 T, DType dtype) {
 }
 
 constexpr i64 kDenseTokens = 2048, kDenseExperts = 4096;  // chunk extents of the dense path
-// The sparse output's expert chunk in bytes of w_out rows: 32 MiB of the H200's 60 MB L2
-// (session g, paper-k512 forward: 16 MiB -> 32 MiB 2-4% faster, 8 MiB 3-5% slower).
-constexpr std::size_t kOutChunkBytes = std::size_t{32} << 20;
 constexpr i64 kSortTasks = i64{1} << 20;  // tasks per sort of the product output's schedule
 
 struct ForwardBuffers {
@@ -97,10 +95,8 @@ ForwardBuffers carve_forward(Arena& a, const Config& cfg, i64 T, DType dtype, bo
     if (sparse) {
       // No P, no [tokens, experts] scores and no fp32 rows: the scores at one token chunk's
       // tasks, from its own tile schedule (TaskScores); the output's sums stay in registers.
-      // The expert chunk is the output's L2 working set per step: kOutChunkBytes of w_out
-      // rows (16384 rows of 2 KB at H = 1024 in bf16), at least 1024 rows (each chunk
-      // rescans the token's K ids).
-      const i64 ec = std::max<i64>(1024, static_cast<i64>(kOutChunkBytes / (static_cast<std::size_t>(cfg.hidden) * es)));
+      // The expert chunk is the output's L2 working set per step (gather_chunk_rows).
+      const i64 ec = gather_chunk_rows(cfg.hidden, es);
       b.dense.schedule = group_extents(tc, cfg.num_experts(), kDenseTokens, ec);
       b.dense.scores = carve_task_scores(a, tc, cfg.top_k, cfg.num_experts(), dtype);
     } else {

@@ -705,6 +705,9 @@ Status route_topk(RouteTopkArgs a, cudaStream_t stream) {
     OMNIMOE_RETURN_IF_ERROR(s);
   }
   if (need <= 256) return launch_topk<128, 2, 2>(a, stream);
+  // Two selected cells per thread up to K = 512 (the paper family): the final sort of the
+  // packed (score, id) keys, 13 radix passes of 64-bit keys, runs over 512 slots, not 1024.
+  if (c.top_k <= 512 && axis <= 512) return launch_topk<256, 2, 2>(a, stream);
   if (c.top_k <= 1024) {
     if (axis <= 512) return launch_topk<256, 2, 4>(a, stream);
     if (axis <= 1024) return launch_topk<256, 4, 4>(a, stream);

@@ -1,6 +1,8 @@
 // CUDA route stage, backward: the gates recomputed for the caller's routing, then the
 // gradient back through gates, scores, log_softmax and the norm. Every sum runs in a fixed
 // order (no atomics): deterministic.
+#include <algorithm>
+
 #include "cuda/cuda.cuh"
 
 namespace omnimoe::cuda {
@@ -81,19 +83,22 @@ __global__ void gates_kernel(int Nr, int Nc, int K, int softmax, const float* lo
 }
 
 // dgates -> dS -> d logp -> through log_softmax, from the raw logits (normalised in place
-// into lhat on the way). d logp is built in shared memory [n] by warp 0 alone: entry i
-// belongs to lane i % 32, which adds the tasks' dS into it in task order. (Every warp
-// scanning all K tasks for the entries it owns cost 8x the instructions: at K = 4096 the
-// training step was 39% slower.)
-__global__ void scores_backward_kernel(int Nr, int Nc, int K, int softmax, float* logits, const float* mean,
+// into lhat on the way). d logp is built in shared memory [n]: the first `split` warps each
+// take a contiguous share of the K tasks into their own copy [n] (entry i belongs to lane
+// i % 32, which adds its share's dS into it in task order), and the copies are then added
+// in warp order: deterministic. (Every warp scanning all K tasks for the entries it owns
+// cost 8x the instructions: at K = 4096 the training step was 39% slower. Warp 0 alone
+// adding all K tasks, one task per step of a dependent chain, took 0.44 ms of the
+// paper-k512-t4096 step on the H100, session o: split_warps.)
+__global__ void scores_backward_kernel(int Nr, int Nc, int K, int split, int softmax, float* logits, const float* mean,
                                        const float* rstd, const i32* ids, const float* gates, const float* dgates,
                                        float* dlogp) {
-  extern __shared__ float d[];
+  extern __shared__ float d[];  // [split][n]
   __shared__ float2 part[32];
   const i64 t = blockIdx.x;
   const int n = Nr + Nc, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   float* l = logits + t * n;
-  for (int i = threadIdx.x; i < n; i += blockDim.x) d[i] = 0.f;
+  for (int i = threadIdx.x; i < split * n; i += blockDim.x) d[i] = 0.f;
   const float2 lse = axes_lse(l, mean, rstd, Nr, n, l, part);  // its barriers also publish d's zeros
   const float* g = gates + t * K;
   const float* dg = dgates + t * K;
@@ -102,20 +107,31 @@ __global__ void scores_backward_kernel(int Nr, int Nc, int K, int softmax, float
     for (int k = threadIdx.x; k < K; k += blockDim.x) dot += g[k] * dg[k];
     dot = block_all2(dot, 0.f, Add{}, part).x;
   }
-  if (warp == 0)  // 32 tasks at a time, each lane loading one; then every task, in order, goes to the owner lanes
-    for (int k0 = 0; k0 < K; k0 += 32) {
+  if (warp < split) {  // 32 tasks at a time, each lane loading one; then every task, in order, goes to the owner lanes
+    const int per = (K + split - 1) / split, kb = warp * per, ke = min(K, kb + per);
+    float* dw = d + warp * n;
+    for (int k0 = kb; k0 < ke; k0 += 32) {
       const int k = k0 + lane;
-      const i32 e = k < K ? ids[t * K + k] : -1;
+      const i32 e = k < ke ? ids[t * K + k] : -1;
       const float ds_k = e < 0 ? 0.f : softmax ? g[k] * (dg[k] - dot) : g[k] * dg[k];
       const int i_k = e < 0 ? -1 : e / Nc, j_k = e < 0 ? -1 : Nr + e % Nc;
-      for (int q = 0; q < min(32, K - k0); ++q) {
+      for (int q = 0; q < min(32, ke - k0); ++q) {
         const int i = __shfl_sync(0xffffffffu, i_k, q), j = __shfl_sync(0xffffffffu, j_k, q);
         const float ds = __shfl_sync(0xffffffffu, ds_k, q);
-        if (i >= 0 && (i & 31) == lane) d[i] += ds;
-        if (j >= 0 && (j & 31) == lane) d[j] += ds;
+        if (i >= 0 && (i & 31) == lane) dw[i] += ds;
+        if (j >= 0 && (j & 31) == lane) dw[j] += ds;
       }
     }
+  }
   __syncthreads();
+  if (split > 1) {  // the copies added in warp order
+    for (int i = threadIdx.x; i < n; i += blockDim.x) {
+      float v = d[i];
+      for (int w = 1; w < split; ++w) v += d[w * n + i];
+      d[i] = v;
+    }
+    __syncthreads();
+  }
   float s0 = 0.f, s1 = 0.f;
   for (int i = threadIdx.x; i < n; i += blockDim.x) {
     if (i < Nr) s0 += d[i];
@@ -129,6 +145,15 @@ __global__ void scores_backward_kernel(int Nr, int Nc, int K, int softmax, float
 
 // Threads per token for n logits: about 8 entries per thread, 64 to 256.
 unsigned token_threads(i64 n) { return n >= 2048 ? 256 : n >= 1024 ? 128 : 64; }
+
+// Warps that share scores_backward_kernel's K tasks: one per 64 tasks, at most 8, and their
+// copies of the n entries within 47 KB of dynamic shared memory (room for the kernel's
+// static `part` in the 48 KB a launch gets without opting in): K = 512, n = 640: 8 warps
+// of 64 tasks; n = 2048: at most 5; K <= 64 or n > 6016: warp 0 alone.
+int split_warps(i64 K, i64 n) {
+  const i64 by_tasks = (K + 63) / 64, by_memory = (i64{47} << 10) / (n * static_cast<i64>(sizeof(float)));
+  return static_cast<int>(std::max<i64>(1, std::min<i64>({8, by_tasks, by_memory})));
+}
 
 constexpr int kCols = 32, kRows = 8;
 
@@ -198,8 +223,10 @@ Status route_scores_backward(const Config& cfg, i64 T, float* logits, const floa
                              cudaStream_t stream) {
   if (T == 0) return Status::Ok();
   const i64 n = cfg.grid_rows + cfg.grid_cols;  // <= 2 kRouteMaxExtent: 32 KB of shared memory
-  scores_backward_kernel<<<static_cast<unsigned>(T), token_threads(n), n * sizeof(float), stream>>>(
-      static_cast<int>(cfg.grid_rows), static_cast<int>(cfg.grid_cols), static_cast<int>(cfg.top_k),
+  const int split = split_warps(cfg.top_k, n);  // split n floats: at most 47 KB
+  const unsigned threads = std::max(token_threads(n), 32u * static_cast<unsigned>(split));
+  scores_backward_kernel<<<static_cast<unsigned>(T), threads, split * n * sizeof(float), stream>>>(
+      static_cast<int>(cfg.grid_rows), static_cast<int>(cfg.grid_cols), static_cast<int>(cfg.top_k), split,
       cfg.gate == GateKind::softmax, logits, mean, rstd, ids, gates, dgates, dlogp);
   OMNIMOE_CUDA_LAUNCH_CHECK("route scores_backward_kernel");
   return Status::Ok();

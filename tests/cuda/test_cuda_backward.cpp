@@ -238,13 +238,29 @@ TEST(CudaBackwardHot, SplitSegmentsMatchReference) {
 // forward) or name an id outside [0, N). Duplicates: every gradient as the CPU float64
 // backward's. A bad id: that token's dx row becomes NaN (the GPU cannot report it without a
 // host synchronisation), and in inference mode, where tokens do not meet in batch
-// statistics, every other token's dx row is as it was with a valid id there.
+// statistics, every other token's dx row is as it was with a valid id there. The first two
+// shapes (N = 120) take the dense path; the third (N = 16900 > 16384 rows of 2 KB,
+// T K >= 2 N) the gather path's expert side, whose dx walks w_in in two expert chunks
+// (gather_chunks.cuh).
 TEST(CudaBackwardCallerIds, DuplicatesSumAndBadIdsPoisonTheirRow) {
   if (!have_gpu()) GTEST_SKIP() << "no CUDA device";
-  for (DType dt : {DType::f32, DType::bf16}) {
-    const Config cfg = make_config(64, 32, 12, 10, 8, RouterNorm::batchnorm, GateKind::softmax, Activation::gelu);
-    const std::int64_t T = 40, K = cfg.top_k, N = cfg.num_experts(), H = cfg.hidden;
-    const Problem stored = convert_problem(make_problem(cfg, T, DType::f64, test_seed(dt == DType::f32)), dt);
+  struct Shape {
+    DType dt;
+    std::int64_t H, grid, K, T;
+  };
+  for (const Shape sh :
+       {Shape{DType::f32, 64, 0, 8, 40}, Shape{DType::bf16, 64, 0, 8, 40}, Shape{DType::bf16, 1024, 130, 128, 300}}) {
+    const DType dt = sh.dt;
+    const Config cfg =
+        sh.grid == 0
+            ? make_config(sh.H, 32, 12, 10, sh.K, RouterNorm::batchnorm, GateKind::softmax, Activation::gelu)
+            : make_config(sh.H, 32, sh.grid, sh.grid, sh.K, RouterNorm::batchnorm, GateKind::softmax, Activation::gelu);
+    const std::int64_t T = sh.T, K = cfg.top_k, N = cfg.num_experts(), H = cfg.hidden;
+    const Problem stored = convert_problem(make_problem(cfg, T, DType::f64,
+                                                        test_seed(dt == DType::f32 ? 1
+                                                                  : sh.grid == 0   ? 0
+                                                                                   : 2)),
+                                           dt);
     const Problem ref = convert_problem(stored, DType::f64);
     std::mt19937_64 rng(test_seed(13));
     HostTensor ids = random_distinct_ids(T, K, N, rng);
@@ -301,14 +317,14 @@ TEST(CudaBackwardCallerIds, DuplicatesSumAndBadIdsPoisonTheirRow) {
 
 // The gather path's task values from the token side (the token kernel) and from the expert
 // side (the rows pass, RowsArgs::values) are the same arithmetic in the same order: every
-// gradient bitwise equal, for a hot expert (split segments), a duplicate and a bad id
-// (NaN row), in each storage type (H = 1024 in bf16: four slices per row; H = 96 in fp32:
-// one, partly filled; H = 768 in bf16: a fourth slice wholly past H; H = 320 in fp16: a
-// second slice partly past H), each activation, dense and sparse expert gradients. The
-// expert side runs first and the workspace is poisoned before each side, so neither finds
-// the other's values there.
-// (Both sides' conditions hold here: fresh aligned buffers, rows of whole 16-byte vectors,
-// H <= 1024; the suites test_cuda_values_* check each side against the float64 reference.)
+// gradient bitwise equal (dx too, as long as w_in fits one expert chunk or T K < 2 N:
+// beyond, the expert side's dx walks the table chunk by chunk, another order of adds), for a hot expert (split
+// segments), a duplicate and a bad id (NaN row), in each storage type (H = 1024 in bf16: four slices per row; H = 96 in
+// fp32: one, partly filled; H = 768 in bf16: a fourth slice wholly past H; H = 320 in fp16: a second slice partly past
+// H), each activation, dense and sparse expert gradients. The expert side runs first and the workspace is poisoned
+// before each side, so neither finds the other's values there. (Both sides' conditions hold here: fresh aligned
+// buffers, rows of whole 16-byte vectors, H <= 1024; the suites test_cuda_values_* check each side against the float64
+// reference.)
 TEST(CudaBackwardValues, ExpertAndTokenSidesBitwiseEqual) {
   if (!have_gpu()) GTEST_SKIP() << "no CUDA device";
   if (std::getenv("OMNIMOE_EXPERTS_PATH") != nullptr) GTEST_SKIP() << "OMNIMOE_EXPERTS_PATH overrides config.schedule";
@@ -400,6 +416,13 @@ const BCase kBCases[] = {
     // 32 tasks.
     {"router_2000x40_bf16", 16, 16, 2000, 40, 40, 24, RN::batchnorm, Mode::training, GK::softmax, AC::silu,
      DType::bf16},
+    // K = 512 over a 320 x 300 grid: the router's backward splits the tasks over 8 warps, one
+    // copy of the 620 entries each (K = 300 in many_tasks_h1024_bf16: 5 warps of 60 tasks).
+    {"router_k512_bf16", 16, 16, 320, 300, 512, 20, RN::batchnorm, Mode::training, GK::softmax, AC::gelu, DType::bf16},
+    // n = 2048 entries, K = 403: 7 warps by the tasks, 5 by shared memory (5 copies of 8 KB),
+    // 81 tasks each but the last (79).
+    {"router_k403_2000x48_f32", 16, 16, 2000, 48, 403, 12, RN::batchnorm, Mode::training, GK::exp, AC::silu,
+     DType::f32},
     // 126 K <= N < 220 K in bf16: the forward's rule takes the dense path and the backward's
     // the gather (the paper family's K = 512 regime; CudaBackwardPaths checks the split).
     {"split_paths_bf16", 64, 32, 16, 16, 2, 96, RN::batchnorm, Mode::training, GK::exp, AC::silu, DType::bf16},
@@ -416,6 +439,13 @@ const BCase kBCases[] = {
     {"many_tasks_h1024_bf16", 1024, 32, 32, 32, 300, 24, RN::batchnorm, Mode::training, GK::softmax, AC::silu,
      DType::bf16},
     {"many_tasks_w1_f32", 64, 16, 16, 16, 40, 4100, RN::batchnorm, Mode::inference, GK::exp, AC::gelu, DType::f32},
+    // Tables larger than one 32 MiB expert chunk (16384 rows at H = 1024 in 16-bit, at
+    // H = 512 in f32), T K >= 2 N: the expert side's dx walks w_in in two chunks
+    // (gather_chunks.cuh), the second partial.
+    {"dx_walk_h1024_bf16", 1024, 32, 130, 130, 128, 300, RN::batchnorm, Mode::training, GK::softmax, AC::silu,
+     DType::bf16},
+    {"dx_walk_h512_f32", 512, 16, 130, 130, 128, 280, RN::batchnorm, Mode::inference, GK::exp, AC::gelu, DType::f32},
+    {"dx_walk_h1024_f16", 1024, 16, 140, 125, 96, 400, RN::batchnorm, Mode::training, GK::exp, AC::relu, DType::f16},
 };
 INSTANTIATE_TEST_SUITE_P(Cases, CudaBackward, ::testing::ValuesIn(kBCases),
                          [](const auto& info) { return std::string(info.param.name); });

@@ -172,7 +172,8 @@ const Case kCases[] = {
     {"rect_40x3", 128, 64, 40, 3, 20, 45, RN::batchnorm, Mode::training, GK::exp, AC::gelu, DType::f32},
     {"large_k_600", 32, 32, 48, 48, 600, 40, RN::none, Mode::inference, GK::softmax, AC::silu, DType::bf16},
     {"large_k_2000", 32, 32, 64, 64, 2000, 12, RN::batchnorm, Mode::training, GK::exp, AC::relu, DType::f32},
-    {"chunked_router_and_mlp", 64, 4096, 4096, 1, 8, 2100, RN::batchnorm, Mode::training, GK::exp, AC::silu, DType::f32},
+    {"chunked_router_and_mlp", 64, 4096, 4096, 1, 8, 2100, RN::batchnorm, Mode::training, GK::exp, AC::silu,
+     DType::f32},
     {"h1024_bf16", 1024, 256, 64, 64, 16, 64, RN::batchnorm, Mode::inference, GK::exp, AC::silu, DType::bf16},
     {"h2048_f32", 2048, 128, 32, 32, 4, 24, RN::none, Mode::inference, GK::exp, AC::gelu, DType::f32},
     // The dense path's sparse output (forced suites) with several warps per token and more
@@ -203,6 +204,7 @@ const Case kCases[] = {
     // Block top-K kernels sized by axis and K separately.
     {"axis700_k100", 32, 16, 700, 3, 100, 30, RN::batchnorm, Mode::training, GK::softmax, AC::silu, DType::f32},
     {"axis600_k1500", 32, 0, 600, 4, 1500, 10, RN::none, Mode::inference, GK::exp, AC::gelu, DType::bf16},
+    {"axis320_k512", 32, 16, 320, 4, 512, 24, RN::batchnorm, Mode::training, GK::softmax, AC::silu, DType::bf16},
     // Widths the 16-byte register tile does not serve: the generic gather.
     {"odd_h6_f32", 6, 5, 3, 4, 5, 19, RN::batchnorm, Mode::training, GK::softmax, AC::silu, DType::f32},
     {"odd_h36_bf16", 36, 12, 9, 7, 10, 41, RN::batchnorm, Mode::inference, GK::exp, AC::gelu, DType::bf16},
