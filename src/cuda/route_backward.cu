@@ -131,6 +131,7 @@ __global__ void scores_backward_kernel(int Nr, int Nc, int K, int split, int sof
       const unsigned below = (1u << lane) - 1u;  // a group's first lane has no member below it
       if (i_k >= 0 && (mi & below) == 0) dw[i_k] += si;
       if (j_k >= 0 && (mj & below) == 0) dw[j_k] += sj;
+      __syncwarp();  // an entry's writer may be another lane in the next batch
     }
   }
   __syncthreads();
