@@ -384,8 +384,12 @@ __device__ __forceinline__ void topk_token(TopkSmem<THREADS, AX, SEL>& sm, const
 // of tokens it left (their number is known only on the device).
 constexpr i64 kFallbackBlocks = 1024;
 
+// The small tiles (AX * SEL <= 4: K <= 512, axes <= 512) at 1536 threads per SM: 40
+// registers, no spills (44 before: 5 blocks of 256 threads, 62% occupancy, and the kernel
+// issue-bound, session p); at 2048 threads per SM ptxas spilled.
 template <int THREADS, int AX, int SEL>
-__global__ void __launch_bounds__(THREADS) topk_kernel(RouteTopkArgs a, i64 Nr, i64 Nc, i64 K, int gate_softmax) {
+__global__ void __launch_bounds__(THREADS, AX * SEL <= 4 ? 1536 / THREADS : 1)
+    topk_kernel(RouteTopkArgs a, i64 Nr, i64 Nc, i64 K, int gate_softmax) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   topk_token<THREADS, AX, SEL>(*reinterpret_cast<TopkSmem<THREADS, AX, SEL>*>(smem_raw), a, blockIdx.x, Nr, Nc, K,
                                gate_softmax);

@@ -84,12 +84,13 @@ __global__ void gates_kernel(int Nr, int Nc, int K, int softmax, const float* lo
 
 // dgates -> dS -> d logp -> through log_softmax, from the raw logits (normalised in place
 // into lhat on the way). d logp is built in shared memory [n]: the first `split` warps each
-// take a contiguous share of the K tasks into their own copy [n] (entry i belongs to lane
-// i % 32, which adds its share's dS into it in task order), and the copies are then added
-// in warp order: deterministic. (Every warp scanning all K tasks for the entries it owns
-// cost 8x the instructions: at K = 4096 the training step was 39% slower. Warp 0 alone
-// adding all K tasks, one task per step of a dependent chain, took 0.44 ms of the
-// paper-k512-t4096 step on the H100, session o: split_warps.)
+// take a contiguous share of the K tasks into their own copy [n], 32 tasks at a time (per
+// batch, each row's and each column's dS summed in task order, then added into its entry
+// once), and the copies are then added in warp order: deterministic. History, paper-k512-t4096
+// step on the H100: every warp scanning all K tasks for the entries it owns cost 8x the
+// instructions (at K = 4096 the step was 39% slower); warp 0 alone handing each task in turn
+// to the lane that owned its entry took 0.44 ms (session o), split over 8 warps 0.28 ms
+// (session p: issue-bound at ~30 warp instructions a task).
 __global__ void scores_backward_kernel(int Nr, int Nc, int K, int split, int softmax, float* logits, const float* mean,
                                        const float* rstd, const i32* ids, const float* gates, const float* dgates,
                                        float* dlogp) {
@@ -107,7 +108,7 @@ __global__ void scores_backward_kernel(int Nr, int Nc, int K, int split, int sof
     for (int k = threadIdx.x; k < K; k += blockDim.x) dot += g[k] * dg[k];
     dot = block_all2(dot, 0.f, Add{}, part).x;
   }
-  if (warp < split) {  // 32 tasks at a time, each lane loading one; then every task, in order, goes to the owner lanes
+  if (warp < split) {  // 32 tasks at a time, a lane each
     const int per = (K + split - 1) / split, kb = warp * per, ke = min(K, kb + per);
     float* dw = d + warp * n;
     for (int k0 = kb; k0 < ke; k0 += 32) {
@@ -115,12 +116,22 @@ __global__ void scores_backward_kernel(int Nr, int Nc, int K, int split, int sof
       const i32 e = k < ke ? ids[t * K + k] : -1;
       const float ds_k = e < 0 ? 0.f : softmax ? g[k] * (dg[k] - dot) : g[k] * dg[k];
       const int i_k = e < 0 ? -1 : e / Nc, j_k = e < 0 ? -1 : Nr + e % Nc;
-      for (int q = 0; q < min(32, ke - k0); ++q) {
-        const int i = __shfl_sync(0xffffffffu, i_k, q), j = __shfl_sync(0xffffffffu, j_k, q);
-        const float ds = __shfl_sync(0xffffffffu, ds_k, q);
-        if (i >= 0 && (i & 31) == lane) dw[i] += ds;
-        if (j >= 0 && (j & 31) == lane) dw[j] += ds;
+      // The lanes that share a row (a column) form a group; each lane sums its groups' dS in
+      // lane order, i.e. task order (all 32 lanes' values broadcast in turn: the same
+      // instructions on every lane, no divergence), and the group's first lane adds the sum
+      // into the entry. Groups of a batch name distinct entries; the batches follow in order.
+      const unsigned mi = __match_any_sync(0xffffffffu, i_k), mj = __match_any_sync(0xffffffffu, j_k);
+      float si = 0.f, sj = 0.f;
+#pragma unroll
+      for (int q = 0; q < 32; ++q) {
+        const float v = __shfl_sync(0xffffffffu, ds_k, q);
+        if ((mi >> q) & 1u) si += v;
+        if ((mj >> q) & 1u) sj += v;
       }
+      const unsigned below = (1u << lane) - 1u;  // a group's first lane has no member below it
+      if (i_k >= 0 && (mi & below) == 0) dw[i_k] += si;
+      if (j_k >= 0 && (mj & below) == 0) dw[j_k] += sj;
+      __syncwarp();  // an entry's writer may be another lane in the next batch
     }
   }
   __syncthreads();
