@@ -84,6 +84,13 @@ __device__ __forceinline__ float dot16(const uint4& a, const uint4& b) {
   return s;
 }
 
+// V floats (a multiple of 4) stored with 16-byte stores at p (16-byte aligned).
+template <int V>
+__device__ __forceinline__ void store16_f32(float* p, const float (&v)[V]) {
+  float4* out = reinterpret_cast<float4*>(p);
+#pragma unroll
+  for (int i = 0; i < V / 4; ++i) out[i] = make_float4(v[4 * i], v[4 * i + 1], v[4 * i + 2], v[4 * i + 3]);
+}
 // A row held as acc[VPL][V] (lane owns vectors lane + 32 j, nvec vectors in all) stored as
 // fp32 with 16-byte stores.
 template <int VPL, int V>
@@ -91,10 +98,7 @@ __device__ __forceinline__ void store_row_f32(const float (&acc)[VPL][V], float*
 #pragma unroll
   for (int j = 0; j < VPL; ++j) {
     const int v = j * 32 + lane;
-    if (v >= nvec) continue;
-    float4* out = reinterpret_cast<float4*>(row + v * V);
-#pragma unroll
-    for (int i = 0; i < V / 4; ++i) out[i] = make_float4(acc[j][4 * i], acc[j][4 * i + 1], acc[j][4 * i + 2], acc[j][4 * i + 3]);
+    if (v < nvec) store16_f32(row + v * V, acc[j]);
   }
 }
 

@@ -569,9 +569,7 @@ struct StoreDx {
   int H;
   template <int V>
   __device__ void operator()(i64 t, int v, float (&acc)[V]) const {
-    float4* out = reinterpret_cast<float4*>(dx + t * H + v * V);
-#pragma unroll
-    for (int i = 0; i < V / 4; ++i) out[i] = make_float4(acc[4 * i], acc[4 * i + 1], acc[4 * i + 2], acc[4 * i + 3]);
+    store16_f32(dx + t * H + v * V, acc);
   }
 };
 }  // namespace

@@ -229,7 +229,8 @@ BackwardBuffers carve_backward(Arena& a, const Config& cfg, i64 T, DType dt) {
 // each chosen expert's rows read once, by the warp that sums its gradient rows) where an
 // expert has at least kValueTasks tasks on average; else from the token side (the token
 // kernel reads both rows of every task, then the rows pass reads x and dy of every task).
-// Both give bitwise the same gradients. Measured (H100, session o, training step, ms, token
+// Both give bitwise the same gradients (dx too, except where the expert side's dx walks
+// w_in chunk by chunk: experts_backward_dx, another order of adds). Measured (H100, session o, training step, ms, token
 // side -> expert side; docs/bench/threshold_values_h100_2026-12-07o.txt): paper-k512-t1024
 // (5 tasks per expert) 2.35 -> 1.99, paper-k512-t2048 (10) 4.10 -> 3.35, lm-64x64-t4096
 // (16) 1.157 -> 1.127, lm-256x256-t16384 (4) 6.52 -> 6.19, lm-256x256-t4096 (1) 1.447 ->

@@ -233,8 +233,8 @@ Status route_scores_backward(const Config& cfg, i64 T, float* logits, const floa
                              const i32* ids, const float* gates, const float* dgates, float* dlogp,
                              cudaStream_t stream) {
   if (T == 0) return Status::Ok();
-  const i64 n = cfg.grid_rows + cfg.grid_cols;  // <= 2 kRouteMaxExtent: 32 KB of shared memory
-  const int split = split_warps(cfg.top_k, n);  // split n floats: at most 47 KB
+  const i64 n = cfg.grid_rows + cfg.grid_cols;  // <= 2 kRouteMaxExtent: 32 KB of shared memory for one copy
+  const int split = split_warps(cfg.top_k, n);  // split copies of n floats: at most 47 KB
   const unsigned threads = std::max(token_threads(n), 32u * static_cast<unsigned>(split));
   scores_backward_kernel<<<static_cast<unsigned>(T), threads, split * n * sizeof(float), stream>>>(
       static_cast<int>(cfg.grid_rows), static_cast<int>(cfg.grid_cols), static_cast<int>(cfg.top_k), split,
