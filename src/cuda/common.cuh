@@ -51,11 +51,11 @@ template <> __device__ __forceinline__ __half from_f32<__half>(float v) { return
 template <class S> struct Vec { static constexpr int kN = 16 / sizeof(S); };
 
 template <class S>
+__device__ __forceinline__ void unpack16(const uint4& raw, float (&out)[Vec<S>::kN]);
+
+template <class S>
 __device__ __forceinline__ void load16(const S* p, float (&out)[Vec<S>::kN]) {
-  const uint4 raw = *reinterpret_cast<const uint4*>(p);
-  const S* v = reinterpret_cast<const S*>(&raw);
-#pragma unroll
-  for (int i = 0; i < Vec<S>::kN; ++i) out[i] = to_f32(v[i]);
+  unpack16<S>(*reinterpret_cast<const uint4*>(p), out);
 }
 
 template <class S>
@@ -70,9 +70,21 @@ __device__ __forceinline__ void store16(S* p, const float (&in)[Vec<S>::kN]) {
 // 16 bytes as loaded (one uint4) to V floats, and its dot product with another such vector.
 template <class S>
 __device__ __forceinline__ void unpack16(const uint4& raw, float (&out)[Vec<S>::kN]) {
-  const S* v = reinterpret_cast<const S*>(&raw);
+  if constexpr (std::is_same_v<S, __nv_bfloat16>) {
+    // A bf16 is the top half of the fp32 of the same value: one instruction an element
+    // (shift or mask) where __bfloat162float on each half took two for the high one
+    // (extract, then shift). Bitwise the same floats, NaNs included.
+    const unsigned w[4] = {raw.x, raw.y, raw.z, raw.w};
 #pragma unroll
-  for (int i = 0; i < Vec<S>::kN; ++i) out[i] = to_f32(v[i]);
+    for (int i = 0; i < 4; ++i) {
+      out[2 * i] = __uint_as_float(w[i] << 16);
+      out[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
+    }
+  } else {
+    const S* v = reinterpret_cast<const S*>(&raw);
+#pragma unroll
+    for (int i = 0; i < Vec<S>::kN; ++i) out[i] = to_f32(v[i]);
+  }
 }
 template <class S>
 __device__ __forceinline__ float dot16(const uint4& a, const uint4& b) {
@@ -240,11 +252,11 @@ inline unsigned ceil_div(i64 a, i64 b) { return static_cast<unsigned>((a + b - 1
 // Blocks of `threads` threads of `kernel` resident at once on the current device (a
 // persistent grid's size): host queries only, no synchronisation, allowed in stream capture.
 template <class Kernel>
-Status resident_blocks(Kernel kernel, int threads, unsigned& blocks) {
+Status resident_blocks(Kernel kernel, int threads, unsigned& blocks, std::size_t dynamic_smem = 0) {
   int dev = 0, sms = 0, per_sm = 0;
   OMNIMOE_CUDA_TRY(cudaGetDevice(&dev));
   OMNIMOE_CUDA_TRY(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
-  OMNIMOE_CUDA_TRY(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, 0));
+  OMNIMOE_CUDA_TRY(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, dynamic_smem));
   blocks = static_cast<unsigned>(sms * (per_sm > 0 ? per_sm : 1));
   return Status::Ok();
 }

@@ -265,19 +265,17 @@ __device__ __forceinline__ void sum_tasks(i32 begin, i32 end, const i32* __restr
 }
 
 // Expert-side task values (RowsArgs::values): the warp also computes each task's a, dg and
-// dh from its expert's rows, loaded once per warp (win / wout, 16-byte vectors in the
-// layout of the slices: the whole row in one pass, H <= NS kWidth), instead of reading a
-// and dh that the token kernel wrote. Each task's expert rows then come from memory once
-// per warp instead of once per task, and no token kernel reads them at all (dx follows
-// from dh in experts_backward_dx). h and da are summed in the token kernel's order (lane
-// vectors j = 0.., then the warp tree), so every value, and every sum below, is bitwise
-// what the token kernel and sum_tasks give. Registers (ptxas, sm_90a, H = 1024 in bf16:
-// NS = 4): 255 and 56 bytes of spills (one register stored and reloaded per two tasks)
-// with the next task's rows loaded ahead in two buffers taken in turn (242 with one buffer
-// copied into the other, 224 to 230 without loading ahead), one block of 8 warps per SM.
-// Capped at 128 registers for two blocks, the form without loading ahead spilled 180 to
-// 320 bytes: the 64 fp32 row sums, the two expert rows and one task's x and dy rows are
-// 128 registers before any address or temporary (the next task's rows 32 more).
+// dh from its expert's rows, read once per warp, instead of reading a and dh that the token
+// kernel wrote. Each task's expert rows then come from memory once per warp instead of once
+// per task, and no token kernel reads them at all (dx follows from dh in
+// experts_backward_dx). h and da are summed in the token kernel's order (lane vectors
+// j = 0.., then the warp tree), so every value, and every sum below, is bitwise what the
+// token kernel and sum_tasks give.
+// The expert rows wait in shared memory as fp32 (ExpertRowsSmem), not in registers: held
+// packed in registers (sessions m-p) they took 32 registers and 64 unpacking instructions a
+// task, and the pass ran issue-bound at ~573 instructions a task, each x and dy row unpacked
+// twice (for the dot product and again for the sums) because no registers were left to hold
+// them unpacked across the warp sum. From shared memory they cost 16 16-byte loads a task.
 template <class S>
 struct ValueArgs {
   const S* w_in;  // [N, H] expert tables
@@ -299,6 +297,57 @@ __device__ __forceinline__ void load_row_vecs(const S* __restrict__ row, int H, 
   }
 }
 
+// A warp's copy of its expert's two rows (w_in, w_out) in shared memory, fp32, laid out so
+// that each load is conflict-free: float4 number c of vector v = q * 32 + lane of row r sits
+// at index (r * C + c) * NS * 32 + v (C = kN / 4 float4s a vector), so the 32 lanes of a load
+// read 32 consecutive float4s. A lane reads and writes only its own vectors: no warp
+// synchronisation is needed between one expert's rows and the next.
+template <class S, int NS>
+struct ExpertRowsSmem {
+  static constexpr int C = Vec<S>::kN / 4;
+  static constexpr int kFloat4s = 2 * C * NS * 32;  // per warp
+  static constexpr std::size_t kBytes = kFloat4s * sizeof(float4);
+  float4* base;  // this warp's kFloat4s
+  // Rows w_in[e] and w_out[e] (zeros past H, as load_row_vecs).
+  __device__ void stage(const S* __restrict__ w_in, const S* __restrict__ w_out, int H, int lane) const {
+    uint4 r[2][NS];
+    load_row_vecs<S, NS>(w_in, H, lane, r[0]);
+    load_row_vecs<S, NS>(w_out, H, lane, r[1]);
+#pragma unroll
+    for (int w = 0; w < 2; ++w)
+#pragma unroll
+      for (int q = 0; q < NS; ++q) {
+        float f[Vec<S>::kN];
+        unpack16<S>(r[w][q], f);
+#pragma unroll
+        for (int c = 0; c < C; ++c)
+          base[(w * C + c) * NS * 32 + q * 32 + lane] = make_float4(f[4 * c], f[4 * c + 1], f[4 * c + 2], f[4 * c + 3]);
+      }
+  }
+  // Vector q of row w (0: w_in, 1: w_out) of this lane.
+  __device__ void load(int w, int q, int lane, float (&f)[Vec<S>::kN]) const {
+#pragma unroll
+    for (int c = 0; c < C; ++c) {
+      const float4 v = base[(w * C + c) * NS * 32 + q * 32 + lane];
+      f[4 * c] = v.x;
+      f[4 * c + 1] = v.y;
+      f[4 * c + 2] = v.z;
+      f[4 * c + 3] = v.w;
+    }
+  }
+};
+
+// The values kernels' dynamic shared memory: one ExpertRowsSmem per warp.
+template <class S, int NS>
+constexpr std::size_t values_smem_bytes() {
+  return kWarps * ExpertRowsSmem<S, NS>::kBytes;
+}
+template <class S, int NS>
+__device__ __forceinline__ ExpertRowsSmem<S, NS> warp_expert_rows() {
+  extern __shared__ float4 values_smem[];
+  return {values_smem + (threadIdx.x >> 5) * ExpertRowsSmem<S, NS>::kFloat4s};
+}
+
 // One task of the values loop: its h and da from the expert rows (a warp sum each), its
 // a, dg and dh, and its x and dy rows added into gi / go. Every lane's vectors take part in
 // the dot products, also past H: load_row_vecs left them zero, so they add +0.f to dot
@@ -309,14 +358,30 @@ __device__ __forceinline__ void load_row_vecs(const S* __restrict__ row, int H, 
 // difference.)
 template <class S, int NS>
 __device__ __forceinline__ void value_task(i32 task, float g, int lane, const ValueArgs<S>& v, const uint4 (&xr)[NS],
-                                           const uint4 (&dr)[NS], const uint4 (&win)[NS], const uint4 (&wout)[NS],
+                                           const uint4 (&dr)[NS], const ExpertRowsSmem<S, NS>& rows,
                                            float (&gi)[NS][Vec<S>::kN], float (&go)[NS][Vec<S>::kN]) {
   constexpr int V = Vec<S>::kN;
+  float xf[NS][V], df[NS][V];  // unpacked once, for the dot products and for the sums
   float h = 0.f, da = 0.f;
 #pragma unroll
-  for (int q = 0; q < NS; ++q) {
-    h += dot16<S>(xr[q], win[q]);
-    da += dot16<S>(dr[q], wout[q]);
+  for (int q = 0; q < NS; ++q) {  // dot16's order: each vector summed from 0.f, then added
+    float wi[V], wo[V], sh = 0.f, sd = 0.f;
+    unpack16<S>(xr[q], xf[q]);
+    unpack16<S>(dr[q], df[q]);
+#pragma unroll
+    for (int j = 0; j < V; ++j) {  // opaque to the compiler, which would unpack them again
+      asm("" : "+f"(xf[q][j]));    // for the sums rather than hold them (64 instructions a task)
+      asm("" : "+f"(df[q][j]));
+    }
+    rows.load(0, q, lane, wi);
+    rows.load(1, q, lane, wo);
+#pragma unroll
+    for (int j = 0; j < V; ++j) {
+      sh = fmaf(xf[q][j], wi[j], sh);
+      sd = fmaf(df[q][j], wo[j], sd);
+    }
+    h += sh;
+    da += sd;
   }
   warp_sum2(h, da);
   float s, grad;
@@ -327,16 +392,12 @@ __device__ __forceinline__ void value_task(i32 task, float g, int lane, const Va
     v.dh[task] = dh;
   }
 #pragma unroll
-  for (int q = 0; q < NS; ++q) {
-    float xf[V], df[V];
-    unpack16<S>(xr[q], xf);
-    unpack16<S>(dr[q], df);
+  for (int q = 0; q < NS; ++q)
 #pragma unroll
     for (int j = 0; j < V; ++j) {
-      gi[q][j] = fmaf(dh, xf[j], gi[q][j]);
-      go[q][j] = fmaf(a, df[j], go[q][j]);
+      gi[q][j] = fmaf(dh, xf[q][j], gi[q][j]);
+      go[q][j] = fmaf(a, df[q][j], go[q][j]);
     }
-  }
 }
 
 // Software pipeline, one task deep: the next task's x and dy rows (and gate) are loaded
@@ -351,7 +412,7 @@ __device__ __forceinline__ void value_task(i32 task, float g, int lane, const Va
 template <class S, int NS>
 __device__ __forceinline__ void sum_tasks_values(i32 begin, i32 end, const i32* __restrict__ tasks, FastDiv kdiv, int H,
                                                  int lane, const S* __restrict__ x, const S* __restrict__ dy,
-                                                 const ValueArgs<S>& v, const uint4 (&win)[NS], const uint4 (&wout)[NS],
+                                                 const ValueArgs<S>& v, const ExpertRowsSmem<S, NS>& rows,
                                                  float (&gi)[NS][Vec<S>::kN], float (&go)[NS][Vec<S>::kN]) {
   const auto load = [&](i32 task, uint4(&xr)[NS], uint4(&dr)[NS]) {
     const i64 t = kdiv.div(static_cast<std::uint32_t>(task));
@@ -366,19 +427,19 @@ __device__ __forceinline__ void sum_tasks_values(i32 begin, i32 end, const i32* 
   for (i32 i = begin; i < end; i += 2) {
     // buffers a hold task i; b take task i + 1 while a's chain runs, then the other way round
     if (i + 1 >= end) {
-      value_task<S, NS>(ta, ga, lane, v, xa, da, win, wout, gi, go);
+      value_task<S, NS>(ta, ga, lane, v, xa, da, rows, gi, go);
       break;
     }
     const i32 tb = tasks[i + 1];
     load(tb, xb, db);
     const float gb = v.gates[tb];
-    value_task<S, NS>(ta, ga, lane, v, xa, da, win, wout, gi, go);
+    value_task<S, NS>(ta, ga, lane, v, xa, da, rows, gi, go);
     if (i + 2 < end) {
       ta = tasks[i + 2];
       load(ta, xa, da);
       ga = v.gates[ta];
     }
-    value_task<S, NS>(tb, gb, lane, v, xb, db, win, wout, gi, go);
+    value_task<S, NS>(tb, gb, lane, v, xb, db, rows, gi, go);
   }
 }
 
@@ -408,10 +469,9 @@ __global__ void __launch_bounds__(kWarps * 32)
   for (int c0 = 0; c0 < H; c0 += NS * R::kWidth) {
     float gi[NS][R::V] = {}, go[NS][R::V] = {};
     if constexpr (kValues) {
-      uint4 win[NS], wout[NS];
-      load_row_vecs<S, NS>(values.w_in + lo * H, H, lane, win);
-      load_row_vecs<S, NS>(values.w_out + lo * H, H, lane, wout);
-      sum_tasks_values<S, NS>(begin, end, tasks, kdiv, H, lane, x, dy, values, win, wout, gi, go);
+      const auto rows = warp_expert_rows<S, NS>();
+      rows.stage(values.w_in + lo * H, values.w_out + lo * H, H, lane);
+      sum_tasks_values<S, NS>(begin, end, tasks, kdiv, H, lane, x, dy, values, rows, gi, go);
     } else {
       sum_tasks<S, kVec, NS>(begin, end, tasks, kdiv, H, c0, lane, x, dy, a, dh, gi, go);
     }
@@ -455,10 +515,9 @@ __device__ __forceinline__ void sum_row(i64 r, int H, FastDiv kdiv, int piece, c
       }
     } else if constexpr (kValues) {
       if (begin < end) {  // (a padding slot of the sparse output has e < 0 and no tasks)
-        uint4 win[NS], wout[NS];
-        load_row_vecs<S, NS>(values.w_in + e * H, H, lane, win);
-        load_row_vecs<S, NS>(values.w_out + e * H, H, lane, wout);
-        sum_tasks_values<S, NS>(begin, end, tasks, kdiv, H, lane, x, dy, values, win, wout, gi, go);
+        const auto rows = warp_expert_rows<S, NS>();
+        rows.stage(values.w_in + e * H, values.w_out + e * H, H, lane);
+        sum_tasks_values<S, NS>(begin, end, tasks, kdiv, H, lane, x, dy, values, rows, gi, go);
       }
     } else {
       sum_tasks<S, kVec, NS>(begin, end, tasks, kdiv, H, c0, lane, x, dy, a, dh, gi, go);
@@ -739,7 +798,16 @@ Status experts_backward_rows(const RowsArgs& r, cudaStream_t stream) {
     auto launch_ns = [&](auto vec, auto ns, auto kv) {
       constexpr bool kVec = decltype(vec)::value, kValues = decltype(kv)::value;
       constexpr int NS = decltype(ns)::value;
-      pieces_kernel<S, kVec, NS, kValues><<<ceil_div(s.max_pieces, kWarps), kWarps * 32, 0, stream>>>(
+      // The values kernels keep each warp's expert rows in shared memory (64 KB a block at
+      // H = 1024 in 16-bit storage: past the 48 KB a launch may take without asking).
+      constexpr std::size_t smem = kValues ? values_smem_bytes<S, NS>() : 0;
+      if constexpr (kValues) {
+        OMNIMOE_CUDA_TRY(cudaFuncSetAttribute(pieces_kernel<S, kVec, NS, kValues>,
+                                              cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+        OMNIMOE_CUDA_TRY(cudaFuncSetAttribute(rows_kernel<S, kVec, NS, kValues>,
+                                              cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+      }
+      pieces_kernel<S, kVec, NS, kValues><<<ceil_div(s.max_pieces, kWarps), kWarps * 32, smem, stream>>>(
           N, H, kdiv, s.piece, static_cast<const S*>(r.x), static_cast<const S*>(r.dy), r.tasks, r.offsets, s.pstart,
           r.act_out, r.dh, values, s.partial);
       OMNIMOE_CUDA_LAUNCH_CHECK("experts_backward pieces_kernel");
@@ -747,10 +815,10 @@ Status experts_backward_rows(const RowsArgs& r, cudaStream_t stream) {
       unsigned grid = ceil_div(rows, kWarps);
       if constexpr (kValues) {
         unsigned resident = 0;
-        OMNIMOE_RETURN_IF_ERROR(resident_blocks(rows_kernel<S, kVec, NS, kValues>, kWarps * 32, resident));
+        OMNIMOE_RETURN_IF_ERROR(resident_blocks(rows_kernel<S, kVec, NS, kValues>, kWarps * 32, resident, smem));
         grid = std::min(grid, resident);
       }
-      rows_kernel<S, kVec, NS, kValues><<<grid, kWarps * 32, 0, stream>>>(
+      rows_kernel<S, kVec, NS, kValues><<<grid, kWarps * 32, smem, stream>>>(
           rows, H, kdiv, s.piece, static_cast<const S*>(r.x), static_cast<const S*>(r.dy), r.tasks, r.offsets, s.pstart,
           s.partial, r.act_out, r.dh, values, r.sparse != nullptr ? r.sparse->ids : nullptr,
           static_cast<S*>(r.sparse != nullptr ? r.sparse->dw_in : r.dw_in),
