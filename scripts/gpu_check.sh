@@ -9,7 +9,7 @@
 #   dense_outputs = the paper family's forward with the dense path's output forced each way;
 #   paths = forward and training step with each experts path forced (OMNIMOE_EXPERTS_PATH;
 #   the backward recomputes from the ids, so it could take another path than the forward),
-#   configurations BENCH_ONLY (default paper-k512);
+#   configurations BENCH_ONLY (default paper-k512; several, space-separated, allowed);
 #   paper = `omnimoe bench --suite paper` (OmniMoE beside the five baselines, DESIGN section 3;
 #   needs the default OMNIMOE_BASELINES=ON build; plot its CSV with scripts/plot_paper.py)
 #   TRAIN_ARGS="..."  extra train_lm.py arguments (e.g. --steps 20 --ffn omnimoe)
@@ -151,13 +151,21 @@ if want dense_outputs; then  # where the sparse output beats the product with P 
   done
 fi
 if want paths; then  # which experts path each pass would rather take (paper-k512: the rule picks dense)
+  # BENCH_ONLY may name several configurations (space-separated): one CSV per path and step.
   for path in gather dense; do
     for step in forward train; do
       flags=()
       [[ $step == train ]] && flags=(--backward)
-      OMNIMOE_EXPERTS_PATH=$path build-gpu/omnimoe bench --device cuda --suite omnimoe --only "${BENCH_ONLY:-paper-k512}" \
-        "${flags[@]}" --csv "$OUT/path_${path}_$step.csv" >"$OUT/path_${path}_$step.log" 2>&1 || status=1
-      grep -E "MISS|PASS" "$OUT/path_${path}_$step.log" | grep -v workspace | sed "s/^/$path $step: /"
+      csv=$OUT/path_${path}_$step.csv log=$OUT/path_${path}_$step.log
+      : >"$log"
+      n=0
+      for cfg in ${BENCH_ONLY:-paper-k512}; do
+        OMNIMOE_EXPERTS_PATH=$path build-gpu/omnimoe bench --device cuda --suite omnimoe --only "$cfg" \
+          "${flags[@]}" --csv "$csv.part" >>"$log" 2>&1 || status=1
+        if ((n++ == 0)); then cat "$csv.part" >"$csv"; else tail -n +2 "$csv.part" >>"$csv"; fi
+      done
+      rm -f "$csv.part"
+      grep -E "MISS|PASS" "$log" | grep -v workspace | sed "s/^/$path $step: /"
     done
   done
 fi

@@ -287,13 +287,13 @@ struct ValueArgs {
 };
 
 // Row `row` of H elements as the values' slices hold it: vector q * 32 + lane in r[q], zeros
-// past H.
-template <class S, int NS>
+// past H. kFull: H is NS * 32 vectors, so every load is whole and none is checked.
+template <class S, int NS, bool kFull = false>
 __device__ __forceinline__ void load_row_vecs(const S* __restrict__ row, int H, int lane, uint4 (&r)[NS]) {
 #pragma unroll
   for (int q = 0; q < NS; ++q) {
     const int c = (q * 32 + lane) * Vec<S>::kN;
-    r[q] = c < H ? *reinterpret_cast<const uint4*>(row + c) : make_uint4(0, 0, 0, 0);
+    r[q] = kFull || c < H ? *reinterpret_cast<const uint4*>(row + c) : make_uint4(0, 0, 0, 0);
   }
 }
 
@@ -408,16 +408,19 @@ __device__ __forceinline__ void value_task(i32 task, float g, int lane, const Va
 // scheduler, few memory stalls) at ~710 instructions a task: the token's index by FastDiv
 // instead of a division, the activation and its derivative from one sigmoid or erf, and
 // neither row copies nor zero fills take ~140 of them (1.80 ms at paper-k512-t4096 on an
-// H100, session o).
-template <class S, int NS>
-__device__ __forceinline__ void sum_tasks_values(i32 begin, i32 end, const i32* __restrict__ tasks, FastDiv kdiv, int H,
-                                                 int lane, const S* __restrict__ x, const S* __restrict__ dy,
-                                                 const ValueArgs<S>& v, const ExpertRowsSmem<S, NS>& rows,
-                                                 float (&gi)[NS][Vec<S>::kN], float (&go)[NS][Vec<S>::kN]) {
+// H100, session o). Rows of exactly NS * 32 vectors (H = 1024 in 16-bit storage) take a copy
+// of the loop without the bounds checks and zero fills of the loads (kFull: 16 instructions a
+// task of ~390).
+template <class S, int NS, bool kFull>
+__device__ __forceinline__ void sum_tasks_values_loop(i32 begin, i32 end, const i32* __restrict__ tasks, FastDiv kdiv,
+                                                      int H, int lane, const S* __restrict__ x,
+                                                      const S* __restrict__ dy, const ValueArgs<S>& v,
+                                                      const ExpertRowsSmem<S, NS>& rows, float (&gi)[NS][Vec<S>::kN],
+                                                      float (&go)[NS][Vec<S>::kN]) {
   const auto load = [&](i32 task, uint4(&xr)[NS], uint4(&dr)[NS]) {
     const i64 t = kdiv.div(static_cast<std::uint32_t>(task));
-    load_row_vecs<S, NS>(x + t * H, H, lane, xr);
-    load_row_vecs<S, NS>(dy + t * H, H, lane, dr);
+    load_row_vecs<S, NS, kFull>(x + t * H, H, lane, xr);
+    load_row_vecs<S, NS, kFull>(dy + t * H, H, lane, dr);
   };
   if (begin >= end) return;
   uint4 xa[NS], da[NS], xb[NS], db[NS];
@@ -441,6 +444,16 @@ __device__ __forceinline__ void sum_tasks_values(i32 begin, i32 end, const i32* 
     }
     value_task<S, NS>(tb, gb, lane, v, xb, db, rows, gi, go);
   }
+}
+template <class S, int NS>
+__device__ __forceinline__ void sum_tasks_values(i32 begin, i32 end, const i32* __restrict__ tasks, FastDiv kdiv, int H,
+                                                 int lane, const S* __restrict__ x, const S* __restrict__ dy,
+                                                 const ValueArgs<S>& v, const ExpertRowsSmem<S, NS>& rows,
+                                                 float (&gi)[NS][Vec<S>::kN], float (&go)[NS][Vec<S>::kN]) {
+  if (H == NS * 32 * Vec<S>::kN)
+    sum_tasks_values_loop<S, NS, true>(begin, end, tasks, kdiv, H, lane, x, dy, v, rows, gi, go);
+  else
+    sum_tasks_values_loop<S, NS, false>(begin, end, tasks, kdiv, H, lane, x, dy, v, rows, gi, go);
 }
 
 // Stage 1 of a long segment (more than `piece` tasks): one warp per piece of `piece`
