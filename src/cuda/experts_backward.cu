@@ -275,7 +275,11 @@ __device__ __forceinline__ void sum_tasks(i32 begin, i32 end, const i32* __restr
 // packed in registers (sessions m-p) they took 32 registers and 64 unpacking instructions a
 // task, and the pass ran issue-bound at ~573 instructions a task, each x and dy row unpacked
 // twice (for the dot product and again for the sums) because no registers were left to hold
-// them unpacked across the warp sum. From shared memory they cost 16 16-byte loads a task.
+// them unpacked across the warp sum. From shared memory they cost 16 16-byte loads a task;
+// with bf16 unpacked by shift and mask (unpack16) and x and dy unpacked once, the loop is ~392
+// instructions a task (182 registers, no spills), and paper-k512-t4096's training step went
+// 5.66 -> 5.43 ms on an H100 (session q). A copy of the loop without the loads' bounds checks
+// for H = NS * 32 vectors (372 instructions) took 255 registers and ran 2% slower.
 template <class S>
 struct ValueArgs {
   const S* w_in;  // [N, H] expert tables
@@ -287,13 +291,13 @@ struct ValueArgs {
 };
 
 // Row `row` of H elements as the values' slices hold it: vector q * 32 + lane in r[q], zeros
-// past H. kFull: H is NS * 32 vectors, so every load is whole and none is checked.
-template <class S, int NS, bool kFull = false>
+// past H.
+template <class S, int NS>
 __device__ __forceinline__ void load_row_vecs(const S* __restrict__ row, int H, int lane, uint4 (&r)[NS]) {
 #pragma unroll
   for (int q = 0; q < NS; ++q) {
     const int c = (q * 32 + lane) * Vec<S>::kN;
-    r[q] = kFull || c < H ? *reinterpret_cast<const uint4*>(row + c) : make_uint4(0, 0, 0, 0);
+    r[q] = c < H ? *reinterpret_cast<const uint4*>(row + c) : make_uint4(0, 0, 0, 0);
   }
 }
 
@@ -408,19 +412,16 @@ __device__ __forceinline__ void value_task(i32 task, float g, int lane, const Va
 // scheduler, few memory stalls) at ~710 instructions a task: the token's index by FastDiv
 // instead of a division, the activation and its derivative from one sigmoid or erf, and
 // neither row copies nor zero fills take ~140 of them (1.80 ms at paper-k512-t4096 on an
-// H100, session o). Rows of exactly NS * 32 vectors (H = 1024 in 16-bit storage) take a copy
-// of the loop without the bounds checks and zero fills of the loads (kFull: 16 instructions a
-// task of ~390).
-template <class S, int NS, bool kFull>
-__device__ __forceinline__ void sum_tasks_values_loop(i32 begin, i32 end, const i32* __restrict__ tasks, FastDiv kdiv,
-                                                      int H, int lane, const S* __restrict__ x,
-                                                      const S* __restrict__ dy, const ValueArgs<S>& v,
-                                                      const ExpertRowsSmem<S, NS>& rows, float (&gi)[NS][Vec<S>::kN],
-                                                      float (&go)[NS][Vec<S>::kN]) {
+// H100, session o).
+template <class S, int NS>
+__device__ __forceinline__ void sum_tasks_values(i32 begin, i32 end, const i32* __restrict__ tasks, FastDiv kdiv, int H,
+                                                 int lane, const S* __restrict__ x, const S* __restrict__ dy,
+                                                 const ValueArgs<S>& v, const ExpertRowsSmem<S, NS>& rows,
+                                                 float (&gi)[NS][Vec<S>::kN], float (&go)[NS][Vec<S>::kN]) {
   const auto load = [&](i32 task, uint4(&xr)[NS], uint4(&dr)[NS]) {
     const i64 t = kdiv.div(static_cast<std::uint32_t>(task));
-    load_row_vecs<S, NS, kFull>(x + t * H, H, lane, xr);
-    load_row_vecs<S, NS, kFull>(dy + t * H, H, lane, dr);
+    load_row_vecs<S, NS>(x + t * H, H, lane, xr);
+    load_row_vecs<S, NS>(dy + t * H, H, lane, dr);
   };
   if (begin >= end) return;
   uint4 xa[NS], da[NS], xb[NS], db[NS];
@@ -444,16 +445,6 @@ __device__ __forceinline__ void sum_tasks_values_loop(i32 begin, i32 end, const 
     }
     value_task<S, NS>(tb, gb, lane, v, xb, db, rows, gi, go);
   }
-}
-template <class S, int NS>
-__device__ __forceinline__ void sum_tasks_values(i32 begin, i32 end, const i32* __restrict__ tasks, FastDiv kdiv, int H,
-                                                 int lane, const S* __restrict__ x, const S* __restrict__ dy,
-                                                 const ValueArgs<S>& v, const ExpertRowsSmem<S, NS>& rows,
-                                                 float (&gi)[NS][Vec<S>::kN], float (&go)[NS][Vec<S>::kN]) {
-  if (H == NS * 32 * Vec<S>::kN)
-    sum_tasks_values_loop<S, NS, true>(begin, end, tasks, kdiv, H, lane, x, dy, v, rows, gi, go);
-  else
-    sum_tasks_values_loop<S, NS, false>(begin, end, tasks, kdiv, H, lane, x, dy, v, rows, gi, go);
 }
 
 // Stage 1 of a long segment (more than `piece` tasks): one warp per piece of `piece`

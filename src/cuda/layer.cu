@@ -226,15 +226,19 @@ ExpertsPath choose_path(const Config& cfg, i64 T, DType dtype, Pass pass) {
     case Schedule::automatic: break;
   }
   // Forward: rates are round figures for an H100 (bf16 / f16; fp32 products run on CUDA
-  // cores). The backward's gather streams the rows twice and its dense path costs about 3.5
-  // times its forward (three T x N x H products instead of two, and the tile products of
-  // both sides): measured on an H200 at paper-k512 (N = 102400, K = 512), the gather
-  // backward took 0.63 to 0.81 times the dense one's time, T = 1024 to 16384, while the
-  // forward rule (rightly) picks dense there. The backward thus takes the dense path when
-  // N < 126 K (bf16 / f16) instead of N < 220 K.
+  // cores). The backward weighs the dense path by backward_ratio against the gather:
+  //   - session i (H200, paper-k512): 3.5 / 2 (three T x N x H products against two, and
+  //     the tile products of both sides), i.e. dense when N < 126 K in bf16 / f16;
+  //   - session q (H100, each path forced, backward = training step - forward of the same
+  //     path, docs/bench/paths_h100_2026-12-07q.csv): since session i the gather backward
+  //     got the expert-side values, the dx walk and a faster router backward. Gather against
+  //     dense at N = 102400: 1.76 / 3.84 ms at K = 1024, 3.03 / 4.16 at K = 2048, 5.39 / 4.95
+  //     at K = 4096 (T = 1024), 19.85 / 14.29 at K = 4096, T = 4096. Linear in K between
+  //     2048 and 4096 they cross near K = 3500, N = 29 K: ratio 220 / 29 = 7.6 in bf16 /
+  //     f16. fp32 was not re-measured and keeps 3.5 / 2 (dense when N < 18 K).
   const double gather_s = 2.0 * T * cfg.top_k * cfg.hidden * dtype_size(dtype) / 2.5e12;
   const double dense_s = 4.0 * T * cfg.num_experts() * cfg.hidden / (dtype == DType::f32 ? 40e12 : 550e12);
-  const double backward_ratio = pass == Pass::backward ? 3.5 / 2.0 : 1.0;
+  const double backward_ratio = pass == Pass::backward ? (dtype == DType::f32 ? 3.5 / 2.0 : 7.6) : 1.0;
   return dense_s * backward_ratio < gather_s ? ExpertsPath::dense : ExpertsPath::gather;
 }
 

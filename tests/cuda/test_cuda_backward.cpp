@@ -423,8 +423,8 @@ const BCase kBCases[] = {
     // 81 tasks each but the last (79).
     {"router_k403_2000x48_f32", 16, 16, 2000, 48, 403, 12, RN::batchnorm, Mode::training, GK::exp, AC::silu,
      DType::f32},
-    // 126 K <= N < 220 K in bf16: the forward's rule takes the dense path and the backward's
-    // the gather (the paper family's K = 512 regime; CudaBackwardPaths checks the split).
+    // 29 K <= N < 220 K in bf16: the forward's rule takes the dense path and the backward's
+    // the gather (the paper family's K = 512 to 2048 regime; CudaBackwardPaths checks the split).
     {"split_paths_bf16", 64, 32, 16, 16, 2, 96, RN::batchnorm, Mode::training, GK::exp, AC::silu, DType::bf16},
     // T H fp32 values over 16 MiB on the gather path: dx is written per token chunk (4096
     // tokens, then 104), the shared MLP recomputed per chunk; 16-byte rows in bf16, the
@@ -465,20 +465,20 @@ TEST_P(CudaScheduleBackward, ForcedPathMatchesFloat64Reference) {
 }
 
 // The backward's automatic rule takes the dense (expert-centric) path when N < 18 K in f32 and
-// N < 126 K in bf16 / f16 (choose_path, layer.cu): the cases below sit on the other side of it.
+// N < 29 K in bf16 / f16 (choose_path, layer.cu): the cases below sit on the other side of it.
 const BCase kScheduleBCases[] = {
     {"token_f32_bn_train", 64, 48, 16, 16, 16, 80, RN::batchnorm, Mode::training, GK::exp, AC::silu, DType::f32,
      kToken},
-    {"token_bf16_softmax_infer", 32, 16, 16, 16, 4, 90, RN::batchnorm, Mode::inference, GK::softmax, AC::gelu,
+    {"token_bf16_softmax_infer", 32, 16, 16, 16, 12, 90, RN::batchnorm, Mode::inference, GK::softmax, AC::gelu,
      DType::bf16, kToken},
-    {"expert_f32_none_no_mlp", 48, 0, 24, 24, 8, 60, RN::none, Mode::inference, GK::exp, AC::relu, DType::f32,
+    {"expert_f32_none_no_mlp", 48, 0, 24, 24, 8, 60, RN::none, Mode::inference, GK::exp, AC::relu, DType::f32, kExpert},
+    {"expert_bf16_bn_train", 64, 32, 64, 64, 8, 50, RN::batchnorm, Mode::training, GK::softmax, AC::silu, DType::bf16,
      kExpert},
-    {"expert_bf16_bn_train", 64, 32, 64, 64, 8, 50, RN::batchnorm, Mode::training, GK::softmax, AC::silu,
-     DType::bf16, kExpert},
-    // The grid 1 x 4096: a dense 4096-way softmax router (the training example's ablation).
+    // The grid 1 x 4096: a dense 4096-way softmax router (the training example's ablation;
+    // there K = 48, here 160 so that the bf16 rule would take the dense path).
     {"grid1x4096_expert_f32", 64, 64, 1, 4096, 32, 64, RN::batchnorm, Mode::training, GK::exp, AC::silu, DType::f32,
      kExpert},
-    {"grid1x4096_token_bf16", 64, 64, 1, 4096, 48, 64, RN::batchnorm, Mode::training, GK::exp, AC::silu, DType::bf16,
+    {"grid1x4096_token_bf16", 64, 64, 1, 4096, 160, 64, RN::batchnorm, Mode::training, GK::exp, AC::silu, DType::bf16,
      kToken},
 };
 INSTANTIATE_TEST_SUITE_P(Schedules, CudaScheduleBackward, ::testing::ValuesIn(kScheduleBCases),
