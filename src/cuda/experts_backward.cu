@@ -277,9 +277,12 @@ __device__ __forceinline__ void sum_tasks(i32 begin, i32 end, const i32* __restr
 // twice (for the dot product and again for the sums) because no registers were left to hold
 // them unpacked across the warp sum. From shared memory they cost 16 16-byte loads a task;
 // with bf16 unpacked by shift and mask (unpack16) and x and dy unpacked once, the loop is ~392
-// instructions a task (182 registers, no spills), and paper-k512-t4096's training step went
-// 5.66 -> 5.43 ms on an H100 (session q). A copy of the loop without the loads' bounds checks
-// for H = NS * 32 vectors (372 instructions) took 255 registers and ran 2% slower.
+// instructions a task (255 registers in 16-bit storage, 40 bytes of spills outside the loop;
+// without value_task's empty asm, 182 registers and ~456 instructions: x and dy unpacked
+// twice), and paper-k512-t4096's training step went 5.66 -> 5.43 ms on an H100 (session q).
+// A copy of the loop without the loads' bounds checks for H = NS * 32 vectors (372
+// instructions) spilled 52 bytes and ran 2% slower. At 168 registers (12 warps per SM in
+// blocks of 4) ptxas spilled ~500 bytes.
 template <class S>
 struct ValueArgs {
   const S* w_in;  // [N, H] expert tables
