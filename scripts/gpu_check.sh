@@ -160,8 +160,10 @@ if want paths; then  # which experts path each pass would rather take (paper-k51
       : >"$log"
       n=0
       for cfg in ${BENCH_ONLY:-paper-k512}; do
+        rm -f "$csv.part"
         OMNIMOE_EXPERTS_PATH=$path build-gpu/omnimoe bench --device cuda --suite omnimoe --only "$cfg" \
-          "${flags[@]}" --csv "$csv.part" >>"$log" 2>&1 || status=1
+          ${flags[@]+"${flags[@]}"} --csv "$csv.part" >>"$log" 2>&1 || status=1
+        [[ -f $csv.part ]] || continue  # a failed run: its rows are missing, the step fails
         if ((n++ == 0)); then cat "$csv.part" >"$csv"; else tail -n +2 "$csv.part" >>"$csv"; fi
       done
       rm -f "$csv.part"

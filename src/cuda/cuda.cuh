@@ -355,13 +355,12 @@ Status experts_backward_dense(const DenseBackwardArgs& a, cudaStream_t stream);
 // Experts path: config.schedule (expert_centric: dense, token_centric: gather), or under
 // Schedule::automatic chosen per pass from sizes known on the host (never from device
 // values). Forward: the gather streams 2 T K H elements of expert rows, the dense path does
-// 4 T N H flops on tensor cores. Backward: the gather streams the rows twice (token pass,
-// row pass) and the dense path's three products and tile products cost about 3.5 times its
-// forward's, so the backward takes the gather up to larger K (its rule is measured:
-// docs/perf_log.md). The backward recomputes everything from the expert ids, so its path
-// need not be the forward's. OMNIMOE_EXPERTS_PATH=gather|dense overrides both passes (a
-// test switch, not API). Each pass and its workspace plan ask here with the same pass, so
-// a workspace sized for a config fits its calls.
+// 4 T N H flops on tensor cores. Backward: the gather streams the rows twice and the dense
+// path runs three products and the tile products of both sides; the weight of the dense
+// side is measured (5.4 in bf16 / f16, 1.75 in fp32: choose_path, docs/perf_log.md), so the
+// backward takes the gather up to larger K than the forward. The backward recomputes everything from the expert ids, so
+// its path need not be the forward's. OMNIMOE_EXPERTS_PATH=gather|dense overrides both passes (a test switch, not API).
+// Each pass and its workspace plan ask here with the same pass, so a workspace sized for a config fits its calls.
 enum class ExpertsPath { gather, dense };
 enum class Pass { forward, backward };
 ExpertsPath choose_path(const Config& cfg, i64 T, DType dtype, Pass pass);

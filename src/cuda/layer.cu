@@ -234,11 +234,15 @@ ExpertsPath choose_path(const Config& cfg, i64 T, DType dtype, Pass pass) {
   //     got the expert-side values, the dx walk and a faster router backward. Gather against
   //     dense at N = 102400: 1.76 / 3.84 ms at K = 1024, 3.03 / 4.16 at K = 2048, 5.39 / 4.95
   //     at K = 4096 (T = 1024), 19.85 / 14.29 at K = 4096, T = 4096. Linear in K between
-  //     2048 and 4096 they cross near K = 3500, N = 29 K: ratio 220 / 29 = 7.6 in bf16 /
-  //     f16. fp32 was not re-measured and keeps 3.5 / 2 (dense when N < 18 K).
+  //     2048 and 4096 they cross near K = 3500 (N = 29 K) at T = 1024; the dense path gains
+  //     with T (gather / dense 1.09 at T = 1024, 1.39 at T = 4096, K = 4096), which puts the
+  //     crossover near K = 2200-2500 at T = 4096 (N = 41-46 K, estimated from that one
+  //     point). The rule takes N = 41 K: ratio 220 / 41 = 5.4 in bf16 / f16, the gather at
+  //     K <= 2048 (N = 102400), the dense path from K = 2514. f16 follows bf16 unmeasured;
+  //     fp32 was not re-measured and keeps 3.5 / 2 (dense when N < 18 K).
   const double gather_s = 2.0 * T * cfg.top_k * cfg.hidden * dtype_size(dtype) / 2.5e12;
   const double dense_s = 4.0 * T * cfg.num_experts() * cfg.hidden / (dtype == DType::f32 ? 40e12 : 550e12);
-  const double backward_ratio = pass == Pass::backward ? (dtype == DType::f32 ? 3.5 / 2.0 : 7.6) : 1.0;
+  const double backward_ratio = pass == Pass::backward ? (dtype == DType::f32 ? 3.5 / 2.0 : 5.4) : 1.0;
   return dense_s * backward_ratio < gather_s ? ExpertsPath::dense : ExpertsPath::gather;
 }
 

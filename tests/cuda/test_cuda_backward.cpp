@@ -423,7 +423,7 @@ const BCase kBCases[] = {
     // 81 tasks each but the last (79).
     {"router_k403_2000x48_f32", 16, 16, 2000, 48, 403, 12, RN::batchnorm, Mode::training, GK::exp, AC::silu,
      DType::f32},
-    // 29 K <= N < 220 K in bf16: the forward's rule takes the dense path and the backward's
+    // 41 K <= N < 220 K in bf16: the forward's rule takes the dense path and the backward's
     // the gather (the paper family's K = 512 to 2048 regime; CudaBackwardPaths checks the split).
     {"split_paths_bf16", 64, 32, 16, 16, 2, 96, RN::batchnorm, Mode::training, GK::exp, AC::silu, DType::bf16},
     // T H fp32 values over 16 MiB on the gather path: dx is written per token chunk (4096
@@ -465,7 +465,7 @@ TEST_P(CudaScheduleBackward, ForcedPathMatchesFloat64Reference) {
 }
 
 // The backward's automatic rule takes the dense (expert-centric) path when N < 18 K in f32 and
-// N < 29 K in bf16 / f16 (choose_path, layer.cu): the cases below sit on the other side of it.
+// N < 41 K in bf16 / f16 (choose_path, layer.cu): the cases below sit on the other side of it.
 const BCase kScheduleBCases[] = {
     {"token_f32_bn_train", 64, 48, 16, 16, 16, 80, RN::batchnorm, Mode::training, GK::exp, AC::silu, DType::f32,
      kToken},
@@ -484,18 +484,22 @@ const BCase kScheduleBCases[] = {
 INSTANTIATE_TEST_SUITE_P(Schedules, CudaScheduleBackward, ::testing::ValuesIn(kScheduleBCases),
                          [](const auto& info) { return std::string(info.param.name); });
 
-// Host only: each pass has its own automatic rule (choose_path, layer.cu). Where the forward
-// takes the dense path by a small margin the backward takes the gather (measured faster at
-// paper-k512, N = 102400, K = 512: docs/perf_log.md); far from the margin both agree.
+// Host only: each pass has its own automatic rule (choose_path, layer.cu). At N = 102400 the
+// forward takes the dense path from K = 512 on, the backward the gather up to K = 2048
+// (measured faster at K = 512 to 2048, slower at 4096: docs/perf_log.md, sessions i and q).
 TEST(CudaBackwardPaths, BackwardRuleTakesTheGatherUpToLargerK) {
   Config cfg;
   cfg.hidden = 1024;
   cfg.intermediate = 1024;
   cfg.grid_rows = cfg.grid_cols = 320;
   for (const std::int64_t T : {1024, 16384}) {
-    cfg.top_k = 512;
-    EXPECT_EQ(omnimoe::cuda::experts_schedule(cfg, T, DType::bf16, false), kExpert) << "T = " << T;
-    EXPECT_EQ(omnimoe::cuda::experts_schedule(cfg, T, DType::bf16, true), kToken) << "T = " << T;
+    for (const std::int64_t K : {512, 1024, 2048}) {
+      cfg.top_k = K;
+      EXPECT_EQ(omnimoe::cuda::experts_schedule(cfg, T, DType::bf16, false), kExpert) << "T = " << T << ", K = " << K;
+      EXPECT_EQ(omnimoe::cuda::experts_schedule(cfg, T, DType::bf16, true), kToken) << "T = " << T << ", K = " << K;
+    }
+    cfg.top_k = 2560;  // just past the rule's N = 41 K
+    EXPECT_EQ(omnimoe::cuda::experts_schedule(cfg, T, DType::bf16, true), kExpert) << "T = " << T;
     cfg.top_k = 4096;
     EXPECT_EQ(omnimoe::cuda::experts_schedule(cfg, T, DType::bf16, false), kExpert) << "T = " << T;
     EXPECT_EQ(omnimoe::cuda::experts_schedule(cfg, T, DType::bf16, true), kExpert) << "T = " << T;
