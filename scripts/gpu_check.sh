@@ -9,7 +9,8 @@
 #   dense_outputs = the paper family's forward with the dense path's output forced each way;
 #   paths = forward and training step with each experts path forced (OMNIMOE_EXPERTS_PATH;
 #   the backward recomputes from the ids, so it could take another path than the forward),
-#   configurations BENCH_ONLY (default paper-k512; several, space-separated, allowed);
+#   configurations BENCH_ONLY (default paper-k512; several, space-separated, allowed) of the
+#   bench suite BENCH_SUITE (default omnimoe; crossover: the backward rule's larger T);
 #   paper = `omnimoe bench --suite paper` (OmniMoE beside the five baselines, DESIGN section 3;
 #   needs the default OMNIMOE_BASELINES=ON build; plot its CSV with scripts/plot_paper.py)
 #   TRAIN_ARGS="..."  extra train_lm.py arguments (e.g. --steps 20 --ffn omnimoe)
@@ -161,7 +162,7 @@ if want paths; then  # which experts path each pass would rather take (paper-k51
       n=0
       for cfg in ${BENCH_ONLY:-paper-k512}; do
         rm -f "$csv.part"
-        OMNIMOE_EXPERTS_PATH=$path build-gpu/omnimoe bench --device cuda --suite omnimoe --only "$cfg" \
+        OMNIMOE_EXPERTS_PATH=$path build-gpu/omnimoe bench --device cuda --suite "${BENCH_SUITE:-omnimoe}" --only "$cfg" \
           ${flags[@]+"${flags[@]}"} --csv "$csv.part" >>"$log" 2>&1 || status=1
         [[ -f $csv.part ]] || continue  # a failed run: its rows are missing, the step fails
         if ((n++ == 0)); then cat "$csv.part" >"$csv"; else tail -n +2 "$csv.part" >>"$csv"; fi

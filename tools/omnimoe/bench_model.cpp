@@ -29,6 +29,14 @@ std::map<std::string, std::vector<BenchConfig>> make_suites() {
     for (std::int64_t T : {1024, 4096, 16384})
       g.push_back({"lm-" + std::to_string(side) + "x" + std::to_string(side) + "-t" + std::to_string(T), 1024, 4096,
                    side, side, 16, T});
+  // The backward's path rule (choose_path in src/cuda/layer.cu) at larger T: the paper
+  // family between K = 1024 and 4096, where the gather and dense backwards cross, at
+  // T = 4096 and 16384 (session q measured T = 1024 and one point at T = 4096). Time each
+  // path with OMNIMOE_EXPERTS_PATH (scripts/gpu_check.sh paths, BENCH_SUITE=crossover).
+  auto& x = s["crossover"];
+  for (std::int64_t T : {4096, 16384})
+    for (std::int64_t K : {1024, 2048, 3072})
+      x.push_back({"paper-k" + std::to_string(K) + "-t" + std::to_string(T), 1024, 1024, 320, 320, K, T});
   return s;
 }
 
