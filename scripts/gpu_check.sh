@@ -117,7 +117,7 @@ racecheck() {
 }
 if want sanitize; then
   : >"$OUT/sanitize.log"
-  filter=${SANITIZE_FILTER:-'*small*:*large_k_600*:*odd_h36*:*expert_chunks*:*Graph*:*Routed*:*Ties*:*Backward*:*Schedule*'}
+  filter=${SANITIZE_FILTER:-'*small*:*large_k_600*:*odd_h36*:*expert_chunks*:*Graph*:*Routed*:*Ties*:*full_axes_256*:*Backward*:*Schedule*'}
   memcheck "" "$filter"
   racecheck "" "$filter"
   # The dense path's output forms forced (the automatic choices above take each on a few

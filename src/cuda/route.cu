@@ -570,14 +570,164 @@ __device__ unsigned long long warp_axis_best(const float* l, const float* mean, 
   return mine;
 }
 
+// Ascending bitonic sort of 32 keys, one per lane.
+__device__ __forceinline__ unsigned long long warp_sort32(unsigned long long k) {
+  const int lane = threadIdx.x & 31;
+#pragma unroll
+  for (int size = 2; size <= 32; size <<= 1)
+#pragma unroll
+    for (int stride = size >> 1; stride > 0; stride >>= 1) {
+      const unsigned long long other = __shfl_xor_sync(0xffffffffu, k, stride);
+      const bool take_min = ((lane & size) == 0) == ((lane & stride) == 0);
+      k = take_min ? (other < k ? other : k) : (other > k ? other : k);
+    }
+  return k;
+}
+
+// warp_axis_best for a full axis (n = 32 VPL entries, rows 16-byte aligned: the language-model
+// grids 64, 256 and 1024), with about a third of its instructions; the same selection and
+// `next`. The axis stays in registers (lane holds entries 32 W q + W lane + c, W-wide vector
+// loads), unshifted: v - lse is recomputed where needed, and the lane's best shifted entry is
+// its best entry minus lse (subtraction is monotone). lse is NaN exactly when an entry is NaN
+// or +inf or every entry is -inf (the sum of exponentials is then NaN), and then every shifted
+// entry is NaN: the general rounds decide; otherwise lse is finite and no shifted entry is NaN,
+// so an ord comparison with theta is a float comparison. The candidates (shifted entries >= theta) are written in
+// the same pass, placed by ballots. `next`: the first candidate after the keep-th when there
+// is one (every entry outside the candidates is below it), else the best entry below theta.
 template <int VPL>
+__device__ unsigned long long warp_axis_best_full(const float* __restrict__ l, const float* __restrict__ mean,
+                                                  const float* __restrict__ rstd, int keep, float& next, bool& has_next,
+                                                  unsigned long long* buf) {
+  constexpr int W = VPL < 4 ? VPL : 4;  // floats per vector load
+  static_assert(VPL % W == 0 && (W == 2 || W == 4), "full axes of 64, 128, ... entries");
+  const int lane = threadIdx.x & 31;
+  auto id_of = [&](int j) { return static_cast<unsigned>(32 * W * (j / W) + W * lane + j % W); };
+  float v[VPL];
+  float lmx = -INFINITY;  // fmaxf skips NaN
+#pragma unroll
+  for (int q = 0; q < VPL / W; ++q) {
+    const int i = 32 * W * q + W * lane;
+    float lv[W], mv[W], rv[W];
+    if constexpr (W == 4) {
+      *reinterpret_cast<float4*>(lv) = *reinterpret_cast<const float4*>(l + i);
+      *reinterpret_cast<float4*>(mv) = __ldg(reinterpret_cast<const float4*>(mean + i));
+      *reinterpret_cast<float4*>(rv) = __ldg(reinterpret_cast<const float4*>(rstd + i));
+    } else {
+      *reinterpret_cast<float2*>(lv) = *reinterpret_cast<const float2*>(l + i);
+      *reinterpret_cast<float2*>(mv) = __ldg(reinterpret_cast<const float2*>(mean + i));
+      *reinterpret_cast<float2*>(rv) = __ldg(reinterpret_cast<const float2*>(rstd + i));
+    }
+#pragma unroll
+    for (int c = 0; c < W; ++c) {
+      // Rounded before any later subtraction (never fused into v - lse): every pass below
+      // recomputes v - lse from this value and must agree with lmx - lse.
+      v[W * q + c] = __fmul_rn(lv[c] - mv[c], rv[c]);
+      lmx = fmaxf(lmx, v[W * q + c]);
+    }
+  }
+  // The warp maximum as an integer maximum (lane maxima are never NaN; ord folds -0 into +0,
+  // which may flip the sign of a zero v - mx but changes neither its exponential nor lse).
+  const float mx = unord(__reduce_max_sync(0xffffffffu, ord(lmx)));
+  float sum = 0.f;
+#pragma unroll
+  for (int j = 0; j < VPL; ++j) sum += __expf(v[j] - mx);
+  sum = warp_sum(sum);
+  const float lse = mx + logf(sum);
+
+  // theta: the keep-th largest lane maximum (descending bitonic sort of the 32 maxima).
+  unsigned m = ord(lmx - lse);
+#pragma unroll
+  for (int size = 2; size <= 32; size <<= 1)
+#pragma unroll
+    for (int stride = size >> 1; stride > 0; stride >>= 1) {
+      const unsigned other = __shfl_xor_sync(0xffffffffu, m, stride);
+      const bool take_max = ((lane & size) == 0) == ((lane & stride) == 0);
+      m = take_max ? max(m, other) : min(m, other);
+    }
+  const unsigned theta = __shfl_sync(0xffffffffu, m, keep - 1);
+  const float theta_f = unord(theta);
+  const unsigned lt = (1u << lane) - 1u;
+  int total = 1 << 30;  // NaN case: every entry ties at the NaN image (the general rounds)
+  if (!isnan(lse)) {
+    total = 0;
+#pragma unroll
+    for (int j = 0; j < VPL; ++j) {
+      const float x = v[j] - lse;
+      const bool c = x >= theta_f;
+      const unsigned b = __ballot_sync(0xffffffffu, c);
+      if (b != 0u) {  // warp-uniform: most j hold no candidate in any lane
+        const int pos = total + __popc(b & lt);
+        if (c && pos < 64) buf[pos] = key_of(x, id_of(j));
+        total += __popc(b);
+      }
+    }
+  }
+  unsigned long long kth, mine = ~0ull, after = ~0ull;  // after: the (keep+1)-th best key
+  if (total <= 64) {
+    __syncwarp();
+    if (total <= 32) {
+      const unsigned long long k = warp_sort32(lane < total ? buf[lane] : ~0ull);
+      kth = __shfl_sync(0xffffffffu, k, keep - 1);
+      after = __shfl_sync(0xffffffffu, k, keep & 31);
+      if (keep == 32) after = ~0ull;
+      if (lane < keep) mine = k;
+    } else {
+      unsigned long long k[2] = {buf[lane], lane + 32 < total ? buf[lane + 32] : ~0ull};
+      warp_sort64(k);
+      kth = __shfl_sync(0xffffffffu, k[0], keep - 1);
+      after = __shfl_sync(0xffffffffu, keep < 32 ? k[0] : k[1], keep & 31);
+      if (lane < keep) mine = k[0];
+    }
+  } else {                         // many entries tie around theta (or NaN): keep rounds of a warp minimum
+    unsigned long long taken = 0;  // bit j: this lane's entry j already selected
+    for (int r = 0; r < keep; ++r) {
+      unsigned long long best = ~0ull;
+#pragma unroll
+      for (int j = 0; j < VPL; ++j) {
+        const unsigned long long key = key_of(v[j] - lse, id_of(j));
+        if (!((taken >> j) & 1ull)) best = key < best ? key : best;
+      }
+      best = warp_min_u64(best);
+      const unsigned id = key_id(best);
+      if (static_cast<int>((id % (32 * W)) / W) == lane) taken |= 1ull << ((id / (32 * W)) * W + id % W);
+      if (lane == r) mine = best;
+    }
+    kth = __shfl_sync(0xffffffffu, mine, keep - 1);
+  }
+  __syncwarp();                       // buf is read above (or partly written and unread): the column axis reuses it
+  if (total <= 64 && total > keep) {  // `after` is a candidate (not NaN: lse is not NaN here)
+    next = key_value(after);
+    has_next = true;
+    return mine;
+  }
+  // The best entry not taken, NaN skipped (the taken ones: keys at or below the keep-th).
+  float nx = -INFINITY;
+  bool has = false;
+#pragma unroll
+  for (int j = 0; j < VPL; ++j) {
+    const float x = v[j] - lse;
+    if (!isnan(x) && key_of(x, id_of(j)) > kth) {
+      nx = fmaxf(nx, x);
+      has = true;
+    }
+  }
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) nx = fmaxf(nx, __shfl_xor_sync(0xffffffffu, nx, o));
+  next = nx;
+  has_next = __any_sync(0xffffffffu, has);
+  return mine;
+}
+
+// FULL: both axes have 32 VPL entries and 16-byte aligned rows (warp_axis_best_full).
+template <int VPL, bool FULL>
 __global__ void __launch_bounds__(kWarpTopkWarps * 32)
     topk_warp_kernel(RouteTopkArgs a, int Nr, int Nc, int K, int gate_softmax) {
   __shared__ unsigned long long cells[kWarpTopkWarps][32];
   __shared__ unsigned long long cand[kWarpTopkWarps][64];  // axis candidates (warp_axis_best)
-  // The axis being selected, in shared memory rather than registers: 32 VPL registers a
-  // thread would cap an SM at a few warps of this latency-bound kernel.
-  __shared__ float vals[kWarpTopkWarps][32 * VPL];
+  // The general form's axis being selected, in shared memory rather than registers: with its
+  // bounds checks, 32 VPL registers a thread would cap an SM at a few warps of this
+  // latency-bound kernel.
+  __shared__ float vals[kWarpTopkWarps][FULL ? 1 : 32 * VPL];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const i64 t = static_cast<i64>(blockIdx.x) * kWarpTopkWarps + warp;
   if (t >= a.rows) return;
@@ -585,10 +735,14 @@ __global__ void __launch_bounds__(kWarpTopkWarps * 32)
   const int rk = min(K, Nr), ck = min(K, Nc);
   float rnext, cnext;  // best row / column value outside the candidate lists
   bool rhas, chas;
-  const unsigned long long rkey =
-      warp_axis_best<VPL>(l, a.mean, a.rstd, Nr, rk, vals[warp], rnext, rhas, cand[warp]);
-  const unsigned long long ckey =
-      warp_axis_best<VPL>(l + Nr, a.mean + Nr, a.rstd + Nr, Nc, ck, vals[warp], cnext, chas, cand[warp]);
+  unsigned long long rkey, ckey;
+  if constexpr (FULL) {
+    rkey = warp_axis_best_full<VPL>(l, a.mean, a.rstd, rk, rnext, rhas, cand[warp]);
+    ckey = warp_axis_best_full<VPL>(l + Nr, a.mean + Nr, a.rstd + Nr, ck, cnext, chas, cand[warp]);
+  } else {
+    rkey = warp_axis_best<VPL>(l, a.mean, a.rstd, Nr, rk, vals[warp], rnext, rhas, cand[warp]);
+    ckey = warp_axis_best<VPL>(l + Nr, a.mean + Nr, a.rstd + Nr, Nc, ck, vals[warp], cnext, chas, cand[warp]);
+  }
   const float av = lane < rk ? key_value(rkey) : 0.f, bv = lane < ck ? key_value(ckey) : 0.f;
   const float amax = __shfl_sync(0xffffffffu, av, 0), bmax = __shfl_sync(0xffffffffu, bv, 0);
 
@@ -599,9 +753,7 @@ __global__ void __launch_bounds__(kWarpTopkWarps * 32)
   for (int r = 0; r < K; ++r) {
     const float bh = __shfl_sync(0xffffffffu, bv, head & 31);
     const unsigned cand = (lane < rk && head < ck) ? ord(av + bh) : 0u;
-    unsigned m = cand;
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) m = max(m, __shfl_xor_sync(0xffffffffu, m, o));
+    const unsigned m = __reduce_max_sync(0xffffffffu, cand);  // one REDUX, not five shuffles
     const unsigned winner = __ffs(__ballot_sync(0xffffffffu, cand == m && lane < rk && head < ck)) - 1;
     if (lane == static_cast<int>(winner)) ++head;
     tau = m;
@@ -616,9 +768,7 @@ __global__ void __launch_bounds__(kWarpTopkWarps * 32)
   }
   // A row or column outside the lists reaches tau iff its best one does (sums are monotone).
   const bool outside = (rhas && ord(rnext + bmax) >= tau) || (chas && ord(amax + cnext) >= tau);
-  int total = ge;
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) total += __shfl_xor_sync(0xffffffffu, total, o);
+  const int total = __reduce_add_sync(0xffffffffu, ge);
   const bool simple = total == K && !outside;
   if (!simple) {  // appended to the block kernel's list (its order does not matter)
     if (lane == 0) a.fallback_flags[atomicAdd(a.fallback_count, 1)] = static_cast<int>(t);
@@ -670,7 +820,10 @@ __global__ void __launch_bounds__(kWarpTopkWarps * 32)
 template <int VPL>
 Status launch_topk_warp(const RouteTopkArgs& a, cudaStream_t stream) {
   const Config& c = *a.cfg;
-  topk_warp_kernel<VPL><<<ceil_div(a.rows, kWarpTopkWarps), kWarpTopkWarps * 32, 0, stream>>>(
+  const bool full = c.grid_rows == 32 * VPL && c.grid_cols == 32 * VPL && aligned16(a.logits) && aligned16(a.mean) &&
+                    aligned16(a.rstd);
+  const auto kernel = full ? topk_warp_kernel<VPL, true> : topk_warp_kernel<VPL, false>;
+  kernel<<<ceil_div(a.rows, kWarpTopkWarps), kWarpTopkWarps * 32, 0, stream>>>(
       a, static_cast<int>(c.grid_rows), static_cast<int>(c.grid_cols), static_cast<int>(c.top_k),
       c.gate == GateKind::softmax);
   OMNIMOE_CUDA_LAUNCH_CHECK("route topk_warp_kernel");

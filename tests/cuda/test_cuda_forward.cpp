@@ -11,6 +11,7 @@
 #include <set>
 #include <string>
 #include <thread>
+#include <tuple>
 
 #include "core/backend.hpp"
 #include "cuda/cuda_helpers.hpp"
@@ -209,6 +210,13 @@ const Case kCases[] = {
     {"odd_h6_f32", 6, 5, 3, 4, 5, 19, RN::batchnorm, Mode::training, GK::softmax, AC::silu, DType::f32},
     {"odd_h36_bf16", 36, 12, 9, 7, 10, 41, RN::batchnorm, Mode::inference, GK::exp, AC::gelu, DType::bf16},
     {"wide_h4104_bf16", 4104, 32, 8, 8, 6, 9, RN::none, Mode::inference, GK::exp, AC::relu, DType::bf16},
+    // Full axes of 256 and 1024 entries with K <= 32: the warp top-K's full-axis form (its
+    // 64-entry form: h1024_bf16 above). K = 32 at 256 entries sends most tokens' axes to the
+    // rounds of warp minima (more than 64 candidates), K = 16 at 1024 to the sorts.
+    {"full_axes_256_k32_bf16", 64, 32, 256, 256, 32, 300, RN::batchnorm, Mode::training, GK::exp, AC::silu,
+     DType::bf16},
+    {"full_axes_1024_k16_f32", 16, 0, 1024, 1024, 16, 160, RN::none, Mode::inference, GK::softmax, AC::gelu,
+     DType::f32},
 };
 INSTANTIATE_TEST_SUITE_P(Cases, CudaForward, ::testing::ValuesIn(kCases),
                          [](const auto& info) { return std::string(info.param.name); });
@@ -445,29 +453,43 @@ TEST(CudaRouted, MatchesCpuForSameRouting) {
 TEST(CudaRouteTies, SmallerIdWins) {
   if (!have_gpu()) GTEST_SKIP() << "no CUDA device";
   int exact_ties = 0;  // tokens whose K-th and (K+1)-th reference scores tie exactly
-  for (std::int64_t K : {4, 9, 16, 40}) {
+  // The grid 12 x 10 takes the warp top-K's general form (the block kernel at K = 40), 64 x 64
+  // the warp top-K's full-axis form.
+  for (auto [rows, cols, K] : {std::tuple<std::int64_t, std::int64_t, std::int64_t>{12, 10, 4},
+                               {12, 10, 9},
+                               {12, 10, 16},
+                               {12, 10, 40},
+                               {64, 64, 4},
+                               {64, 64, 16},
+                               {64, 64, 32}}) {
     Config cfg;
     cfg.hidden = 32;
     cfg.intermediate = 0;
-    cfg.grid_rows = 12;
-    cfg.grid_cols = 10;
+    cfg.grid_rows = rows;
+    cfg.grid_cols = cols;
     cfg.top_k = K;
     cfg.router_norm = RouterNorm::none;
     const std::int64_t T = 64, H = cfg.hidden, N = cfg.num_experts();
-    Problem p = make_problem(cfg, T, DType::f32, test_seed(K));
+    Problem p = make_problem(cfg, T, DType::f32, test_seed(rows + K));
     // Small dyadic values: every logit is exact in any summation order, on both backends,
     // so duplicated rows give bit-identical scores (random reals would not: BLAS and cuBLAS
     // sum different output columns in different orders).
-    std::mt19937_64 rng(test_seed(100 + K));
+    std::mt19937_64 rng(test_seed(100 + rows + K));
     auto dyadic = [&](HostTensor& m, double scale) {
       for (std::int64_t i = 0; i < m.numel(); ++i) m.set(i, scale * static_cast<double>(1 + rng() % 4) * (rng() % 2 ? 1 : -1));
     };
+    // Row logits are multiples of 1/8, column logits multiples of 2^-14 below 1/32 in size:
+    // two cells' exact scores are equal only where their rows and their columns are equal
+    // (a difference of rows, 0 or >= 1/8, never cancels one of columns, < 1/16). With both
+    // on one scale, cells of different rows and columns tied exactly in real arithmetic, and
+    // the float64 reference and the GPU's fp32 sums broke such ties by rounding, each its own
+    // way: not a tie the GPU is asked to break by id.
     dyadic(p.x, 0.5);
     dyadic(p.router_row, 0.25);
-    dyadic(p.router_col, 0.25);
-    for (std::int64_t r = 0; r < 6; ++r)  // rows 2r and 2r+1 identical, columns 2c and 2c+1 too
+    dyadic(p.router_col, 0.25 / 2048);
+    for (std::int64_t r = 0; r < rows / 2; ++r)  // rows 2r and 2r+1 identical, columns 2c and 2c+1 too
       for (std::int64_t h = 0; h < H; ++h) p.router_row.set((2 * r + 1) * H + h, p.router_row.get(2 * r * H + h));
-    for (std::int64_t c = 0; c < 5; ++c)
+    for (std::int64_t c = 0; c < cols / 2; ++c)
       for (std::int64_t h = 0; h < H; ++h) p.router_col.set((2 * c + 1) * H + h, p.router_col.get(2 * c * H + h));
     const Problem ref = convert_problem(p, DType::f64);
     Config cfg1 = cfg;
@@ -498,7 +520,7 @@ TEST(CudaRouteTies, SmallerIdWins) {
       std::vector<std::int64_t> b(wid.begin() + t * (K + 1), wid.begin() + t * (K + 1) + K);
       std::sort(a.begin(), a.end());
       std::sort(b.begin(), b.end());
-      ASSERT_EQ(a, b) << "K " << K << " token " << t;
+      ASSERT_EQ(a, b) << "grid " << rows << " x " << cols << " K " << K << " token " << t;
     }
   }
   EXPECT_GT(exact_ties, 0) << "the duplicated rows should tie at the boundary for some token";
