@@ -439,6 +439,40 @@ __device__ __forceinline__ unsigned long long warp_min_u64(unsigned long long v)
   return v;
 }
 
+// The k-th largest (1-based) of the 32 lanes' values: a descending bitonic sort across lanes.
+__device__ __forceinline__ unsigned warp_kth_largest(unsigned m, int k) {
+  const int lane = threadIdx.x & 31;
+#pragma unroll
+  for (int size = 2; size <= 32; size <<= 1)
+#pragma unroll
+    for (int stride = size >> 1; stride > 0; stride >>= 1) {
+      const unsigned other = __shfl_xor_sync(0xffffffffu, m, stride);
+      const bool take_max = ((lane & size) == 0) == ((lane & stride) == 0);
+      m = take_max ? max(m, other) : min(m, other);
+    }
+  return __shfl_sync(0xffffffffu, m, k - 1);
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+
+// Ascending bitonic sort of 32 keys, one per lane.
+__device__ __forceinline__ unsigned long long warp_sort32(unsigned long long k) {
+  const int lane = threadIdx.x & 31;
+#pragma unroll
+  for (int size = 2; size <= 32; size <<= 1)
+#pragma unroll
+    for (int stride = size >> 1; stride > 0; stride >>= 1) {
+      const unsigned long long other = __shfl_xor_sync(0xffffffffu, k, stride);
+      const bool take_min = ((lane & size) == 0) == ((lane & stride) == 0);
+      k = take_min ? (other < k ? other : k) : (other > k ? other : k);
+    }
+  return k;
+}
+
 // Ascending bitonic sort of 64 keys held two per lane (element lane + 32 h in k[h]).
 __device__ __forceinline__ void warp_sort64(unsigned long long (&k)[2]) {
   const int lane = threadIdx.x & 31;
@@ -497,17 +531,7 @@ __device__ unsigned long long warp_axis_best(const float* l, const float* mean, 
     v[32 * j] -= lse;
     if (lane + 32 * j < n) best_ord = max(best_ord, ord(v[32 * j]));
   }
-  // theta: the keep-th largest lane maximum (a descending bitonic sort of the 32 maxima).
-  unsigned m = best_ord;
-#pragma unroll
-  for (int size = 2; size <= 32; size <<= 1)
-#pragma unroll
-    for (int stride = size >> 1; stride > 0; stride >>= 1) {
-      const unsigned other = __shfl_xor_sync(0xffffffffu, m, stride);
-      const bool take_max = ((lane & size) == 0) == ((lane & stride) == 0);
-      m = take_max ? max(m, other) : min(m, other);
-    }
-  const unsigned theta = __shfl_sync(0xffffffffu, m, keep - 1);
+  const unsigned theta = warp_kth_largest(best_ord, keep);  // the keep-th largest lane maximum
   int count = 0;
 #pragma unroll
   for (int j = 0; j < VPL; ++j) count += (lane + 32 * j < n && ord(v[32 * j]) >= theta) ? 1 : 0;
@@ -563,25 +587,9 @@ __device__ unsigned long long warp_axis_best(const float* l, const float* mean, 
       has = true;
     }
   }
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) nx = fmaxf(nx, __shfl_xor_sync(0xffffffffu, nx, o));
-  next = nx;
+  next = warp_max(nx);
   has_next = __any_sync(0xffffffffu, has);
   return mine;
-}
-
-// Ascending bitonic sort of 32 keys, one per lane.
-__device__ __forceinline__ unsigned long long warp_sort32(unsigned long long k) {
-  const int lane = threadIdx.x & 31;
-#pragma unroll
-  for (int size = 2; size <= 32; size <<= 1)
-#pragma unroll
-    for (int stride = size >> 1; stride > 0; stride >>= 1) {
-      const unsigned long long other = __shfl_xor_sync(0xffffffffu, k, stride);
-      const bool take_min = ((lane & size) == 0) == ((lane & stride) == 0);
-      k = take_min ? (other < k ? other : k) : (other > k ? other : k);
-    }
-  return k;
 }
 
 // warp_axis_best for a full axis (n = 32 VPL entries, rows 16-byte aligned: the language-model
@@ -634,17 +642,7 @@ __device__ unsigned long long warp_axis_best_full(const float* __restrict__ l, c
   sum = warp_sum(sum);
   const float lse = mx + logf(sum);
 
-  // theta: the keep-th largest lane maximum (descending bitonic sort of the 32 maxima).
-  unsigned m = ord(lmx - lse);
-#pragma unroll
-  for (int size = 2; size <= 32; size <<= 1)
-#pragma unroll
-    for (int stride = size >> 1; stride > 0; stride >>= 1) {
-      const unsigned other = __shfl_xor_sync(0xffffffffu, m, stride);
-      const bool take_max = ((lane & size) == 0) == ((lane & stride) == 0);
-      m = take_max ? max(m, other) : min(m, other);
-    }
-  const unsigned theta = __shfl_sync(0xffffffffu, m, keep - 1);
+  const unsigned theta = warp_kth_largest(ord(lmx - lse), keep);  // the keep-th largest lane maximum
   const float theta_f = unord(theta);
   const unsigned lt = (1u << lane) - 1u;
   int total = 1 << 30;  // NaN case: every entry ties at the NaN image (the general rounds)
@@ -711,9 +709,7 @@ __device__ unsigned long long warp_axis_best_full(const float* __restrict__ l, c
       has = true;
     }
   }
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) nx = fmaxf(nx, __shfl_xor_sync(0xffffffffu, nx, o));
-  next = nx;
+  next = warp_max(nx);
   has_next = __any_sync(0xffffffffu, has);
   return mine;
 }
@@ -790,17 +786,7 @@ __global__ void __launch_bounds__(kWarpTopkWarps * 32)
     if (q < ge) cells[warp][off + q] = key_of(av + b, row_id * static_cast<unsigned>(Nc) + col_id);
   }
   __syncwarp();
-  unsigned long long k = lane < K ? cells[warp][lane] : ~0ull;
-  // Bitonic sort of 32 keys across the warp, ascending.
-#pragma unroll
-  for (int size = 2; size <= 32; size <<= 1)
-#pragma unroll
-    for (int stride = size >> 1; stride > 0; stride >>= 1) {
-      const unsigned long long other = __shfl_xor_sync(0xffffffffu, k, stride);
-      const bool up = (lane & size) == 0, lower = (lane & stride) == 0;
-      const bool take_min = up == lower;
-      k = take_min ? (other < k ? other : k) : (other > k ? other : k);
-    }
+  const unsigned long long k = warp_sort32(lane < K ? cells[warp][lane] : ~0ull);
   const float sc = key_value(k);
   const float smax = __shfl_sync(0xffffffffu, sc, 0);
   float g = lane < K ? expf(gate_softmax ? sc - smax : sc) : 0.f;
