@@ -666,8 +666,7 @@ __device__ unsigned long long warp_axis_best_full(const float* __restrict__ l, c
     if (total <= 32) {
       const unsigned long long k = warp_sort32(lane < total ? buf[lane] : ~0ull);
       kth = __shfl_sync(0xffffffffu, k, keep - 1);
-      after = __shfl_sync(0xffffffffu, k, keep & 31);
-      if (keep == 32) after = ~0ull;
+      after = __shfl_sync(0xffffffffu, k, keep & 31);  // used only where total > keep, so keep < 32
       if (lane < keep) mine = k;
     } else {
       unsigned long long k[2] = {buf[lane], lane + 32 < total ? buf[lane + 32] : ~0ull};
