@@ -228,7 +228,7 @@ __device__ __forceinline__ void topk_token(TopkSmem<THREADS, AX, SEL>& sm, const
 #pragma unroll
   for (int i = 0; i < RPT; ++i) {
     qmin[i] = 0;
-    qmax[i] = threadIdx.x + i * THREADS < rk ? ck : 0;
+    qmax[i] = static_cast<int>(threadIdx.x) + i * THREADS < rk ? ck : 0;
   }
   bool exact = false;  // exactly K cells reach lo
   while (lo < hi) {
@@ -429,6 +429,10 @@ __global__ void __launch_bounds__(THREADS)
 template <int THREADS, int AX, int SEL>
 Status launch_topk(const RouteTopkArgs& a, cudaStream_t stream) {
   const Config& c = *a.cfg;
+  // The tile's limits (topk_token's per-thread rows and selected cells): route_topk picks the
+  // instantiation so that these hold; a change there that broke them would drop rows silently.
+  if (c.top_k > i64{THREADS} * SEL || std::max(c.grid_rows, c.grid_cols) > i64{THREADS} * AX)
+    return {StatusCode::internal, "CUDA router: top-K tile too small for the grid or K"};
   const bool listed = a.fallback_count != nullptr;
   const auto kernel = listed ? topk_list_kernel<THREADS, AX, SEL> : topk_kernel<THREADS, AX, SEL>;
   const int bytes = static_cast<int>(sizeof(TopkSmem<THREADS, AX, SEL>));
