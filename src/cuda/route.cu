@@ -190,9 +190,10 @@ __device__ void axis_sorted(S& sm, const float* l, const float* mean, const floa
 }
 
 // Number of q in [0, qn) with ord(a + b[q]) >= u (strict: > u); b sorted descending, so the
-// predicate holds on a prefix.
-__device__ __forceinline__ int prefix_count(float a, const unsigned long long* cols, int qn, unsigned u, bool strict) {
-  int lo = 0, hi = qn;
+// predicate holds on a prefix. A caller that knows the count is at least q0 passes it.
+__device__ __forceinline__ int prefix_count(float a, const unsigned long long* cols, int qn, unsigned u, bool strict,
+                                            int q0 = 0) {
+  int lo = q0, hi = qn;
   while (lo < hi) {
     const int mid = (lo + hi) >> 1;
     const unsigned o = ord(a + key_value(cols[mid]));
@@ -215,19 +216,37 @@ __device__ __forceinline__ void topk_token(TopkSmem<THREADS, AX, SEL>& sm, const
   //    min(K, Nr) rows x min(K, Nc) columns (it holds the K-th largest value): bisection
   //    on the count of cells at or above a threshold, stopped as soon as that count is K
   //    (about half the steps with distinct values: the gap below the K-th value is wide).
+  //    Each of a thread's rows keeps the bracket its count lies in: the count at a tested
+  //    threshold that became lo bounds the later counts from above (their thresholds are
+  //    higher), one that became hi + 1 from below, so the binary searches shrink with the
+  //    interval (the counts, and with them tau, are those of a search over [0, ck)).
+  constexpr int RPT = AX < SEL ? AX : SEL;  // rows per thread: rk <= min(Nr, K) <= THREADS min(AX, SEL)
   const int rk = static_cast<int>(min(K, Nr)), ck = static_cast<int>(min(K, Nc));
   unsigned lo = ord(key_value(sm.rows[rk - 1]) + key_value(sm.cols[ck - 1]));
   unsigned hi = ord(key_value(sm.rows[0]) + key_value(sm.cols[0]));
+  int qmin[RPT], qmax[RPT];  // row threadIdx.x + i THREADS: its count lies in [qmin, qmax]
+#pragma unroll
+  for (int i = 0; i < RPT; ++i) {
+    qmin[i] = 0;
+    qmax[i] = static_cast<int>(threadIdx.x) + i * THREADS < rk ? ck : 0;
+  }
   bool exact = false;  // exactly K cells reach lo
   while (lo < hi) {
     const unsigned mid = lo + (hi - lo + 1) / 2;
-    int cnt = 0;
-    for (int p = threadIdx.x; p < rk; p += THREADS) cnt += prefix_count(key_value(sm.rows[p]), sm.cols, ck, mid, false);
+    int cnt = 0, cur[RPT];
+#pragma unroll
+    for (int i = 0; i < RPT; ++i) {
+      const int p = threadIdx.x + i * THREADS;
+      cur[i] = qmin[i] < qmax[i] ? prefix_count(key_value(sm.rows[p]), sm.cols, qmax[i], mid, false, qmin[i]) : qmin[i];
+      cnt += cur[i];
+    }
     cnt = typename S::ReduceI(sm.tmp.reduce_i).Sum(cnt);
     if (threadIdx.x == 0) sm.bcast_i = cnt;
     __syncthreads();
     cnt = sm.bcast_i;
     __syncthreads();
+#pragma unroll
+    for (int i = 0; i < RPT; ++i) (cnt >= K ? qmax[i] : qmin[i]) = cur[i];
     if (cnt >= K) lo = mid;
     else hi = mid - 1;
     if (cnt == K) {  // tau is the smallest of those K cells: no need to narrow [lo, hi] further
@@ -237,12 +256,12 @@ __device__ __forceinline__ void topk_token(TopkSmem<THREADS, AX, SEL>& sm, const
   }
   if (exact) {
     // Row p's smallest cell at or above lo is its last one there (the cells that reach lo
-    // are a prefix of the row).
+    // are a prefix of the row; their number is the count at lo, qmax).
     unsigned m = 0xffffffffu;
-    for (int p = threadIdx.x; p < rk; p += THREADS) {
-      const float av = key_value(sm.rows[p]);
-      const int c = prefix_count(av, sm.cols, ck, lo, false);
-      if (c > 0) m = min(m, ord(av + key_value(sm.cols[c - 1])));
+#pragma unroll
+    for (int i = 0; i < RPT; ++i) {
+      const int p = threadIdx.x + i * THREADS, c = qmax[i];
+      if (c > 0) m = min(m, ord(key_value(sm.rows[p]) + key_value(sm.cols[c - 1])));
     }
     m = typename S::ReduceU(sm.tmp.reduce_u).Reduce(m, [](unsigned x, unsigned y) { return min(x, y); });
     if (threadIdx.x == 0) sm.bcast_u = m;
@@ -410,6 +429,10 @@ __global__ void __launch_bounds__(THREADS)
 template <int THREADS, int AX, int SEL>
 Status launch_topk(const RouteTopkArgs& a, cudaStream_t stream) {
   const Config& c = *a.cfg;
+  // The tile's limits (topk_token's per-thread rows and selected cells): route_topk picks the
+  // instantiation so that these hold; a change there that broke them would drop rows silently.
+  if (c.top_k > i64{THREADS} * SEL || std::max(c.grid_rows, c.grid_cols) > i64{THREADS} * AX)
+    return {StatusCode::internal, "CUDA router: top-K tile too small for the grid or K"};
   const bool listed = a.fallback_count != nullptr;
   const auto kernel = listed ? topk_list_kernel<THREADS, AX, SEL> : topk_kernel<THREADS, AX, SEL>;
   const int bytes = static_cast<int>(sizeof(TopkSmem<THREADS, AX, SEL>));
