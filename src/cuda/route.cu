@@ -2,7 +2,7 @@
 // exact bounded top-K, gates). The router product itself is a cuBLASLt call (layer.cu).
 #include <algorithm>
 
-#include <cub/block/block_radix_sort.cuh>
+#include <cub/block/block_merge_sort.cuh>
 #include <cub/block/block_reduce.cuh>
 #include <cub/block/block_scan.cuh>
 
@@ -123,12 +123,13 @@ template <int THREADS, int AX, int SEL>
 struct TopkSmem {
   static constexpr int kAxis = THREADS * AX;
   static constexpr int kSel = THREADS * SEL;
-  // 32-bit value keys with the id as payload: half the passes of sorting packed 64-bit keys.
-  // The radix sort is stable and items start in ascending id order, so equal values keep
-  // ascending ids.
-  using Sort = cub::BlockRadixSort<unsigned, THREADS, AX, unsigned>;
-  // The selection is sorted on (score, id) packed into 32 + ceil(log2 N) bits.
-  using SortCells = cub::BlockRadixSort<unsigned long long, THREADS, SEL>;
+  // Both sorts compare packed keys (key_of: ascending = descending value, then ascending
+  // id), so equal values come out in id order without a stable sort. Merge sorts: log2
+  // THREADS rounds of merge-path steps, where radix sorts took 8 passes (32-bit values with
+  // the id as payload) and 13 (the selection's 32 + ceil(log2 N) bits at N = 102400) of
+  // digit ranking; at paper-k512-t4096 the kernel went 334 -> 265 µs (H100, session s).
+  using Sort = cub::BlockMergeSort<unsigned long long, THREADS, AX>;
+  using SortCells = cub::BlockMergeSort<unsigned long long, THREADS, SEL>;
   using ReduceF = cub::BlockReduce<float, THREADS>;
   using ReduceI = cub::BlockReduce<int, THREADS>;
   using ReduceU = cub::BlockReduce<unsigned, THREADS>;
@@ -175,17 +176,16 @@ __device__ void axis_sorted(S& sm, const float* l, const float* mean, const floa
   if (threadIdx.x == 0) sm.bcast_f = mx + logf(s);
   __syncthreads();
   const float lse = sm.bcast_f;
-  unsigned k[ITEMS], id[ITEMS];
+  unsigned long long k[ITEMS];
 #pragma unroll
   for (int j = 0; j < ITEMS; ++j) {
     const i64 i = static_cast<i64>(threadIdx.x) * ITEMS + j;
-    k[j] = i < n ? ~ord(v[j] - lse) : ~0u;
-    id[j] = i < n ? static_cast<unsigned>(i) : ~0u;
+    k[j] = i < n ? key_of(v[j] - lse, static_cast<unsigned>(i)) : ~0ull;
   }
   __syncthreads();
-  typename S::Sort(sm.tmp.sort).Sort(k, id);
+  typename S::Sort(sm.tmp.sort).Sort(k, [](unsigned long long x, unsigned long long y) { return x < y; });
 #pragma unroll
-  for (int j = 0; j < ITEMS; ++j) out[threadIdx.x * ITEMS + j] = (static_cast<unsigned long long>(k[j]) << 32) | id[j];
+  for (int j = 0; j < ITEMS; ++j) out[threadIdx.x * ITEMS + j] = k[j];
   __syncthreads();
 }
 
@@ -353,19 +353,12 @@ __device__ __forceinline__ void topk_token(TopkSmem<THREADS, AX, SEL>& sm, const
   }
   __syncthreads();
 
-  // 4. Output order (descending score, ascending id): one radix sort over the packed key.
-  int id_bits = 1;
-  while ((1ll << id_bits) < Nr * Nc) ++id_bits;
+  // 4. Output order (descending score, ascending id): one merge sort of the keys (the
+  //    unused slots, ~0, sort last).
   unsigned long long k[SEL];
 #pragma unroll
-  for (int j = 0; j < SEL; ++j) {
-    const unsigned long long c = sm.sel[threadIdx.x * SEL + j];
-    k[j] = c == ~0ull ? ~0ull : ((c >> 32) << id_bits) | key_id(c);
-  }
-  typename S::SortCells(sm.tmp.sort_cells).Sort(k, 0, 32 + id_bits);
-#pragma unroll
-  for (int j = 0; j < SEL; ++j)
-    if (k[j] != ~0ull) k[j] = ((k[j] >> id_bits) << 32) | (k[j] & ((1ull << id_bits) - 1));
+  for (int j = 0; j < SEL; ++j) k[j] = sm.sel[threadIdx.x * SEL + j];
+  typename S::SortCells(sm.tmp.sort_cells).Sort(k, [](unsigned long long x, unsigned long long y) { return x < y; });
   __syncthreads();
   if (threadIdx.x == 0) sm.bcast_f = key_value(k[0]);  // thread 0 holds the best cell
   __syncthreads();
@@ -871,7 +864,7 @@ Status route_topk(RouteTopkArgs a, cudaStream_t stream) {
   }
   if (need <= 256) return launch_topk<128, 2, 2>(a, stream);
   // Two selected cells per thread up to K = 512 (the paper family): the final sort of the
-  // packed (score, id) keys, 13 radix passes of 64-bit keys, runs over 512 slots, not 1024.
+  // packed (score, id) keys runs over 512 slots, not 1024.
   if (c.top_k <= 512 && axis <= 512) return launch_topk<256, 2, 2>(a, stream);
   if (c.top_k <= 1024) {
     if (axis <= 512) return launch_topk<256, 2, 4>(a, stream);
