@@ -455,38 +455,33 @@ __device__ __forceinline__ unsigned long long warp_min_u64(unsigned long long v)
   return v;
 }
 
-// The k-th largest (1-based) of the 32 lanes' values: a descending bitonic sort across lanes.
-__device__ __forceinline__ unsigned warp_kth_largest(unsigned m, int k) {
+// Bitonic sort of 32 keys across the warp, one per lane, ascending (DESCENDING: descending).
+template <bool DESCENDING, class T>
+__device__ __forceinline__ T warp_bitonic32(T k) {
   const int lane = threadIdx.x & 31;
 #pragma unroll
   for (int size = 2; size <= 32; size <<= 1)
 #pragma unroll
     for (int stride = size >> 1; stride > 0; stride >>= 1) {
-      const unsigned other = __shfl_xor_sync(0xffffffffu, m, stride);
-      const bool take_max = ((lane & size) == 0) == ((lane & stride) == 0);
-      m = take_max ? max(m, other) : min(m, other);
+      const T other = __shfl_xor_sync(0xffffffffu, k, stride);
+      const bool take_first = (((lane & size) == 0) == ((lane & stride) == 0)) != DESCENDING;
+      k = take_first ? (other < k ? other : k) : (other > k ? other : k);
     }
-  return __shfl_sync(0xffffffffu, m, k - 1);
+  return k;
+}
+
+// Ascending sort of 32 keys, one per lane.
+__device__ __forceinline__ unsigned long long warp_sort32(unsigned long long k) { return warp_bitonic32<false>(k); }
+
+// The k-th largest (1-based) of the 32 lanes' values.
+__device__ __forceinline__ unsigned warp_kth_largest(unsigned m, int k) {
+  return __shfl_sync(0xffffffffu, warp_bitonic32<true>(m), k - 1);
 }
 
 __device__ __forceinline__ float warp_max(float v) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
   return v;
-}
-
-// Ascending bitonic sort of 32 keys, one per lane.
-__device__ __forceinline__ unsigned long long warp_sort32(unsigned long long k) {
-  const int lane = threadIdx.x & 31;
-#pragma unroll
-  for (int size = 2; size <= 32; size <<= 1)
-#pragma unroll
-    for (int stride = size >> 1; stride > 0; stride >>= 1) {
-      const unsigned long long other = __shfl_xor_sync(0xffffffffu, k, stride);
-      const bool take_min = ((lane & size) == 0) == ((lane & stride) == 0);
-      k = take_min ? (other < k ? other : k) : (other > k ? other : k);
-    }
-  return k;
 }
 
 // Ascending bitonic sort of 64 keys held two per lane (element lane + 32 h in k[h]).
