@@ -528,8 +528,7 @@ __device__ unsigned long long warp_axis_best(const float* l, const float* mean, 
     v[32 * j] = i < n ? (l[i] - mean[i]) * rstd[i] : -INFINITY;
     mx = fmaxf(mx, v[32 * j]);
   }
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+  mx = warp_max(mx);
   float sum = 0.f;
 #pragma unroll
   for (int j = 0; j < VPL; ++j)
