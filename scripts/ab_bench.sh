@@ -14,6 +14,7 @@
 #         tree's binary (labelled a_value).
 #   CONFIG  exact benchmark configuration names (omnimoe bench --only matches substrings)
 #   AB_BACKWARD=0  time the forward only (default 1: forward and the training step)
+#   AB_SUITE  the bench suite holding the configurations (default omnimoe; e.g. wide)
 # Writes $OUT/ab.csv: the bench CSV rows with two columns added, tree (a = working tree,
 # else the tree's label; with a single REF it is called b) and step (forward, train).
 set -uo pipefail
@@ -68,7 +69,7 @@ for cfg in "$@"; do
       flags=()
       [[ $step == train ]] && flags=(--backward)
       csv="$OUT/ab/$cfg.$step.$tree.csv"
-      env ${envs[$tree]} "${bin[$tree]}" bench --device cuda --suite omnimoe --only "$cfg" "${flags[@]}" --csv "$csv" >>"$OUT/ab.log" 2>&1 ||
+      env ${envs[$tree]} "${bin[$tree]}" bench --device cuda --suite "${AB_SUITE:-omnimoe}" --only "$cfg" "${flags[@]}" --csv "$csv" >>"$OUT/ab.log" 2>&1 ||
         status=1
     done
   done

@@ -37,6 +37,10 @@ std::map<std::string, std::vector<BenchConfig>> make_suites() {
   for (std::int64_t T : {4096, 16384})
     for (std::int64_t K : {1024, 2048, 3072})
       x.push_back({"paper-k" + std::to_string(K) + "-t" + std::to_string(T), 1024, 1024, 320, 320, K, T});
+  // The block top-K's tiles for axes over 1024 entries, which no point above takes
+  // (route_topk in src/cuda/route.cu: <256, 16, 4> for K <= 1024, <512, 8, 8> above).
+  s["wide"] = {{"wide-2048x64-k512-t4096", 1024, 1024, 2048, 64, 512, 4096},
+               {"wide-2048x64-k2048-t1024", 1024, 1024, 2048, 64, 2048, 1024}};
   return s;
 }
 
