@@ -1,5 +1,6 @@
 #include <cublasLt.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <map>
 #include <mutex>
@@ -69,6 +70,19 @@ std::uint32_t alignment_of(const void* p) {
   return al;
 }
 
+// What cuBLASLt may assume of every batch's operand: batch i starts at p + i * stride
+// elements, so it is as aligned as both p and the stride in bytes (a stride of 0 broadcasts
+// p). Telling batch 0's alignment alone would let a 256-byte aligned batch 0 vouch for a
+// batch 1 that is only 16-byte aligned.
+std::uint32_t operand_alignment(const void* p, int batch, i64 stride, DType d) {
+  std::uint32_t al = alignment_of(p);
+  if (batch > 1 && stride != 0) {
+    const auto bytes = static_cast<std::uintptr_t>(stride < 0 ? -stride : stride) * dtype_size(d);
+    al = std::min(al, alignment_of(reinterpret_cast<const void*>(bytes)));
+  }
+  return al;
+}
+
 }  // namespace
 
 Status gemm(const GemmArgs& g, GemmWorkspace ws, cudaStream_t stream) {
@@ -102,9 +116,29 @@ Status gemm(const GemmArgs& g, GemmWorkspace ws, cudaStream_t stream) {
 
   int dev = 0;
   OMNIMOE_CUDA_TRY(cudaGetDevice(&dev));
-  const Key key{dev,   g.ta, g.tb, g.M, g.N, g.K, g.lda, g.ldb, g.ldc, static_cast<int>(g.ab), static_cast<int>(g.c),
-                g.beta != 0.f, g.batch, g.stride_a, g.stride_b, g.stride_c,
-                alignment_of(g.A), alignment_of(g.B), alignment_of(g.C), ws.bytes};  // the algorithm must fit the scratch
+  const std::uint32_t al_a = operand_alignment(g.A, g.batch, g.stride_a, g.ab);
+  const std::uint32_t al_b = operand_alignment(g.B, g.batch, g.stride_b, g.ab);
+  const std::uint32_t al_c = operand_alignment(g.C, g.batch, g.stride_c, g.c);
+  const Key key{dev,
+                g.ta,
+                g.tb,
+                g.M,
+                g.N,
+                g.K,
+                g.lda,
+                g.ldb,
+                g.ldc,
+                static_cast<int>(g.ab),
+                static_cast<int>(g.c),
+                g.beta != 0.f,
+                g.batch,
+                g.stride_a,
+                g.stride_b,
+                g.stride_c,
+                al_a,
+                al_b,
+                al_c,
+                ws.bytes};  // the algorithm must fit the scratch
   static std::mutex mu;
   static std::map<Key, cublasLtMatmulAlgo_t> cache;
   cublasLtMatmulAlgo_t algo;
@@ -124,7 +158,7 @@ Status gemm(const GemmArgs& g, GemmWorkspace ws, cudaStream_t stream) {
                                                         sizeof(cap)));
     // The heuristic may otherwise assume 256-byte aligned operands; chunk offsets and views
     // into larger buffers can be less aligned.
-    const std::uint32_t al[4] = {alignment_of(g.B), alignment_of(g.A), alignment_of(g.C), alignment_of(g.C)};
+    const std::uint32_t al[4] = {al_b, al_a, al_c, al_c};  // operands are swapped
     const cublasLtMatmulPreferenceAttributes_t attr[4] = {
         CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES,
         CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES};

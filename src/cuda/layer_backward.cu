@@ -9,6 +9,7 @@
 // backward's gates for such duplicates are equal, so the sum is exact).
 #include <algorithm>
 #include <cstdlib>
+#include <functional>
 #include <string>
 
 #include "core/backend.hpp"
@@ -296,6 +297,63 @@ Status mm(const BackwardBuffers& b, cudaStream_t s, bool ta, bool tb, i64 M, i64
   return gemm(gemm_args(ta, tb, M, N, K, A, lda, B, ldb, C, ldc, ab, c, beta), b.gemm, s);
 }
 
+// The shared MLP backward's gate and up sides as strided-batch products where the caller's
+// tensors allow (8 -> 6 products a slice, each with twice the tiles: the weight gradients,
+// w x H over K = T, fill a quarter of an H100's SMs at w = 1024 alone): u and v recomputed
+// in one product (x against gate and up), the gate and up weight gradients in one (du and
+// dv against x). Batch slot 0 is whichever caller tensor lies first in memory, since strides
+// must be >= 0; the three slice buffers take the roles that make the slice-side strides
+// positive too. A gap must be whole 16-byte units (gemm tells cuBLASLt the alignment every
+// batch has, so a 16-byte gap costs at most the 16-byte kernels) and the gradients' gap at
+// least one tensor (batches writing overlapping memory would race); otherwise that side
+// stays two products.
+struct MlpBatches {
+  void *u, *v, *dm;                   // slice buffers: gate's product (then du), up's (then m), dy down (then dv)
+  bool uv = false, grads = false;     // which sides run as one batched product
+  i64 params_gap = 0, grads_gap = 0;  // |up - gate| of the parameters / their gradients, elements
+  bool gate_first = true, grad_gate_first = true;  // which caller tensor is batch slot 0
+};
+
+MlpBatches mlp_batches(const Params& p, const Gradients& g, bool weights, i64 tensor_bytes, void* b0, void* b1,
+                       void* b2) {
+  const auto gap = [](const void* x, const void* y) {
+    return static_cast<const char*>(y) - static_cast<const char*>(x);
+  };
+  MlpBatches m;
+  const i64 gp = gap(p.gate.data, p.up.data), gg = gap(g.gate.data, g.up.data);
+  m.gate_first = gp >= 0;
+  m.grad_gate_first = gg >= 0;
+  const i64 es = static_cast<i64>(dtype_size(p.gate.dtype));
+  m.params_gap = std::abs(gp) / es;
+  m.grads_gap = std::abs(gg) / es;
+  const bool params_ok = std::abs(gp) % 16 == 0;
+  const bool grads_ok = weights && std::abs(gg) % 16 == 0 && std::abs(gg) >= tensor_bytes;
+  void* buf[3] = {b0, b1, b2};
+  std::sort(buf, buf + 3, [](void* x, void* y) { return std::less<void*>()(x, y); });
+  // Slot 1 must lie a positive whole number of 16-byte units after slot 0.
+  const auto after = [&](void* first, void* second) {
+    const i64 d = gap(first, second);
+    return d > 0 && d % 16 == 0;
+  };
+  int best = -1;
+  const int perms[6][3] = {{0, 1, 2}, {0, 2, 1}, {1, 0, 2}, {1, 2, 0}, {2, 0, 1}, {2, 1, 0}};
+  for (const auto& q : perms) {
+    void *u = buf[q[0]], *v = buf[q[1]], *dm = buf[q[2]];
+    const bool uv = params_ok && (m.gate_first ? after(u, v) : after(v, u));
+    const bool grads = grads_ok && (m.grad_gate_first ? after(u, dm) : after(dm, u));
+    const int score = 2 * uv + grads;  // the recompute's products are the larger
+    if (score > best) {
+      best = score;
+      m.u = u;
+      m.v = v;
+      m.dm = dm;
+      m.uv = uv;
+      m.grads = grads;
+    }
+  }
+  return m;
+}
+
 }  // namespace
 
 Status backward_workspace_size(const Config& cfg, i64 tokens, DType dtype, std::size_t* bytes) {
@@ -337,26 +395,49 @@ Status backward(const Config& cfg, Mode mode, const TensorView& x, const Params&
   // dm = dy down; (du, m, dv); with `weights` (rows = T) the slice's weight-gradient rows /
   // columns, each written once; with dx_rows its share of dx (tokens t0.. of dx_rows). u, v
   // and dm hold [rows, width] each.
-  auto mlp_slices = [&](i64 t0, i64 rows, i64 width, bool weights, float* dx_rows, void* u, void* v,
-                        void* dm) -> Status {
+  auto mlp_slices = [&](i64 t0, i64 rows, i64 width, bool weights, float* dx_rows, void* b0, void* b1,
+                        void* b2) -> Status {
+    const MlpBatches m = mlp_batches(p, g, weights, I * H * static_cast<i64>(es), b0, b1, b2);
+    void *u = m.u, *v = m.v, *dm = m.dm;
     const char* xc = at(x.data, t0 * H, dt);
     const char* dyc = at(grad_y.data, t0 * H, dt);
+    const auto elems = [&](const void* from, const void* to) {
+      return static_cast<i64>(static_cast<const char*>(to) - static_cast<const char*>(from)) / static_cast<i64>(es);
+    };
     for (i64 i0 = 0; cfg.has_shared_mlp() && i0 < I; i0 += width) {
       const i64 w = std::min(width, I - i0);
       const char* gate = at(p.gate.data, i0 * H, dt);
       const char* up = at(p.up.data, i0 * H, dt);
-      OMNIMOE_RETURN_IF_ERROR(mm(b, s, false, true, rows, w, H, xc, H, gate, H, u, w, dt, dt, 0.f));
-      OMNIMOE_RETURN_IF_ERROR(mm(b, s, false, true, rows, w, H, xc, H, up, H, v, w, dt, dt, 0.f));
+      if (m.uv) {  // [u, v] = x [gate, up]ᵀ; slot 0 is the tensor first in memory
+        GemmArgs r = gemm_args(false, true, rows, w, H, xc, H, m.gate_first ? gate : up, H, m.gate_first ? u : v, w, dt,
+                               dt, 0.f);
+        r.batch = 2;
+        r.stride_b = m.params_gap;
+        r.stride_c = m.gate_first ? elems(u, v) : elems(v, u);
+        OMNIMOE_RETURN_IF_ERROR(gemm(r, b.gemm, s));
+      } else {
+        OMNIMOE_RETURN_IF_ERROR(mm(b, s, false, true, rows, w, H, xc, H, gate, H, u, w, dt, dt, 0.f));
+        OMNIMOE_RETURN_IF_ERROR(mm(b, s, false, true, rows, w, H, xc, H, up, H, v, w, dt, dt, 0.f));
+      }
       OMNIMOE_RETURN_IF_ERROR(
           mm(b, s, false, false, rows, w, H, dyc, H, at(p.down.data, i0, dt), I, dm, w, dt, dt, 0.f));
       OMNIMOE_RETURN_IF_ERROR(shared_mlp_swiglu_backward(dt, u, v, dm, rows * w, s));
       if (weights) {
         OMNIMOE_RETURN_IF_ERROR(mm(b, s, true, false, H, w, rows, dyc, H, v, w,
                                    const_cast<char*>(at(g.down.data, i0, dt)), I, dt, dt, 0.f));
-        OMNIMOE_RETURN_IF_ERROR(mm(b, s, true, false, w, H, rows, u, w, xc, H,
-                                   const_cast<char*>(at(g.gate.data, i0 * H, dt)), H, dt, dt, 0.f));
-        OMNIMOE_RETURN_IF_ERROR(mm(b, s, true, false, w, H, rows, dm, w, xc, H,
-                                   const_cast<char*>(at(g.up.data, i0 * H, dt)), H, dt, dt, 0.f));
+        char* ggate = const_cast<char*>(at(g.gate.data, i0 * H, dt));
+        char* gup = const_cast<char*>(at(g.up.data, i0 * H, dt));
+        if (m.grads) {  // [dgate, dup] = [du, dv]ᵀ x; slot 0 is the gradient first in memory
+          GemmArgs r = gemm_args(true, false, w, H, rows, m.grad_gate_first ? u : dm, w, xc, H,
+                                 m.grad_gate_first ? ggate : gup, H, dt, dt, 0.f);
+          r.batch = 2;
+          r.stride_a = m.grad_gate_first ? elems(u, dm) : elems(dm, u);
+          r.stride_c = m.grads_gap;
+          OMNIMOE_RETURN_IF_ERROR(gemm(r, b.gemm, s));
+        } else {
+          OMNIMOE_RETURN_IF_ERROR(mm(b, s, true, false, w, H, rows, u, w, xc, H, ggate, H, dt, dt, 0.f));
+          OMNIMOE_RETURN_IF_ERROR(mm(b, s, true, false, w, H, rows, dm, w, xc, H, gup, H, dt, dt, 0.f));
+        }
       }
       if (dx_rows != nullptr) {
         OMNIMOE_RETURN_IF_ERROR(mm(b, s, false, false, rows, H, w, u, w, gate, H, dx_rows, H, dt, DType::f32, 1.f));

@@ -622,6 +622,85 @@ TEST(CudaBackwardMisaligned, ViewsOffsetByOneElement) {
   }
 }
 
+// The shared MLP's backward may issue its gate and up sides as strided-batch products whose batch stride is the byte
+// distance between the caller's gate and up (and between grad.gate and grad.up), batch 0 whichever lies first. Each
+// pair in one allocation, in all four orders, their starts a multiple of 16 bytes apart but not of 256 (batch 1 only
+// 16-byte aligned where batch 0 is 256-byte aligned), or one element more (not a multiple of 16: separate products).
+// Every gradient as the CPU float64 backward's, read where it was written, in the whole mode (one MLP slice, then
+// several under a tiny OMNIMOE_CHUNK_BYTES) and the chunked mode (the gather path under it); nothing written between
+// grad.gate and grad.up.
+TEST(CudaBackwardMlpOrder, GateAndUpInEitherOrder) {
+  if (!have_gpu()) GTEST_SKIP() << "no CUDA device";
+  for (const DType dt : {DType::bf16, DType::f32}) {
+    Config cfg = make_config(64, 48, 6, 5, 4);  // under 4096 bytes: slices of 17 (bf16) or 8 (f32) of I = 48
+    const std::int64_t T = 40, H = cfg.hidden;
+    const Problem stored = convert_problem(make_problem(cfg, T, DType::f64, test_seed(static_cast<int>(dt) + 50)), dt);
+    const Problem ref = convert_problem(stored, DType::f64);
+    HostTensor dy(dt, {T, H}), dy64(DType::f64, {T, H});
+    std::mt19937_64 rng(test_seed(51));
+    fill_normal(dy, rng, 1.0);
+    dy64.from_f64(dy.to_f64());
+    Problem fwd = ref;
+    Outputs routing = make_outputs(cfg, T, DType::f64);
+    ASSERT_TRUE(run_forward(fwd, Mode::training, routing).ok());
+    Grads want = make_grads(cfg, T, DType::f64);
+    ASSERT_TRUE(run_backward(ref, Mode::training, routing.ids, dy64, want).ok());
+
+    DeviceProblem dev(stored);
+    DeviceTensor dids(routing.ids), ddy(dy);
+    const std::size_t bytes = stored.gate.bytes();
+    std::size_t gap16 = (bytes + 15) / 16 * 16 + 16;
+    if (gap16 % 256 == 0) gap16 += 16;
+    for (const std::size_t gap : {gap16, gap16 + dtype_size(dt)}) {
+      DeviceWorkspace pbuf(gap + bytes), gbuf(gap + bytes);  // 0xFF-filled, 256-byte aligned device memory
+      char* const pb = static_cast<char*>(pbuf.ws().data);
+      char* const gb = static_cast<char*>(gbuf.ws().data);
+      for (const int order : {0, 1, 2, 3}) {
+        const bool up_first = (order & 1) != 0, grad_up_first = (order & 2) != 0;
+        Params q = dev.params();
+        q.gate.data = pb + (up_first ? gap : 0);
+        q.up.data = pb + (up_first ? 0 : gap);
+        ASSERT_TRUE(copy_bytes(q.gate.data, Device::cuda, stored.gate.data(), Device::cpu, bytes).ok());
+        ASSERT_TRUE(copy_bytes(q.up.data, Device::cuda, stored.up.data(), Device::cpu, bytes).ok());
+        for (const auto& [chunk_bytes, schedule] :
+             {std::pair<const char*, Schedule>{nullptr, Schedule::automatic}, {"4096", kExpert}, {"4096", kToken}}) {
+          SCOPED_TRACE(::testing::Message()
+                       << dtype_name(dt) << ", gap " << gap << (up_first ? ", up" : ", gate") << " first"
+                       << (grad_up_first ? ", grad.up" : ", grad.gate") << " first, OMNIMOE_CHUNK_BYTES "
+                       << (chunk_bytes ? chunk_bytes : "unset") << ", schedule " << name(schedule));
+          const ScopedEnv env("OMNIMOE_CHUNK_BYTES", chunk_bytes);
+          cfg.schedule = schedule;
+          std::size_t ws_bytes = 0;
+          ASSERT_TRUE(backward_workspace_size(cfg, T, dt, Device::cuda, &ws_bytes).ok());
+          DeviceWorkspace ws(ws_bytes);
+          Grads got = make_grads(cfg, T, dt);
+          DeviceGrads dg(got);
+          dg.poison();
+          gbuf.poison();
+          Gradients gv = dg.view();
+          gv.gate.data = gb + (grad_up_first ? gap : 0);
+          gv.up.data = gb + (grad_up_first ? 0 : gap);
+          const Status st = backward(cfg, Mode::training, dev.x.view(), q, dids.view(), ddy.view(), gv, ws.ws());
+          ASSERT_TRUE(st.ok()) << st.message();
+          ASSERT_TRUE(synchronize(Device::cuda).ok());
+          dg.download(got);  // then gate and up from where they were written
+          ASSERT_TRUE(copy_bytes(got.gate.data(), Device::cpu, gv.gate.data, Device::cuda, bytes).ok());
+          ASSERT_TRUE(copy_bytes(got.up.data(), Device::cpu, gv.up.data, Device::cuda, bytes).ok());
+          std::vector<unsigned char> between(gap - bytes);
+          ASSERT_TRUE(copy_bytes(between.data(), Device::cpu, gb + bytes, Device::cuda, between.size()).ok());
+          EXPECT_EQ(std::count(between.begin(), between.end(), 0xFF), static_cast<std::ptrdiff_t>(between.size()));
+          const double tol = dt == DType::f32 ? 1e-4 : 3e-2;
+          const auto gw = want.all(), gg = got.all();
+          for (std::size_t i = 0; i < gw.size(); ++i) {
+            EXPECT_EQ(gg[i]->count_nonfinite(), 0) << kTrainableNames[i] << " not fully written";
+            EXPECT_LE(rel_error(gg[i]->to_f64(), gw[i]->to_f64()), tol) << "grad " << kTrainableNames[i];
+          }
+        }
+      }
+    }
+  }
+}
+
 // Host only (the size query needs no device): the dense path's backward sorts its tasks one
 // token chunk at a time, so only a task array of 4 bytes per (token, expert) pair spans T,
 // with the task-values form's two values per pair (2 x 2 bytes in bf16) beside it (a sort
