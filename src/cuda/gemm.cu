@@ -119,26 +119,11 @@ Status gemm(const GemmArgs& g, GemmWorkspace ws, cudaStream_t stream) {
   const std::uint32_t al_a = operand_alignment(g.A, g.batch, g.stride_a, g.ab);
   const std::uint32_t al_b = operand_alignment(g.B, g.batch, g.stride_b, g.ab);
   const std::uint32_t al_c = operand_alignment(g.C, g.batch, g.stride_c, g.c);
-  const Key key{dev,
-                g.ta,
-                g.tb,
-                g.M,
-                g.N,
-                g.K,
-                g.lda,
-                g.ldb,
-                g.ldc,
-                static_cast<int>(g.ab),
-                static_cast<int>(g.c),
-                g.beta != 0.f,
-                g.batch,
-                g.stride_a,
-                g.stride_b,
-                g.stride_c,
-                al_a,
-                al_b,
-                al_c,
+  // clang-format off
+  const Key key{dev, g.ta, g.tb, g.M, g.N, g.K, g.lda, g.ldb, g.ldc, static_cast<int>(g.ab), static_cast<int>(g.c),
+                g.beta != 0.f, g.batch, g.stride_a, g.stride_b, g.stride_c, al_a, al_b, al_c,
                 ws.bytes};  // the algorithm must fit the scratch
+  // clang-format on
   static std::mutex mu;
   static std::map<Key, cublasLtMatmulAlgo_t> cache;
   cublasLtMatmulAlgo_t algo;
