@@ -135,15 +135,24 @@ struct TopkSmem {
   using ReduceU = cub::BlockReduce<unsigned, THREADS>;
   using Scan = cub::BlockScan<int, THREADS>;
   union {
-    typename Sort::TempStorage sort;
     typename SortCells::TempStorage sort_cells;
     typename ReduceF::TempStorage reduce_f;
     typename ReduceI::TempStorage reduce_i;
     typename ReduceU::TempStorage reduce_u;
     typename Scan::TempStorage scan;
   } tmp;
-  unsigned long long rows[kAxis];  // sorted row keys (log-prob, row id)
-  unsigned long long cols[kAxis];  // sorted column keys
+  // Each axis is sorted in its own key array: the merge sort's scratch (kAxis + 1 keys) is
+  // that array until the sorted keys are stored there, instead of a third axis-sized area in
+  // `tmp`. At <256, 16, 4> (axes up to 4096) that is 32 KB: 123 -> 98 KB, two blocks an SM
+  // (the other tiles gain 16 bytes).
+  union {
+    typename Sort::TempStorage rows_sort;
+    unsigned long long rows[kAxis];  // sorted row keys (log-prob, row id)
+  };
+  union {
+    typename Sort::TempStorage cols_sort;
+    unsigned long long cols[kAxis];  // sorted column keys
+  };
   unsigned long long sel[kSel];    // selected cells (score, expert id)
   int row_off[kAxis];              // first output slot of each candidate row's cells above tau
   float bcast_f;
@@ -155,7 +164,7 @@ struct TopkSmem {
 // thread i holds ranks i*ITEMS ..), stored to `out`.
 template <int THREADS, int ITEMS, class S>
 __device__ void axis_sorted(S& sm, const float* l, const float* mean, const float* rstd, i64 n,
-                            unsigned long long* out) {
+                            typename S::Sort::TempStorage& scratch, unsigned long long* out) {
   float v[ITEMS];
   float mx = -INFINITY;
 #pragma unroll
@@ -183,7 +192,8 @@ __device__ void axis_sorted(S& sm, const float* l, const float* mean, const floa
     k[j] = i < n ? key_of(v[j] - lse, static_cast<unsigned>(i)) : ~0ull;
   }
   __syncthreads();
-  typename S::Sort(sm.tmp.sort).Sort(k, [](unsigned long long x, unsigned long long y) { return x < y; });
+  typename S::Sort(scratch).Sort(k, [](unsigned long long x, unsigned long long y) { return x < y; });
+  __syncthreads();  // `out` is the sort's scratch: every thread has read its keys back first
 #pragma unroll
   for (int j = 0; j < ITEMS; ++j) out[threadIdx.x * ITEMS + j] = k[j];
   __syncthreads();
@@ -209,8 +219,8 @@ __device__ __forceinline__ void topk_token(TopkSmem<THREADS, AX, SEL>& sm, const
                                            i64 Nc, i64 K, int gate_softmax) {
   using S = TopkSmem<THREADS, AX, SEL>;
   const float* l = a.logits + t * (Nr + Nc);
-  axis_sorted<THREADS, AX>(sm, l, a.mean, a.rstd, Nr, sm.rows);
-  axis_sorted<THREADS, AX>(sm, l + Nr, a.mean + Nr, a.rstd + Nr, Nc, sm.cols);
+  axis_sorted<THREADS, AX>(sm, l, a.mean, a.rstd, Nr, sm.rows_sort, sm.rows);
+  axis_sorted<THREADS, AX>(sm, l + Nr, a.mean + Nr, a.rstd + Nr, Nc, sm.cols_sort, sm.cols);
 
   // 1. tau = ord of the K-th largest value of S, searched over the block of the best
   //    min(K, Nr) rows x min(K, Nc) columns (it holds the K-th largest value): bisection
