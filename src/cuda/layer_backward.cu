@@ -8,6 +8,7 @@
 // chunk cells are added to atomically only where one token names an expert twice, and the
 // backward's gates for such duplicates are equal, so the sum is exact).
 #include <algorithm>
+#include <cstdint>
 #include <cstdlib>
 #include <functional>
 #include <string>
@@ -316,8 +317,8 @@ struct MlpBatches {
 
 MlpBatches mlp_batches(const Params& p, const Gradients& g, bool weights, i64 tensor_bytes, void* b0, void* b1,
                        void* b2) {
-  const auto gap = [](const void* x, const void* y) {
-    return static_cast<const char*>(y) - static_cast<const char*>(x);
+  const auto gap = [](const void* x, const void* y) {  // tensors of separate allocations: no pointer difference
+    return static_cast<i64>(reinterpret_cast<std::uintptr_t>(y) - reinterpret_cast<std::uintptr_t>(x));
   };
   MlpBatches m;
   const i64 gp = gap(p.gate.data, p.up.data), gg = gap(g.gate.data, g.up.data);
