@@ -468,8 +468,9 @@ Status backward(const Config& cfg, Mode mode, const TensorView& x, const Params&
   OMNIMOE_RETURN_IF_ERROR(experts_import_ids(expert_ids, cfg.num_experts(), b.ids, s));
   // With one router chunk (and the statistics pass) its logits are still in b.logits here,
   // and its lhat and d logp still in b.logits and b.dlogp when its weights pass runs below:
-  // between those passes nothing writes the router's buffers (the experts phase, which
-  // shares their memory, runs before the column sums). So neither is recomputed: one router
+  // between those passes nothing writes the router's buffers (the experts phase and the
+  // shared MLP's slices share their memory: the one runs before the column sums, the other
+  // after the weights pass; keep that order). So neither is recomputed: one router
   // product and one scores backward fewer, the same values (H100, session t: step
   // lm-256x256-t4096 1.359 -> 1.321 ms, lm-256x256-t1024 0.587 -> 0.564; predicted -41 µs).
   // With more chunks each pass overwrites the buffers chunk by chunk.
