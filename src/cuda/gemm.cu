@@ -62,9 +62,8 @@ struct Descs {
 using Key = std::tuple<int, bool, bool, i64, i64, i64, i64, i64, i64, int, int, bool, int, i64, i64, i64, std::uint32_t,
                        std::uint32_t, std::uint32_t, std::size_t>;
 
-// Largest power of two (up to 256) dividing the address.
-std::uint32_t alignment_of(const void* p) {
-  const auto a = reinterpret_cast<std::uintptr_t>(p);
+// Largest power of two (up to 256) dividing an address or a byte count.
+std::uint32_t alignment_of(std::uintptr_t a) {
   std::uint32_t al = 256;
   while (al > 1 && a % al != 0) al >>= 1;
   return al;
@@ -75,11 +74,9 @@ std::uint32_t alignment_of(const void* p) {
 // p). Telling batch 0's alignment alone would let a 256-byte aligned batch 0 vouch for a
 // batch 1 that is only 16-byte aligned.
 std::uint32_t operand_alignment(const void* p, int batch, i64 stride, DType d) {
-  std::uint32_t al = alignment_of(p);
-  if (batch > 1 && stride != 0) {
-    const auto bytes = static_cast<std::uintptr_t>(stride < 0 ? -stride : stride) * dtype_size(d);
-    al = std::min(al, alignment_of(reinterpret_cast<const void*>(bytes)));
-  }
+  std::uint32_t al = alignment_of(reinterpret_cast<std::uintptr_t>(p));
+  if (batch > 1 && stride != 0)
+    al = std::min(al, alignment_of(static_cast<std::uintptr_t>(stride < 0 ? -stride : stride) * dtype_size(d)));
   return al;
 }
 

@@ -10,7 +10,6 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstdlib>
-#include <functional>
 #include <string>
 
 #include "core/backend.hpp"
@@ -312,6 +311,7 @@ struct MlpBatches {
   void *u, *v, *dm;                   // slice buffers: gate's product (then du), up's (then m), dy down (then dv)
   bool uv = false, grads = false;     // which sides run as one batched product
   i64 params_gap = 0, grads_gap = 0;  // |up - gate| of the parameters / their gradients, elements
+  i64 uv_gap = 0, grads_in_gap = 0;   // the slice buffers' strides of the two batches, elements
   bool gate_first = true, grad_gate_first = true;  // which caller tensor is batch slot 0
 };
 
@@ -329,9 +329,9 @@ MlpBatches mlp_batches(const Params& p, const Gradients& g, bool weights, i64 te
   m.grads_gap = std::abs(gg) / es;
   const bool params_ok = std::abs(gp) % 16 == 0;
   const bool grads_ok = weights && std::abs(gg) % 16 == 0 && std::abs(gg) >= tensor_bytes;
+  // Every assignment of the three buffers to the roles; the batch's slot 1 must lie a positive
+  // whole number of 16-byte units after slot 0.
   void* buf[3] = {b0, b1, b2};
-  std::sort(buf, buf + 3, [](void* x, void* y) { return std::less<void*>()(x, y); });
-  // Slot 1 must lie a positive whole number of 16-byte units after slot 0.
   const auto after = [&](void* first, void* second) {
     const i64 d = gap(first, second);
     return d > 0 && d % 16 == 0;
@@ -352,6 +352,8 @@ MlpBatches mlp_batches(const Params& p, const Gradients& g, bool weights, i64 te
       m.grads = grads;
     }
   }
+  m.uv_gap = std::abs(gap(m.u, m.v)) / es;
+  m.grads_in_gap = std::abs(gap(m.u, m.dm)) / es;
   return m;
 }
 
@@ -402,9 +404,6 @@ Status backward(const Config& cfg, Mode mode, const TensorView& x, const Params&
     void *u = m.u, *v = m.v, *dm = m.dm;
     const char* xc = at(x.data, t0 * H, dt);
     const char* dyc = at(grad_y.data, t0 * H, dt);
-    const auto elems = [&](const void* from, const void* to) {
-      return static_cast<i64>(static_cast<const char*>(to) - static_cast<const char*>(from)) / static_cast<i64>(es);
-    };
     for (i64 i0 = 0; cfg.has_shared_mlp() && i0 < I; i0 += width) {
       const i64 w = std::min(width, I - i0);
       const char* gate = at(p.gate.data, i0 * H, dt);
@@ -414,7 +413,7 @@ Status backward(const Config& cfg, Mode mode, const TensorView& x, const Params&
                                dt, 0.f);
         r.batch = 2;
         r.stride_b = m.params_gap;
-        r.stride_c = m.gate_first ? elems(u, v) : elems(v, u);
+        r.stride_c = m.uv_gap;
         OMNIMOE_RETURN_IF_ERROR(gemm(r, b.gemm, s));
       } else {
         OMNIMOE_RETURN_IF_ERROR(mm(b, s, false, true, rows, w, H, xc, H, gate, H, u, w, dt, dt, 0.f));
@@ -432,7 +431,7 @@ Status backward(const Config& cfg, Mode mode, const TensorView& x, const Params&
           GemmArgs r = gemm_args(true, false, w, H, rows, m.grad_gate_first ? u : dm, w, xc, H,
                                  m.grad_gate_first ? ggate : gup, H, dt, dt, 0.f);
           r.batch = 2;
-          r.stride_a = m.grad_gate_first ? elems(u, dm) : elems(dm, u);
+          r.stride_a = m.grads_in_gap;
           r.stride_c = m.grads_gap;
           OMNIMOE_RETURN_IF_ERROR(gemm(r, b.gemm, s));
         } else {

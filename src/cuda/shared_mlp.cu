@@ -61,8 +61,9 @@ Status swiglu_forward(const SwigluArgs& a, cudaStream_t s) {
   const auto* upp = static_cast<const char*>(a.up);
   const bool gate_first = gp <= upp;
   const i64 gap = gate_first ? upp - gp : gp - upp;
-  // One strided-batch product needs a stride that keeps batch 1 as aligned as batch 0 (the
-  // alignment cuBLASLt is told is batch 0's): a gap of whole 16-byte units.
+  // One strided-batch product where the gap is whole 16-byte units (gemm tells cuBLASLt the
+  // alignment every batch has, so that costs at most the 16-byte kernels); else two products.
+  // The backward's twin of this choice is mlp_batches (layer_backward.cu).
   const bool one_product = gap % 16 == 0 && static_cast<char*>(a.v) > static_cast<char*>(a.u);
   void* gate_out = (one_product && !gate_first) ? a.v : a.u;
   void* up_out = (one_product && !gate_first) ? a.u : a.v;
