@@ -23,8 +23,9 @@
 #   each PROFILE_ONLY configuration (default paper-k512-t4096) and PROFILE_STEPS
 #   PROFILE_KERNEL=re the profile step instead reads one launch of the kernels matching re
 #                     (ncu's throughput, memory, warp-state and occupancy sections and the
-#                     stall reasons), forward of the PROFILE_ONLY configurations (default
-#                     paper-k512-t4096); PROFILE_SKIP matching launches skipped first (default
+#                     stall reasons), of the PROFILE_ONLY configurations (default
+#                     paper-k512-t4096) in PROFILE_STEPS (default forward); PROFILE_SKIP
+#                     matching launches skipped first (default
 #                     20: inside the warm-up forward, past its first expert chunks; the bench's
 #                     ceilings run first, so a regex must not match their kernels)
 #   TESTS_ONLY=regex  limit the CUDA test suites to those ctest -R matches
@@ -180,12 +181,17 @@ fi
 if want profile && [[ -n ${PROFILE_KERNEL:-} ]]; then
   : >"$OUT/profile.log"
   for cfg in ${PROFILE_ONLY:-paper-k512-t4096}; do
-    echo "=== $cfg, kernels ~ $PROFILE_KERNEL" >>"$OUT/profile.log"
-    ncu --clock-control none --cache-control none --section SpeedOfLight --section MemoryWorkloadAnalysis \
-      --section WarpStateStats --section Occupancy --section LaunchStats -k "regex:$PROFILE_KERNEL" \
-      --metrics "regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio" \
-      --launch-skip "${PROFILE_SKIP:-20}" --launch-count 1 \
-      build-gpu/omnimoe bench --device cuda --suite omnimoe --only "$cfg" --reps 2 >>"$OUT/profile.log" 2>&1
+    for step in ${PROFILE_STEPS:-forward}; do
+      flags=()
+      [[ $step == backward ]] && flags=(--backward)
+      echo "=== $cfg${flags:+ backward}, kernels ~ $PROFILE_KERNEL" >>"$OUT/profile.log"
+      ncu --clock-control none --cache-control none --section SpeedOfLight --section MemoryWorkloadAnalysis \
+        --section WarpStateStats --section Occupancy --section LaunchStats -k "regex:$PROFILE_KERNEL" \
+        --metrics "regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio" \
+        --launch-skip "${PROFILE_SKIP:-20}" --launch-count 1 \
+        build-gpu/omnimoe bench --device cuda --suite omnimoe "${flags[@]}" --only "$cfg" --reps 2 \
+        >>"$OUT/profile.log" 2>&1
+    done
   done
   grep -vE "^\[" "$OUT/profile.log" |
     grep -iE "^===|^  [a-zA-Z_].*\(|Throughput|Hit Rate|Duration|stalled|Occupancy|Registers Per|Bandwidth" | head -80
