@@ -47,6 +47,21 @@ template <> __device__ __forceinline__ float from_f32<float>(float v) { return v
 template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
 template <> __device__ __forceinline__ __half from_f32<__half>(float v) { return __float2half_rn(v); }
 
+// cp.async of 16 bytes from global to shared memory (L2 only, past L1); valid = false reads
+// nothing and writes 16 zero bytes. The copies a thread issued are visible to that thread
+// after cp_async_wait<N>() leaves at most N of its committed groups in flight (to other
+// threads only after a barrier as well).
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool valid = true) {
+  const auto s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  const int n = valid ? 16 : 0;
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(n) : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
 // 16 bytes of S as float: 4 floats or 8 halves.
 template <class S> struct Vec { static constexpr int kN = 16 / sizeof(S); };
 

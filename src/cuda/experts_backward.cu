@@ -6,6 +6,8 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
+#include <string>
 #include <cub/device/device_scan.cuh>
 #include <type_traits>
 
@@ -320,6 +322,10 @@ struct ExpertRowsSmem {
     uint4 r[2][NS];
     load_row_vecs<S, NS>(w_in, H, lane, r[0]);
     load_row_vecs<S, NS>(w_out, H, lane, r[1]);
+    put(r, lane);
+  }
+  // The two rows as load_row_vecs holds them (this lane's vectors), unpacked to fp32.
+  __device__ void put(const uint4 (&r)[2][NS], int lane) const {
 #pragma unroll
     for (int w = 0; w < 2; ++w)
 #pragma unroll
@@ -415,22 +421,20 @@ __device__ __forceinline__ void value_task(i32 task, float g, int lane, const Va
 // scheduler, few memory stalls) at ~710 instructions a task: the token's index by FastDiv
 // instead of a division, the activation and its derivative from one sigmoid or erf, and
 // neither row copies nor zero fills take ~140 of them (1.80 ms at paper-k512-t4096 on an
-// H100, session o).
+// H100, session o). sum_tasks_values_from: tasks[begin] = ta, its gate ga and its x and dy rows xa, da come loaded (begin < end).
 template <class S, int NS>
-__device__ __forceinline__ void sum_tasks_values(i32 begin, i32 end, const i32* __restrict__ tasks, FastDiv kdiv, int H,
-                                                 int lane, const S* __restrict__ x, const S* __restrict__ dy,
-                                                 const ValueArgs<S>& v, const ExpertRowsSmem<S, NS>& rows,
-                                                 float (&gi)[NS][Vec<S>::kN], float (&go)[NS][Vec<S>::kN]) {
+__device__ __forceinline__ void sum_tasks_values_from(i32 begin, i32 end, i32 ta, float ga, uint4 (&xa)[NS],
+                                                      uint4 (&da)[NS], const i32* __restrict__ tasks, FastDiv kdiv,
+                                                      int H, int lane, const S* __restrict__ x,
+                                                      const S* __restrict__ dy, const ValueArgs<S>& v,
+                                                      const ExpertRowsSmem<S, NS>& rows, float (&gi)[NS][Vec<S>::kN],
+                                                      float (&go)[NS][Vec<S>::kN]) {
   const auto load = [&](i32 task, uint4(&xr)[NS], uint4(&dr)[NS]) {
     const i64 t = kdiv.div(static_cast<std::uint32_t>(task));
     load_row_vecs<S, NS>(x + t * H, H, lane, xr);
     load_row_vecs<S, NS>(dy + t * H, H, lane, dr);
   };
-  if (begin >= end) return;
-  uint4 xa[NS], da[NS], xb[NS], db[NS];
-  i32 ta = tasks[begin];
-  load(ta, xa, da);
-  float ga = v.gates[ta];
+  uint4 xb[NS], db[NS];
   for (i32 i = begin; i < end; i += 2) {
     // buffers a hold task i; b take task i + 1 while a's chain runs, then the other way round
     if (i + 1 >= end) {
@@ -448,6 +452,20 @@ __device__ __forceinline__ void sum_tasks_values(i32 begin, i32 end, const i32* 
     }
     value_task<S, NS>(tb, gb, lane, v, xb, db, rows, gi, go);
   }
+}
+
+template <class S, int NS>
+__device__ __forceinline__ void sum_tasks_values(i32 begin, i32 end, const i32* __restrict__ tasks, FastDiv kdiv, int H,
+                                                 int lane, const S* __restrict__ x, const S* __restrict__ dy,
+                                                 const ValueArgs<S>& v, const ExpertRowsSmem<S, NS>& rows,
+                                                 float (&gi)[NS][Vec<S>::kN], float (&go)[NS][Vec<S>::kN]) {
+  if (begin >= end) return;
+  uint4 xa[NS], da[NS];
+  const i32 ta = tasks[begin];
+  const i64 t = kdiv.div(static_cast<std::uint32_t>(ta));
+  load_row_vecs<S, NS>(x + t * H, H, lane, xa);
+  load_row_vecs<S, NS>(dy + t * H, H, lane, da);
+  sum_tasks_values_from<S, NS>(begin, end, ta, v.gates[ta], xa, da, tasks, kdiv, H, lane, x, dy, v, rows, gi, go);
 }
 
 // Stage 1 of a long segment (more than `piece` tasks): one warp per piece of `piece`
@@ -555,6 +573,155 @@ __global__ void __launch_bounds__(kWarps * 32)
   for (i64 r = static_cast<i64>(blockIdx.x) * kWarps + (threadIdx.x >> 5); r < rows; r += stride)
     sum_row<S, kVec, NS, kValues>(r, H, kdiv, piece, x, dy, tasks, offsets, pstart, partial, a, dh, values, slot_ids,
                                   dw_in, dw_out);
+}
+
+// ---- expert-side values, rows summed directly: one expert ahead ---------------------------
+// rows_kernel's expert-side values walk ~N / W experts a warp, each expert's chain (its
+// segment, its two rows from DRAM, its first task's x and dy, the tasks, the stores) waited
+// out in turn at one block of 8 warps an SM (255 registers): at ~1 task an expert
+// (lm-256x256-t4096) the pass took 226 µs for ~91 MB of DRAM traffic (H100, session t).
+// rows_values_kernel keeps the warp's next expert in flight while this one runs: the
+// segments of 32 rows at a time (a lane each, one exposed latency per 32 rows), and the next
+// expert's two rows and its first task's x and dy rows copied by cp.async into the warp's
+// staging slots. The values and their order of adds are rows_kernel's.
+
+// Lane j's entry of a warp's window: row `row`'s expert e (-1: none, or a padding slot), its
+// segment [begin, end) of the sorted tasks, and where the segment is summed directly (at
+// most `piece` tasks) its first task and that task's gate.
+struct RowEntry {
+  i32 e, begin, end, task;
+  float gate;
+};
+__device__ __forceinline__ RowEntry row_entry(i64 row, i64 rows, int piece, const i32* __restrict__ slot_ids,
+                                              const i32* __restrict__ offsets, const i32* __restrict__ tasks,
+                                              const float* __restrict__ gates) {
+  RowEntry r{-1, 0, 0, 0, 0.f};
+  if (row < rows) r.e = slot_ids != nullptr ? slot_ids[row] : static_cast<i32>(row);
+  if (r.e >= 0) {
+    r.begin = offsets[r.e];
+    r.end = offsets[r.e + 1];
+  }
+  if (r.begin < r.end && r.end - r.begin <= piece) {
+    r.task = tasks[r.begin];
+    r.gate = gates[r.task];
+  }
+  return r;
+}
+__device__ __forceinline__ RowEntry shfl_entry(const RowEntry& w, int lane) {
+  constexpr unsigned all = 0xffffffffu;
+  return {__shfl_sync(all, w.e, lane), __shfl_sync(all, w.begin, lane), __shfl_sync(all, w.end, lane),
+          __shfl_sync(all, w.task, lane), __shfl_sync(all, w.gate, lane)};
+}
+
+// A warp's staging slots for the next expert, in the storage dtype: vector q * 32 + lane of
+// w_in[e], w_out[e], x[t] and dy[t] (t: the first task's token) at slot (w * NS + q) * 32 +
+// lane. A lane copies and reads back only its own vectors, so its cp.async wait is the only
+// synchronisation needed.
+template <class S, int NS>
+struct NextExpertSmem {
+  static constexpr int kUint4s = 4 * NS * 32;  // per warp
+  static constexpr std::size_t kBytes = kUint4s * sizeof(uint4);
+  uint4* base;
+  __device__ void fetch(const S* w_in, const S* w_out, const S* x, const S* dy, int H, int lane) const {
+    const S* src[4] = {w_in, w_out, x, dy};
+#pragma unroll
+    for (int w = 0; w < 4; ++w)
+#pragma unroll
+      for (int q = 0; q < NS; ++q) {
+        const int c = (q * 32 + lane) * Vec<S>::kN;
+        if (c < H) cp_async16(base + (w * NS + q) * 32 + lane, src[w] + c);
+      }
+    cp_async_commit();
+  }
+  // Row w as load_row_vecs would give it (zeros past H); after cp_async_wait<0>().
+  __device__ void take(int w, int H, int lane, uint4 (&r)[NS]) const {
+#pragma unroll
+    for (int q = 0; q < NS; ++q) {
+      const int c = (q * 32 + lane) * Vec<S>::kN;
+      r[q] = c < H ? base[(w * NS + q) * 32 + lane] : make_uint4(0, 0, 0, 0);
+    }
+  }
+};
+
+// rows_values_kernel's dynamic shared memory: the warps' fp32 expert rows, then their
+// staging slots.
+template <class S, int NS>
+constexpr std::size_t rows_values_smem_bytes() {
+  return values_smem_bytes<S, NS>() + kWarps * NextExpertSmem<S, NS>::kBytes;
+}
+
+// rows_kernel<S, true, NS, true> with the next expert in flight (above): a persistent grid,
+// warp w of W taking rows w, w + W, ...
+template <class S, int NS>
+__global__ void __launch_bounds__(kWarps * 32)
+    rows_values_kernel(i64 rows, int H, FastDiv kdiv, int piece, const S* __restrict__ x, const S* __restrict__ dy,
+                       const i32* __restrict__ tasks, const i32* __restrict__ offsets, const i32* __restrict__ pstart,
+                       const float* __restrict__ partial, ValueArgs<S> values, const i32* __restrict__ slot_ids,
+                       S* __restrict__ dw_in, S* __restrict__ dw_out) {
+  using R = RowSlice<S, true>;
+  extern __shared__ float4 values_smem[];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const auto smem_rows = warp_expert_rows<S, NS>();
+  const NextExpertSmem<S, NS> next_smem{reinterpret_cast<uint4*>(values_smem + kWarps * ExpertRowsSmem<S, NS>::kFloat4s) +
+                                        warp * NextExpertSmem<S, NS>::kUint4s};
+  const i64 stride = static_cast<i64>(gridDim.x) * kWarps;
+  const i64 first = static_cast<i64>(blockIdx.x) * kWarps + warp;
+  const auto entry = [&](i64 row) { return row_entry(row, rows, piece, slot_ids, offsets, tasks, values.gates); };
+  const auto direct = [&](const RowEntry& r) { return r.begin < r.end && r.end - r.begin <= piece; };
+  const auto fetch = [&](const RowEntry& r) {
+    const i64 t = kdiv.div(static_cast<std::uint32_t>(r.task));
+    next_smem.fetch(values.w_in + static_cast<i64>(r.e) * H, values.w_out + static_cast<i64>(r.e) * H, x + t * H,
+                    dy + t * H, H, lane);
+  };
+  RowEntry window = entry(first + lane * stride);  // rows first + (32 k + j) stride, lane j
+  RowEntry cur = shfl_entry(window, 0);
+  if (direct(cur)) fetch(cur);
+  int j = 0;  // the current row's lane in the window
+  for (i64 r = first; r < rows; r += stride) {
+    if (++j == 32) {  // the next row starts the next window
+      window = entry(r + stride + lane * stride);
+      j = 0;
+    }
+    const RowEntry next = shfl_entry(window, j);
+    float gi[NS][R::V] = {}, go[NS][R::V] = {};
+    if (direct(cur)) {
+      uint4 xa[NS], da[NS];
+      {
+        uint4 w[2][NS];
+        cp_async_wait<0>();
+        next_smem.take(0, H, lane, w[0]);
+        next_smem.take(1, H, lane, w[1]);
+        next_smem.take(2, H, lane, xa);
+        next_smem.take(3, H, lane, da);
+        smem_rows.put(w, lane);
+      }
+      if (direct(next)) fetch(next);  // the slots are free again: this lane has read its vectors
+      sum_tasks_values_from<S, NS>(cur.begin, cur.end, cur.task, cur.gate, xa, da, tasks, kdiv, H, lane, x, dy, values,
+                                   smem_rows, gi, go);
+    } else {
+      if (direct(next)) fetch(next);
+      if (cur.begin < cur.end)  // a split segment: its pieces' partial rows, in order
+        for (i32 p = pstart[cur.e]; p < pstart[cur.e + 1]; ++p) {
+          const float* in = partial + static_cast<i64>(p) * 2 * H;
+#pragma unroll
+          for (int q = 0; q < NS; ++q)
+#pragma unroll
+            for (int i = 0; i < R::V; ++i) {
+              const int c = R::col(q * R::kWidth, lane, i);
+              if (c < H) {
+                gi[q][i] += in[c];
+                go[q][i] += in[H + c];
+              }
+            }
+        }
+    }
+#pragma unroll
+    for (int q = 0; q < NS; ++q) {
+      R::store(dw_in + r * H, q * R::kWidth, lane, H, gi[q]);
+      R::store(dw_out + r * H, q * R::kWidth, lane, H, go[q]);
+    }
+    cur = next;
+  }
 }
 
 // Per expert: whether any task chose it, and how many pieces its segment splits into.
@@ -787,6 +954,15 @@ Status experts_flag_bad_ids(const i32* ids, i64 T, i64 K, float* dg, float* dh, 
   return Status::Ok();
 }
 
+namespace {
+// Experiment switch (session u): OMNIMOE_VALUES_ROWS=classic takes rows_kernel for the
+// expert-side values instead of rows_values_kernel.
+bool values_rows_classic() {
+  const char* env = std::getenv("OMNIMOE_VALUES_ROWS");
+  return env != nullptr && std::string(env) == "classic";
+}
+}  // namespace
+
 Status experts_backward_rows(const RowsArgs& r, cudaStream_t stream) {
   const Config& c = *r.cfg;
   const i64 N = c.num_experts();
@@ -825,11 +1001,26 @@ Status experts_backward_rows(const RowsArgs& r, cudaStream_t stream) {
         OMNIMOE_RETURN_IF_ERROR(resident_blocks(rows_kernel<S, kVec, NS, kValues>, kWarps * 32, resident, smem));
         grid = std::min(grid, resident);
       }
+      const i32* slot_ids = r.sparse != nullptr ? r.sparse->ids : nullptr;
+      auto* dw_in = static_cast<S*>(r.sparse != nullptr ? r.sparse->dw_in : r.dw_in);
+      auto* dw_out = static_cast<S*>(r.sparse != nullptr ? r.sparse->dw_out : r.dw_out);
+      if constexpr (kValues) {
+        if (!values_rows_classic()) {
+          constexpr std::size_t big = rows_values_smem_bytes<S, NS>();
+          OMNIMOE_CUDA_TRY(cudaFuncSetAttribute(rows_values_kernel<S, NS>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                                static_cast<int>(big)));
+          unsigned resident = 0;
+          OMNIMOE_RETURN_IF_ERROR(resident_blocks(rows_values_kernel<S, NS>, kWarps * 32, resident, big));
+          rows_values_kernel<S, NS><<<std::min<unsigned>(ceil_div(rows, kWarps), resident), kWarps * 32, big, stream>>>(
+              rows, H, kdiv, s.piece, static_cast<const S*>(r.x), static_cast<const S*>(r.dy), r.tasks, r.offsets,
+              s.pstart, s.partial, values, slot_ids, dw_in, dw_out);
+          OMNIMOE_CUDA_LAUNCH_CHECK("experts_backward rows_values_kernel");
+          return Status::Ok();
+        }
+      }
       rows_kernel<S, kVec, NS, kValues><<<grid, kWarps * 32, smem, stream>>>(
           rows, H, kdiv, s.piece, static_cast<const S*>(r.x), static_cast<const S*>(r.dy), r.tasks, r.offsets, s.pstart,
-          s.partial, r.act_out, r.dh, values, r.sparse != nullptr ? r.sparse->ids : nullptr,
-          static_cast<S*>(r.sparse != nullptr ? r.sparse->dw_in : r.dw_in),
-          static_cast<S*>(r.sparse != nullptr ? r.sparse->dw_out : r.dw_out));
+          s.partial, r.act_out, r.dh, values, slot_ids, dw_in, dw_out);
       OMNIMOE_CUDA_LAUNCH_CHECK("experts_backward rows_kernel");
       return Status::Ok();
     };

@@ -50,17 +50,6 @@ __device__ __forceinline__ i64 group_of_block(const i32* off, i64 groups, i64 bl
   return lo;
 }
 
-__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool valid) {
-  const auto s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  const int n = valid ? 16 : 0;  // 0: nothing read, 16 zero bytes written
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(n) : "memory");
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
-}
-
 // The tile's accumulators: WMMA fragments (bf16 / f16) or a per-thread 8 x 4 block (f32).
 template <class S, int NB, bool kTensorCores = !std::is_same_v<S, float>>
 struct Accumulators;
