@@ -5,6 +5,8 @@
 
 #include <cuda_runtime.h>
 
+#include <cstdint>
+
 #include "cuda/common.cuh"
 
 namespace omnimoe::cuda {
@@ -35,6 +37,29 @@ struct GemmArgs {
 };
 
 Status gemm(const GemmArgs& g, GemmWorkspace ws, cudaStream_t stream);
+
+// Two tensors as the slots of one strided batch (the stride: the gap between them): which
+// lies first (slot 0, since strides must be >= 0), the gap in bytes, and whether it is whole
+// 16-byte units. The gap comes from the addresses as integers: the tensors may be separate
+// allocations, whose pointer difference is undefined. Callers batch a pair only where the
+// gap is whole 16-byte units, else they run two products: gemm tells cuBLASLt the alignment
+// every batch has (batch 1 is only as aligned as the stride), so a 16-byte gap costs at most
+// the 16-byte kernels, while a smaller one would narrow the kernels of both batches.
+struct BatchGap {
+  bool a_first = true;  // a lies at or before b
+  i64 bytes = 0;        // |b - a|
+  bool whole16() const { return bytes % 16 == 0; }
+};
+inline BatchGap batch_gap(const void* a, const void* b) {
+  const auto ia = reinterpret_cast<std::uintptr_t>(a), ib = reinterpret_cast<std::uintptr_t>(b);
+  return {ia <= ib, static_cast<i64>(ia <= ib ? ib - ia : ia - ib)};
+}
+// Whether `second` lies a positive whole number of 16-byte units after `first` (slot 1 of a
+// batch whose slot 0 is `first`; batch_gap says why 16 bytes).
+inline bool batch_after(const void* first, const void* second) {
+  const BatchGap d = batch_gap(first, second);
+  return d.a_first && d.bytes > 0 && d.whole16();
+}
 
 // The common case in one expression: C = op(A) op(B) + beta C, no batch.
 inline GemmArgs gemm_args(bool ta, bool tb, i64 M, i64 N, i64 K, const void* A, i64 lda, const void* B, i64 ldb,

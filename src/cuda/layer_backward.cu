@@ -8,7 +8,6 @@
 // chunk cells are added to atomically only where one token names an expert twice, and the
 // backward's gates for such duplicates are equal, so the sum is exact).
 #include <algorithm>
-#include <cstdint>
 #include <cstdlib>
 #include <string>
 
@@ -303,10 +302,10 @@ Status mm(const BackwardBuffers& b, cudaStream_t s, bool ta, bool tb, i64 M, i64
 // in one product (x against gate and up), the gate and up weight gradients in one (du and
 // dv against x). Batch slot 0 is whichever caller tensor lies first in memory, since strides
 // must be >= 0; the three slice buffers take the roles that make the slice-side strides
-// positive too. A gap must be whole 16-byte units (gemm tells cuBLASLt the alignment every
-// batch has, so a 16-byte gap costs at most the 16-byte kernels) and the gradients' gap at
-// least one tensor (batches writing overlapping memory would race); otherwise that side
-// stays two products.
+// positive too. A gap must be whole 16-byte units (batch_gap, gemm.cuh, says why) and the
+// gradients' gap at least one tensor (batches writing overlapping memory would race);
+// otherwise that side stays two products. The forward's twin of this choice is in
+// swiglu_forward (shared_mlp.cu).
 struct MlpBatches {
   void *u, *v, *dm;                   // slice buffers: gate's product (then du), up's (then m), dy down (then dv)
   bool uv = false, grads = false;     // which sides run as one batched product
@@ -317,31 +316,24 @@ struct MlpBatches {
 
 MlpBatches mlp_batches(const Params& p, const Gradients& g, bool weights, i64 tensor_bytes, void* b0, void* b1,
                        void* b2) {
-  const auto gap = [](const void* x, const void* y) {  // tensors of separate allocations: no pointer difference
-    return static_cast<i64>(reinterpret_cast<std::uintptr_t>(y) - reinterpret_cast<std::uintptr_t>(x));
-  };
   MlpBatches m;
-  const i64 gp = gap(p.gate.data, p.up.data), gg = gap(g.gate.data, g.up.data);
-  m.gate_first = gp >= 0;
-  m.grad_gate_first = gg >= 0;
+  const BatchGap gp = batch_gap(p.gate.data, p.up.data), gg = batch_gap(g.gate.data, g.up.data);
+  m.gate_first = gp.a_first;
+  m.grad_gate_first = gg.a_first;
   const i64 es = static_cast<i64>(dtype_size(p.gate.dtype));
-  m.params_gap = std::abs(gp) / es;
-  m.grads_gap = std::abs(gg) / es;
-  const bool params_ok = std::abs(gp) % 16 == 0;
-  const bool grads_ok = weights && std::abs(gg) % 16 == 0 && std::abs(gg) >= tensor_bytes;
-  // Every assignment of the three buffers to the roles; the batch's slot 1 must lie a positive
-  // whole number of 16-byte units after slot 0.
+  m.params_gap = gp.bytes / es;
+  m.grads_gap = gg.bytes / es;
+  const bool params_ok = gp.whole16();
+  const bool grads_ok = weights && gg.whole16() && gg.bytes >= tensor_bytes;
+  // Every assignment of the three buffers to the roles; the batch's slot 1 must lie after
+  // slot 0 (batch_after).
   void* buf[3] = {b0, b1, b2};
-  const auto after = [&](void* first, void* second) {
-    const i64 d = gap(first, second);
-    return d > 0 && d % 16 == 0;
-  };
   int best = -1;
   const int perms[6][3] = {{0, 1, 2}, {0, 2, 1}, {1, 0, 2}, {1, 2, 0}, {2, 0, 1}, {2, 1, 0}};
   for (const auto& q : perms) {
     void *u = buf[q[0]], *v = buf[q[1]], *dm = buf[q[2]];
-    const bool uv = params_ok && (m.gate_first ? after(u, v) : after(v, u));
-    const bool grads = grads_ok && (m.grad_gate_first ? after(u, dm) : after(dm, u));
+    const bool uv = params_ok && (m.gate_first ? batch_after(u, v) : batch_after(v, u));
+    const bool grads = grads_ok && (m.grad_gate_first ? batch_after(u, dm) : batch_after(dm, u));
     const int score = 2 * uv + grads;  // the recompute's products are the larger
     if (score > best) {
       best = score;
@@ -352,8 +344,8 @@ MlpBatches mlp_batches(const Params& p, const Gradients& g, bool weights, i64 te
       m.grads = grads;
     }
   }
-  m.uv_gap = std::abs(gap(m.u, m.v)) / es;
-  m.grads_in_gap = std::abs(gap(m.u, m.dm)) / es;
+  m.uv_gap = batch_gap(m.u, m.v).bytes / es;
+  m.grads_in_gap = batch_gap(m.u, m.dm).bytes / es;
   return m;
 }
 

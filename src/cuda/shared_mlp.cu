@@ -59,12 +59,11 @@ Status swiglu_forward(const SwigluArgs& a, cudaStream_t s) {
   // and v are consecutive workspace buffers, so the output stride is positive too.
   const auto* gp = static_cast<const char*>(a.gate);
   const auto* upp = static_cast<const char*>(a.up);
-  const bool gate_first = gp <= upp;
-  const i64 gap = gate_first ? upp - gp : gp - upp;
-  // One strided-batch product where the gap is whole 16-byte units (gemm tells cuBLASLt the
-  // alignment every batch has, so that costs at most the 16-byte kernels); else two products.
-  // The backward's twin of this choice is mlp_batches (layer_backward.cu).
-  const bool one_product = gap % 16 == 0 && static_cast<char*>(a.v) > static_cast<char*>(a.u);
+  const BatchGap gap = batch_gap(gp, upp);
+  const bool gate_first = gap.a_first;
+  // One strided-batch product where the gap is whole 16-byte units (batch_gap, gemm.cuh, says
+  // why); else two products. The backward's twin of this choice is mlp_batches (layer_backward.cu).
+  const bool one_product = gap.whole16() && static_cast<char*>(a.v) > static_cast<char*>(a.u);
   void* gate_out = (one_product && !gate_first) ? a.v : a.u;
   void* up_out = (one_product && !gate_first) ? a.u : a.v;
   for (i64 t0 = 0; t0 < a.T; t0 += a.chunk_rows) {
@@ -84,7 +83,7 @@ Status swiglu_forward(const SwigluArgs& a, cudaStream_t s) {
       g.C = a.u;
       g.batch = 2;
       g.stride_a = 0;
-      g.stride_b = gap / es;
+      g.stride_b = gap.bytes / es;
       g.stride_c = static_cast<i64>(static_cast<char*>(a.v) - static_cast<char*>(a.u)) / es;
       OMNIMOE_RETURN_IF_ERROR(gemm(g, a.gemm, s));
     } else {
