@@ -421,7 +421,8 @@ __device__ __forceinline__ void value_task(i32 task, float g, int lane, const Va
 // scheduler, few memory stalls) at ~710 instructions a task: the token's index by FastDiv
 // instead of a division, the activation and its derivative from one sigmoid or erf, and
 // neither row copies nor zero fills take ~140 of them (1.80 ms at paper-k512-t4096 on an
-// H100, session o). sum_tasks_values_from: tasks[begin] = ta, its gate ga and its x and dy rows xa, da come loaded (begin < end).
+// H100, session o).
+// sum_tasks_values_from: tasks[begin] = ta, its gate ga and its x and dy rows xa, da come loaded (begin < end).
 template <class S, int NS>
 __device__ __forceinline__ void sum_tasks_values_from(i32 begin, i32 end, i32 ta, float ga, uint4 (&xa)[NS],
                                                       uint4 (&da)[NS], const i32* __restrict__ tasks, FastDiv kdiv,
@@ -581,7 +582,8 @@ __global__ void __launch_bounds__(kWarps * 32)
 // out in turn at one block of 8 warps an SM (255 registers): at ~1 task an expert
 // (lm-256x256-t4096) the pass took 226 µs for ~91 MB of DRAM traffic (H100, session t).
 // rows_values_kernel keeps the warp's next expert in flight while this one runs: the
-// segments of 32 rows at a time (a lane each, one exposed latency per 32 rows), and the next
+// segments of 32 rows at a time (a lane each: one exposed chain of up to four dependent
+// loads, slot id, offsets, first task, its gate, per 32 rows), and the next
 // expert's two rows and its first task's x and dy rows copied by cp.async into the warp's
 // staging slots. The values and their order of adds are rows_kernel's.
 
@@ -955,11 +957,20 @@ Status experts_flag_bad_ids(const i32* ids, i64 T, i64 K, float* dg, float* dh, 
 }
 
 namespace {
-// Experiment switch (session u): OMNIMOE_VALUES_ROWS=classic takes rows_kernel for the
-// expert-side values instead of rows_values_kernel.
+// OMNIMOE_VALUES_ROWS=classic takes rows_kernel for the expert-side values instead of
+// rows_values_kernel (read per call: a captured graph keeps the kernel of its capture). The
+// classic kernel also serves a device whose blocks cannot take rows_values_kernel's shared
+// memory (fits_dynamic_smem).
 bool values_rows_classic() {
   const char* env = std::getenv("OMNIMOE_VALUES_ROWS");
   return env != nullptr && std::string(env) == "classic";
+}
+Status fits_dynamic_smem(std::size_t bytes, bool& fits) {
+  int dev = 0, optin = 0;
+  OMNIMOE_CUDA_TRY(cudaGetDevice(&dev));
+  OMNIMOE_CUDA_TRY(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
+  fits = bytes <= static_cast<std::size_t>(optin);
+  return Status::Ok();
 }
 }  // namespace
 
@@ -978,45 +989,45 @@ Status experts_backward_rows(const RowsArgs& r, cudaStream_t stream) {
     using S = decltype(tag);
     const ValueArgs<S> values{
         static_cast<const S*>(r.w_in), static_cast<const S*>(r.w_out), r.gates, c.activation, r.dg_out, r.dh_out};
-    auto launch_ns = [&](auto vec, auto ns, auto kv) {
+    auto launch_ns = [&](auto vec, auto ns, auto kv) -> Status {
       constexpr bool kVec = decltype(vec)::value, kValues = decltype(kv)::value;
       constexpr int NS = decltype(ns)::value;
       // The values kernels keep each warp's expert rows in shared memory (64 KB a block at
-      // H = 1024 in 16-bit storage: past the 48 KB a launch may take without asking).
+      // H = 1024 in 16-bit storage: past the 48 KB a launch may take without asking), and
+      // rows_values_kernel its staging slots too (128 KB there).
       constexpr std::size_t smem = kValues ? values_smem_bytes<S, NS>() : 0;
-      if constexpr (kValues) {
+      if constexpr (kValues)
         OMNIMOE_CUDA_TRY(cudaFuncSetAttribute(pieces_kernel<S, kVec, NS, kValues>,
                                               cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
-        OMNIMOE_CUDA_TRY(cudaFuncSetAttribute(rows_kernel<S, kVec, NS, kValues>,
-                                              cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
-      }
       pieces_kernel<S, kVec, NS, kValues><<<ceil_div(s.max_pieces, kWarps), kWarps * 32, smem, stream>>>(
           N, H, kdiv, s.piece, static_cast<const S*>(r.x), static_cast<const S*>(r.dy), r.tasks, r.offsets, s.pstart,
           r.act_out, r.dh, values, s.partial);
       OMNIMOE_CUDA_LAUNCH_CHECK("experts_backward pieces_kernel");
-      // The expert-side values take a persistent grid (rows_kernel), the other forms a warp a row.
-      unsigned grid = ceil_div(rows, kWarps);
-      if constexpr (kValues) {
-        unsigned resident = 0;
-        OMNIMOE_RETURN_IF_ERROR(resident_blocks(rows_kernel<S, kVec, NS, kValues>, kWarps * 32, resident, smem));
-        grid = std::min(grid, resident);
-      }
       const i32* slot_ids = r.sparse != nullptr ? r.sparse->ids : nullptr;
       auto* dw_in = static_cast<S*>(r.sparse != nullptr ? r.sparse->dw_in : r.dw_in);
       auto* dw_out = static_cast<S*>(r.sparse != nullptr ? r.sparse->dw_out : r.dw_out);
+      // The expert-side values take a persistent grid (the blocks resident at once), the other
+      // forms a warp a row.
+      unsigned grid = ceil_div(rows, kWarps);
       if constexpr (kValues) {
-        if (!values_rows_classic()) {
-          constexpr std::size_t big = rows_values_smem_bytes<S, NS>();
+        constexpr std::size_t big = rows_values_smem_bytes<S, NS>();
+        bool fits = false;
+        OMNIMOE_RETURN_IF_ERROR(fits_dynamic_smem(big, fits));
+        unsigned resident = 0;
+        if (fits && !values_rows_classic()) {
           OMNIMOE_CUDA_TRY(cudaFuncSetAttribute(rows_values_kernel<S, NS>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                                 static_cast<int>(big)));
-          unsigned resident = 0;
           OMNIMOE_RETURN_IF_ERROR(resident_blocks(rows_values_kernel<S, NS>, kWarps * 32, resident, big));
-          rows_values_kernel<S, NS><<<std::min<unsigned>(ceil_div(rows, kWarps), resident), kWarps * 32, big, stream>>>(
+          rows_values_kernel<S, NS><<<std::min(grid, resident), kWarps * 32, big, stream>>>(
               rows, H, kdiv, s.piece, static_cast<const S*>(r.x), static_cast<const S*>(r.dy), r.tasks, r.offsets,
               s.pstart, s.partial, values, slot_ids, dw_in, dw_out);
           OMNIMOE_CUDA_LAUNCH_CHECK("experts_backward rows_values_kernel");
           return Status::Ok();
         }
+        OMNIMOE_CUDA_TRY(cudaFuncSetAttribute(rows_kernel<S, kVec, NS, kValues>,
+                                              cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+        OMNIMOE_RETURN_IF_ERROR(resident_blocks(rows_kernel<S, kVec, NS, kValues>, kWarps * 32, resident, smem));
+        grid = std::min(grid, resident);
       }
       rows_kernel<S, kVec, NS, kValues><<<grid, kWarps * 32, smem, stream>>>(
           rows, H, kdiv, s.piece, static_cast<const S*>(r.x), static_cast<const S*>(r.dy), r.tasks, r.offsets, s.pstart,

@@ -381,6 +381,58 @@ TEST(CudaBackwardValues, ExpertAndTokenSidesBitwiseEqual) {
   }
 }
 
+// The expert-side values' rows pass one expert ahead (rows_values_kernel) against the
+// kernel without the prefetch (OMNIMOE_VALUES_ROWS=classic): every gradient bitwise equal,
+// dense and sparse expert gradients. 40000 rows are more than 32 times a persistent grid's
+// warps (33792 on a 132-SM H100), so each warp's window of segments refills; a hot expert's
+// split segment sits between directly summed ones, with a duplicate and a bad id; H = 776
+// in f16 leaves a fourth slice partly past H.
+TEST(CudaBackwardValues, PrefetchedRowsMatchClassicBitwise) {
+  if (!have_gpu()) GTEST_SKIP() << "no CUDA device";
+  if (std::getenv("OMNIMOE_EXPERTS_PATH") != nullptr) GTEST_SKIP() << "OMNIMOE_EXPERTS_PATH overrides config.schedule";
+  const ScopedEnv side("OMNIMOE_BACKWARD_VALUES", "experts");
+  for (const auto [H, dt] : {std::pair{std::int64_t{1024}, DType::bf16}, std::pair{std::int64_t{776}, DType::f16}}) {
+    Config cfg = make_config(H, 64, 200, 200, 16, RouterNorm::batchnorm, GateKind::softmax, Activation::silu);
+    cfg.schedule = Schedule::token_centric;  // the gather path
+    const std::int64_t K = cfg.top_k, N = cfg.num_experts(), T = N / K + 100;  // >= 1 task an expert
+    const Problem p = make_problem(cfg, T, dt, test_seed(static_cast<int>(dt) + 50));
+    std::mt19937_64 rng(test_seed(51));
+    HostTensor ids = random_distinct_ids(T, K, N, rng);
+    for (std::int64_t t = 0; t < T; ++t) {  // expert 5 for every token: a split segment
+      bool has = false;
+      for (std::int64_t k = 0; k < K; ++k) has = has || ids.get(t * K + k) == 5.0;
+      if (!has) ids.set(t * K + 2, 5.0);
+    }
+    ids.set(7 * K + 1, ids.get(7 * K + 0));          // token 7 names one expert twice
+    ids.set(9 * K + 4, static_cast<double>(N + 2));  // token 9: an id out of range
+    HostTensor dy(dt, {T, H});
+    fill_normal(dy, rng, 1.0);
+    DeviceProblem dev(p);
+    DeviceTensor dids(ids), ddy(dy);
+    std::size_t bytes = 0;
+    ASSERT_TRUE(backward_workspace_size(cfg, T, dt, Device::cuda, &bytes).ok());
+    DeviceWorkspace ws(bytes);
+    Grads form[2] = {make_grads(cfg, T, dt), make_grads(cfg, T, dt)};  // prefetch, classic
+    for (int i = 0; i < 2; ++i) {
+      const ScopedEnv env("OMNIMOE_VALUES_ROWS", i == 0 ? "prefetch" : "classic");
+      DeviceGrads dg(form[i]);
+      dg.poison();
+      ws.poison();
+      const Status st =
+          backward(cfg, Mode::training, dev.x.view(), dev.params(), dids.view(), ddy.view(), dg.view(), ws.ws());
+      ASSERT_TRUE(st.ok()) << st.message();
+      ASSERT_TRUE(synchronize(Device::cuda).ok());
+      dg.download(form[i]);
+      EXPECT_EQ(form[i].x.count_nonfinite(), H) << "only the bad id's dx row, " << dtype_name(dt);
+      ws.poison();
+      expect_sparse_matches_dense(cfg, Mode::training, dev, dids, ids, ddy, form[i], dt, ws);
+    }
+    const auto a = form[0].all(), b = form[1].all();
+    for (std::size_t i = 0; i < a.size(); ++i)
+      if (a[i]->defined()) EXPECT_TRUE(a[i]->bitwise_equal(*b[i])) << kTrainableNames[i] << " " << dtype_name(dt);
+  }
+}
+
 using RN = RouterNorm;
 using GK = GateKind;
 using AC = Activation;
