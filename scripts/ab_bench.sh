@@ -14,6 +14,7 @@
 #         tree's binary (labelled a_value).
 #   CONFIG  exact benchmark configuration names (omnimoe bench --only matches substrings)
 #   AB_BACKWARD=0  time the forward only (default 1: forward and the training step)
+#   AB_FORWARD=0   time the training step only
 #   AB_SUITE  the bench suite holding the configurations (default omnimoe; e.g. wide)
 # Writes $OUT/ab.csv: the bench CSV rows with two columns added, tree (a = working tree,
 # else the tree's label; with a single REF it is called b) and step (forward, train).
@@ -61,7 +62,8 @@ done
 for pid in "${pids[@]}"; do wait "$pid" || { tail -n 30 "$OUT"/ab_build*.log; exit 1; }; done
 
 status=0
-steps=(forward)
+steps=()
+[[ ${AB_FORWARD:-1} == 1 ]] && steps+=(forward)
 [[ ${AB_BACKWARD:-1} == 1 ]] && steps+=(train)
 for cfg in "$@"; do
   for step in "${steps[@]}"; do
