@@ -315,6 +315,21 @@ TEST(CudaBackwardCallerIds, DuplicatesSumAndBadIdsPoisonTheirRow) {
   }
 }
 
+// Routing for the values tests: distinct random ids, then expert 5 for every token (a
+// segment of T tasks: split into pieces), token 7 naming one expert twice and token 9 an id
+// out of range.
+HostTensor values_test_ids(std::int64_t T, std::int64_t K, std::int64_t N, std::mt19937_64& rng) {
+  HostTensor ids = random_distinct_ids(T, K, N, rng);
+  for (std::int64_t t = 0; t < T; ++t) {
+    bool has = false;
+    for (std::int64_t k = 0; k < K; ++k) has = has || ids.get(t * K + k) == 5.0;
+    if (!has) ids.set(t * K + 2, 5.0);
+  }
+  ids.set(7 * K + 1, ids.get(7 * K + 0));
+  ids.set(9 * K + 4, static_cast<double>(N + 2));
+  return ids;
+}
+
 // The gather path's task values from the token side (the token kernel) and from the expert
 // side (the rows pass, RowsArgs::values) are the same arithmetic in the same order: every
 // gradient bitwise equal (dx too, as long as w_in fits one expert chunk or T K < 2 N:
@@ -341,14 +356,7 @@ TEST(CudaBackwardValues, ExpertAndTokenSidesBitwiseEqual) {
     const std::int64_t T = sh.T, K = cfg.top_k, N = cfg.num_experts();
     const Problem p = make_problem(cfg, T, sh.dt, test_seed(static_cast<int>(sh.dt) + 40));
     std::mt19937_64 rng(test_seed(41));
-    HostTensor ids = random_distinct_ids(T, K, N, rng);
-    for (std::int64_t t = 0; t < T; ++t) {  // expert 5 for every token: a segment of T tasks
-      bool has = false;
-      for (std::int64_t k = 0; k < K; ++k) has = has || ids.get(t * K + k) == 5.0;
-      if (!has) ids.set(t * K + 2, 5.0);
-    }
-    ids.set(7 * K + 1, ids.get(7 * K + 0));          // token 7 names one expert twice
-    ids.set(9 * K + 4, static_cast<double>(N + 2));  // token 9: an id out of range
+    const HostTensor ids = values_test_ids(T, K, N, rng);
     HostTensor dy(sh.dt, {T, sh.H});
     fill_normal(dy, rng, 1.0);
     DeviceProblem dev(p);
@@ -397,14 +405,7 @@ TEST(CudaBackwardValues, PrefetchedRowsMatchClassicBitwise) {
     const std::int64_t K = cfg.top_k, N = cfg.num_experts(), T = N / K + 100;  // >= 1 task an expert
     const Problem p = make_problem(cfg, T, dt, test_seed(static_cast<int>(dt) + 50));
     std::mt19937_64 rng(test_seed(51));
-    HostTensor ids = random_distinct_ids(T, K, N, rng);
-    for (std::int64_t t = 0; t < T; ++t) {  // expert 5 for every token: a split segment
-      bool has = false;
-      for (std::int64_t k = 0; k < K; ++k) has = has || ids.get(t * K + k) == 5.0;
-      if (!has) ids.set(t * K + 2, 5.0);
-    }
-    ids.set(7 * K + 1, ids.get(7 * K + 0));          // token 7 names one expert twice
-    ids.set(9 * K + 4, static_cast<double>(N + 2));  // token 9: an id out of range
+    const HostTensor ids = values_test_ids(T, K, N, rng);
     HostTensor dy(dt, {T, H});
     fill_normal(dy, rng, 1.0);
     DeviceProblem dev(p);
