@@ -7,8 +7,8 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
-#include <string>
 #include <cub/device/device_scan.cuh>
+#include <string>
 #include <type_traits>
 
 #include "core/fast_div.hpp"
@@ -664,8 +664,9 @@ __global__ void __launch_bounds__(kWarps * 32)
   extern __shared__ float4 values_smem[];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const auto smem_rows = warp_expert_rows<S, NS>();
-  const NextExpertSmem<S, NS> next_smem{reinterpret_cast<uint4*>(values_smem + kWarps * ExpertRowsSmem<S, NS>::kFloat4s) +
-                                        warp * NextExpertSmem<S, NS>::kUint4s};
+  const NextExpertSmem<S, NS> next_smem{
+      reinterpret_cast<uint4*>(values_smem + kWarps * ExpertRowsSmem<S, NS>::kFloat4s) +
+      warp * NextExpertSmem<S, NS>::kUint4s};
   const i64 stride = static_cast<i64>(gridDim.x) * kWarps;
   const i64 first = static_cast<i64>(blockIdx.x) * kWarps + warp;
   const auto entry = [&](i64 row) { return row_entry(row, rows, piece, slot_ids, offsets, tasks, values.gates); };
@@ -1116,8 +1117,8 @@ Status shared_mlp_swiglu_backward(DType dtype, void* u, void* v, void* dm, i64 n
       swiglu_backward_kernel<S, true><<<ceil_div(ceil_div(n, Vec<S>::kN), 256), 256, 0, stream>>>(
           static_cast<S*>(u), static_cast<S*>(v), static_cast<S*>(dm), n);
     else
-      swiglu_backward_kernel<S, false><<<ceil_div(n, 256), 256, 0, stream>>>(static_cast<S*>(u), static_cast<S*>(v),
-                                                                             static_cast<S*>(dm), n);
+      swiglu_backward_kernel<S, false>
+          <<<ceil_div(n, 256), 256, 0, stream>>>(static_cast<S*>(u), static_cast<S*>(v), static_cast<S*>(dm), n);
     OMNIMOE_CUDA_LAUNCH_CHECK("shared_mlp swiglu_backward_kernel");
     return Status::Ok();
   });
@@ -1127,8 +1128,8 @@ Status store_rows(DType dtype, const float* src, i64 T, i64 H, const int* bad, v
   return by_dtype(dtype, [&](auto tag) {
     using S = decltype(tag);
     if (H % Vec<S>::kN == 0 && aligned16(src) && aligned16(dst))
-      store_rows_kernel<S, true><<<ceil_div(T * H / Vec<S>::kN, 256), 256, 0, stream>>>(src, T, H, bad,
-                                                                                         static_cast<S*>(dst));
+      store_rows_kernel<S, true>
+          <<<ceil_div(T * H / Vec<S>::kN, 256), 256, 0, stream>>>(src, T, H, bad, static_cast<S*>(dst));
     else
       store_rows_kernel<S, false><<<ceil_div(T * H, 256), 256, 0, stream>>>(src, T, H, bad, static_cast<S*>(dst));
     OMNIMOE_CUDA_LAUNCH_CHECK("store_rows_kernel");

@@ -401,7 +401,7 @@ TEST(CudaBackwardValues, PrefetchedRowsMatchClassicBitwise) {
   const ScopedEnv side("OMNIMOE_BACKWARD_VALUES", "experts");
   for (const auto [H, dt] : {std::pair{std::int64_t{1024}, DType::bf16}, std::pair{std::int64_t{776}, DType::f16}}) {
     Config cfg = make_config(H, 64, 200, 200, 16, RouterNorm::batchnorm, GateKind::softmax, Activation::silu);
-    cfg.schedule = Schedule::token_centric;  // the gather path
+    cfg.schedule = Schedule::token_centric;                                    // the gather path
     const std::int64_t K = cfg.top_k, N = cfg.num_experts(), T = N / K + 100;  // >= 1 task an expert
     const Problem p = make_problem(cfg, T, dt, test_seed(static_cast<int>(dt) + 50));
     std::mt19937_64 rng(test_seed(51));
