@@ -65,6 +65,7 @@ status=0
 steps=()
 [[ ${AB_FORWARD:-1} == 1 ]] && steps+=(forward)
 [[ ${AB_BACKWARD:-1} == 1 ]] && steps+=(train)
+((${#steps[@]})) || { echo "ab_bench: AB_FORWARD=0 and AB_BACKWARD=0 leave nothing to time"; exit 1; }
 for cfg in "$@"; do
   for step in "${steps[@]}"; do
     for tree in "${labels[@]}"; do

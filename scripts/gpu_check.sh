@@ -25,8 +25,9 @@
 #                     (ncu's throughput, memory, warp-state and occupancy sections and the
 #                     stall reasons), of the PROFILE_ONLY configurations (default
 #                     paper-k512-t4096) in PROFILE_STEPS (default forward); PROFILE_SKIP
-#                     matching launches skipped first (default
-#                     20: inside the warm-up forward, past its first expert chunks; the bench's
+#                     matching launches skipped first (default 20: for a forward kernel,
+#                     inside the warm-up forward, past its first expert chunks; a backward
+#                     kernel launched once a step wants a small skip, e.g. 2; the bench's
 #                     ceilings run first, so a regex must not match their kernels)
 #   TESTS_ONLY=regex  limit the CUDA test suites to those ctest -R matches
 #   CTEST_JOBS=n      CUDA test processes at once on the one GPU (default 4: the tests are
