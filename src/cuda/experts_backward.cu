@@ -766,12 +766,16 @@ __global__ void swiglu_backward_kernel(S* __restrict__ u, S* __restrict__ v, S* 
     store16(dm + i, d);
     return;
   }
-  for (i64 j = i; j < min(i + V, n); ++j) {
-    float a = to_f32(u[j]), b = to_f32(v[j]), d = to_f32(dm[j]);
+  // Element-wise (kVec false: one element a thread, as before session u; or the vector
+  // form's tail).
+#pragma unroll
+  for (int j = 0; j < V; ++j) {
+    if (i + j >= n) return;
+    float a = to_f32(u[i + j]), b = to_f32(v[i + j]), d = to_f32(dm[i + j]);
     swiglu_backward_one(a, b, d);
-    u[j] = from_f32<S>(a);
-    v[j] = from_f32<S>(b);
-    dm[j] = from_f32<S>(d);
+    u[i + j] = from_f32<S>(a);
+    v[i + j] = from_f32<S>(b);
+    dm[i + j] = from_f32<S>(d);
   }
 }
 
