@@ -111,6 +111,19 @@ __device__ __forceinline__ float dot16(const uint4& a, const uint4& b) {
   return s;
 }
 
+// V floats (a multiple of 4) loaded with 16-byte loads from p (16-byte aligned).
+template <int V>
+__device__ __forceinline__ void load16_f32(const float* p, float (&v)[V]) {
+  const float4* in = reinterpret_cast<const float4*>(p);
+#pragma unroll
+  for (int i = 0; i < V / 4; ++i) {
+    const float4 q = in[i];
+    v[4 * i] = q.x;
+    v[4 * i + 1] = q.y;
+    v[4 * i + 2] = q.z;
+    v[4 * i + 3] = q.w;
+  }
+}
 // V floats (a multiple of 4) stored with 16-byte stores at p (16-byte aligned).
 template <int V>
 __device__ __forceinline__ void store16_f32(float* p, const float (&v)[V]) {

@@ -509,6 +509,27 @@ __global__ void __launch_bounds__(kWarps * 32)
   }
 }
 
+// A split segment's pieces [p0, p1) added in order into gi / go (NS slices from c0).
+template <class S, bool kVec, int NS>
+__device__ __forceinline__ void sum_partials(i32 p0, i32 p1, const float* __restrict__ partial, int H, int c0, int lane,
+                                             float (&gi)[NS][RowSlice<S, kVec>::V],
+                                             float (&go)[NS][RowSlice<S, kVec>::V]) {
+  using R = RowSlice<S, kVec>;
+  for (i32 p = p0; p < p1; ++p) {
+    const float* in = partial + static_cast<i64>(p) * 2 * H;
+#pragma unroll
+    for (int q = 0; q < NS; ++q)
+#pragma unroll
+      for (int j = 0; j < R::V; ++j) {
+        const int c = R::col(c0 + q * R::kWidth, lane, j);
+        if (c < H) {
+          gi[q][j] += in[c];
+          go[q][j] += in[H + c];
+        }
+      }
+  }
+}
+
 // Row r of the output (rows_kernel's body): its expert's partial rows or tasks summed.
 template <class S, bool kVec, int NS, bool kValues>
 __device__ __forceinline__ void sum_row(i64 r, int H, FastDiv kdiv, int piece, const S* __restrict__ x,
@@ -526,19 +547,7 @@ __device__ __forceinline__ void sum_row(i64 r, int H, FastDiv kdiv, int piece, c
   for (int c0 = 0; c0 < H; c0 += NS * R::kWidth) {
     float gi[NS][R::V] = {}, go[NS][R::V] = {};
     if (split) {
-      for (i32 p = pstart[e]; p < pstart[e + 1]; ++p) {
-        const float* in = partial + static_cast<i64>(p) * 2 * H;
-#pragma unroll
-        for (int q = 0; q < NS; ++q)
-#pragma unroll
-          for (int j = 0; j < R::V; ++j) {
-            const int c = R::col(c0 + q * R::kWidth, lane, j);
-            if (c < H) {
-              gi[q][j] += in[c];
-              go[q][j] += in[H + c];
-            }
-          }
-      }
+      sum_partials<S, kVec, NS>(pstart[e], pstart[e + 1], partial, H, c0, lane, gi, go);
     } else if constexpr (kValues) {
       if (begin < end) {  // (a padding slot of the sparse output has e < 0 and no tasks)
         const auto rows = warp_expert_rows<S, NS>();
@@ -704,19 +713,7 @@ __global__ void __launch_bounds__(kWarps * 32)
     } else {
       if (direct(next)) fetch(next);
       if (cur.begin < cur.end)  // a split segment: its pieces' partial rows, in order
-        for (i32 p = pstart[cur.e]; p < pstart[cur.e + 1]; ++p) {
-          const float* in = partial + static_cast<i64>(p) * 2 * H;
-#pragma unroll
-          for (int q = 0; q < NS; ++q)
-#pragma unroll
-            for (int i = 0; i < R::V; ++i) {
-              const int c = R::col(q * R::kWidth, lane, i);
-              if (c < H) {
-                gi[q][i] += in[c];
-                go[q][i] += in[H + c];
-              }
-            }
-        }
+        sum_partials<S, true, NS>(pstart[cur.e], pstart[cur.e + 1], partial, H, 0, lane, gi, go);
     }
 #pragma unroll
     for (int q = 0; q < NS; ++q) {
@@ -766,7 +763,7 @@ __global__ void swiglu_backward_kernel(S* __restrict__ u, S* __restrict__ v, S* 
     store16(dm + i, d);
     return;
   }
-  // Element-wise (kVec false: one element a thread, as before session u; or the vector
+  // Element-wise (kVec false, for unaligned buffers: one element a thread; or the vector
   // form's tail).
 #pragma unroll
   for (int j = 0; j < V; ++j) {
@@ -792,15 +789,7 @@ __global__ void store_rows_kernel(const float* __restrict__ src, i64 T, i64 H, c
   const bool nan = bad != nullptr && bad[i / H];
   if constexpr (kVec) {
     float f[V];
-    const float4* in = reinterpret_cast<const float4*>(src + i);
-#pragma unroll
-    for (int j = 0; j < V / 4; ++j) {
-      const float4 q = in[j];
-      f[4 * j] = q.x;
-      f[4 * j + 1] = q.y;
-      f[4 * j + 2] = q.z;
-      f[4 * j + 3] = q.w;
-    }
+    load16_f32(src + i, f);
     if (nan)
 #pragma unroll
       for (int j = 0; j < V; ++j) f[j] = __int_as_float(0x7fffffff);
@@ -1105,19 +1094,10 @@ Status experts_backward_rows(const RowsArgs& r, cudaStream_t stream) {
   });
 }
 
-namespace {
-// Experiment switch (session u): OMNIMOE_SWIGLU_BACKWARD=scalar takes the element-wise form.
-bool swiglu_backward_scalar() {
-  const char* env = std::getenv("OMNIMOE_SWIGLU_BACKWARD");
-  return env != nullptr && std::string(env) == "scalar";
-}
-}  // namespace
-
 Status shared_mlp_swiglu_backward(DType dtype, void* u, void* v, void* dm, i64 n, cudaStream_t stream) {
   return by_dtype(dtype, [&](auto tag) {
     using S = decltype(tag);
-    const bool vec = aligned16(u) && aligned16(v) && aligned16(dm) && !swiglu_backward_scalar();
-    if (vec)
+    if (aligned16(u) && aligned16(v) && aligned16(dm))
       swiglu_backward_kernel<S, true><<<ceil_div(ceil_div(n, Vec<S>::kN), 256), 256, 0, stream>>>(
           static_cast<S*>(u), static_cast<S*>(v), static_cast<S*>(dm), n);
     else

@@ -38,6 +38,15 @@ struct GemmArgs {
 
 Status gemm(const GemmArgs& g, GemmWorkspace ws, cudaStream_t stream);
 
+// g run twice as one strided batch: operand i at A + i * stride_a (elements), etc.
+inline GemmArgs batch2(GemmArgs g, i64 stride_a, i64 stride_b, i64 stride_c) {
+  g.batch = 2;
+  g.stride_a = stride_a;
+  g.stride_b = stride_b;
+  g.stride_c = stride_c;
+  return g;
+}
+
 // Two tensors as the slots of one strided batch (the stride: the gap between them): which
 // lies first (slot 0, since strides must be >= 0), the gap in bytes, and whether it is whole
 // 16-byte units. The gap comes from the addresses as integers: the tensors may be separate

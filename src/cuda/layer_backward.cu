@@ -401,12 +401,9 @@ Status backward(const Config& cfg, Mode mode, const TensorView& x, const Params&
       const char* gate = at(p.gate.data, i0 * H, dt);
       const char* up = at(p.up.data, i0 * H, dt);
       if (m.uv) {  // [u, v] = x [gate, up]ᵀ; slot 0 is the tensor first in memory
-        GemmArgs r = gemm_args(false, true, rows, w, H, xc, H, m.gate_first ? gate : up, H, m.gate_first ? u : v, w, dt,
-                               dt, 0.f);
-        r.batch = 2;
-        r.stride_b = m.params_gap;
-        r.stride_c = m.uv_gap;
-        OMNIMOE_RETURN_IF_ERROR(gemm(r, b.gemm, s));
+        const GemmArgs r = gemm_args(false, true, rows, w, H, xc, H, m.gate_first ? gate : up, H, m.gate_first ? u : v,
+                                     w, dt, dt, 0.f);
+        OMNIMOE_RETURN_IF_ERROR(gemm(batch2(r, 0, m.params_gap, m.uv_gap), b.gemm, s));
       } else {
         OMNIMOE_RETURN_IF_ERROR(mm(b, s, false, true, rows, w, H, xc, H, gate, H, u, w, dt, dt, 0.f));
         OMNIMOE_RETURN_IF_ERROR(mm(b, s, false, true, rows, w, H, xc, H, up, H, v, w, dt, dt, 0.f));
@@ -420,12 +417,9 @@ Status backward(const Config& cfg, Mode mode, const TensorView& x, const Params&
         char* ggate = const_cast<char*>(at(g.gate.data, i0 * H, dt));
         char* gup = const_cast<char*>(at(g.up.data, i0 * H, dt));
         if (m.grads) {  // [dgate, dup] = [du, dv]ᵀ x; slot 0 is the gradient first in memory
-          GemmArgs r = gemm_args(true, false, w, H, rows, m.grad_gate_first ? u : dm, w, xc, H,
-                                 m.grad_gate_first ? ggate : gup, H, dt, dt, 0.f);
-          r.batch = 2;
-          r.stride_a = m.grads_in_gap;
-          r.stride_c = m.grads_gap;
-          OMNIMOE_RETURN_IF_ERROR(gemm(r, b.gemm, s));
+          const GemmArgs r = gemm_args(true, false, w, H, rows, m.grad_gate_first ? u : dm, w, xc, H,
+                                       m.grad_gate_first ? ggate : gup, H, dt, dt, 0.f);
+          OMNIMOE_RETURN_IF_ERROR(gemm(batch2(r, m.grads_in_gap, 0, m.grads_gap), b.gemm, s));
         } else {
           OMNIMOE_RETURN_IF_ERROR(mm(b, s, true, false, w, H, rows, u, w, xc, H, ggate, H, dt, dt, 0.f));
           OMNIMOE_RETURN_IF_ERROR(mm(b, s, true, false, w, H, rows, dm, w, xc, H, gup, H, dt, dt, 0.f));

@@ -81,11 +81,8 @@ Status swiglu_forward(const SwigluArgs& a, cudaStream_t s) {
     if (one_product) {
       g.B = gate_first ? gp : upp;
       g.C = a.u;
-      g.batch = 2;
-      g.stride_a = 0;
-      g.stride_b = gap.bytes / es;
-      g.stride_c = static_cast<i64>(static_cast<char*>(a.v) - static_cast<char*>(a.u)) / es;
-      OMNIMOE_RETURN_IF_ERROR(gemm(g, a.gemm, s));
+      const i64 out_gap = static_cast<i64>(static_cast<char*>(a.v) - static_cast<char*>(a.u)) / es;
+      OMNIMOE_RETURN_IF_ERROR(gemm(batch2(g, 0, gap.bytes / es, out_gap), a.gemm, s));
     } else {
       g.B = gp;
       g.C = gate_out;

@@ -330,6 +330,27 @@ HostTensor values_test_ids(std::int64_t T, std::int64_t K, std::int64_t N, std::
   return ids;
 }
 
+// One training backward of the values tests into `out`, its device copy and the workspace
+// poisoned first (the caller sets the environment switch it compares).
+void values_backward(const Config& cfg, const DeviceProblem& dev, const DeviceTensor& dids, const DeviceTensor& ddy,
+                     DeviceWorkspace& ws, Grads& out) {
+  DeviceGrads dg(out);
+  dg.poison();
+  ws.poison();
+  const Status st =
+      backward(cfg, Mode::training, dev.x.view(), dev.params(), dids.view(), ddy.view(), dg.view(), ws.ws());
+  ASSERT_TRUE(st.ok()) << st.message();
+  ASSERT_TRUE(synchronize(Device::cuda).ok());
+  dg.download(out);
+}
+
+// Every defined gradient of a bitwise equal to b's.
+void expect_grads_bitwise(const Grads& a, const Grads& b, DType dt) {
+  const auto x = a.all(), y = b.all();
+  for (std::size_t i = 0; i < x.size(); ++i)
+    if (x[i]->defined()) EXPECT_TRUE(x[i]->bitwise_equal(*y[i])) << kTrainableNames[i] << " " << dtype_name(dt);
+}
+
 // The gather path's task values from the token side (the token kernel) and from the expert
 // side (the rows pass, RowsArgs::values) are the same arithmetic in the same order: every
 // gradient bitwise equal (dx too, as long as w_in fits one expert chunk or T K < 2 N:
@@ -367,14 +388,7 @@ TEST(CudaBackwardValues, ExpertAndTokenSidesBitwiseEqual) {
     Grads side[2] = {make_grads(cfg, T, sh.dt), make_grads(cfg, T, sh.dt)};  // experts, tokens
     for (int i = 0; i < 2; ++i) {
       const ScopedEnv env("OMNIMOE_BACKWARD_VALUES", i == 0 ? "experts" : "tokens");
-      DeviceGrads dg(side[i]);
-      dg.poison();
-      ws.poison();
-      const Status st =
-          backward(cfg, Mode::training, dev.x.view(), dev.params(), dids.view(), ddy.view(), dg.view(), ws.ws());
-      ASSERT_TRUE(st.ok()) << st.message();
-      ASSERT_TRUE(synchronize(Device::cuda).ok());
-      dg.download(side[i]);
+      ASSERT_NO_FATAL_FAILURE(values_backward(cfg, dev, dids, ddy, ws, side[i]));
       if (i == 0) {
         const auto x = side[0].x.to_f64();
         EXPECT_TRUE(std::isnan(x[9 * sh.H])) << "the bad id's token row, " << dtype_name(sh.dt);
@@ -383,9 +397,7 @@ TEST(CudaBackwardValues, ExpertAndTokenSidesBitwiseEqual) {
         expect_sparse_matches_dense(cfg, Mode::training, dev, dids, ids, ddy, side[0], sh.dt, ws);
       }
     }
-    const auto a = side[0].all(), b = side[1].all();
-    for (std::size_t i = 0; i < a.size(); ++i)
-      if (a[i]->defined()) EXPECT_TRUE(a[i]->bitwise_equal(*b[i])) << kTrainableNames[i] << " " << dtype_name(sh.dt);
+    expect_grads_bitwise(side[0], side[1], sh.dt);
   }
 }
 
@@ -416,21 +428,12 @@ TEST(CudaBackwardValues, PrefetchedRowsMatchClassicBitwise) {
     Grads form[2] = {make_grads(cfg, T, dt), make_grads(cfg, T, dt)};  // prefetch, classic
     for (int i = 0; i < 2; ++i) {
       const ScopedEnv env("OMNIMOE_VALUES_ROWS", i == 0 ? "prefetch" : "classic");
-      DeviceGrads dg(form[i]);
-      dg.poison();
-      ws.poison();
-      const Status st =
-          backward(cfg, Mode::training, dev.x.view(), dev.params(), dids.view(), ddy.view(), dg.view(), ws.ws());
-      ASSERT_TRUE(st.ok()) << st.message();
-      ASSERT_TRUE(synchronize(Device::cuda).ok());
-      dg.download(form[i]);
+      ASSERT_NO_FATAL_FAILURE(values_backward(cfg, dev, dids, ddy, ws, form[i]));
       EXPECT_EQ(form[i].x.count_nonfinite(), H) << "only the bad id's dx row, " << dtype_name(dt);
       ws.poison();
       expect_sparse_matches_dense(cfg, Mode::training, dev, dids, ids, ddy, form[i], dt, ws);
     }
-    const auto a = form[0].all(), b = form[1].all();
-    for (std::size_t i = 0; i < a.size(); ++i)
-      if (a[i]->defined()) EXPECT_TRUE(a[i]->bitwise_equal(*b[i])) << kTrainableNames[i] << " " << dtype_name(dt);
+    expect_grads_bitwise(form[0], form[1], dt);
   }
 }
 
