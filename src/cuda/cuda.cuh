@@ -374,8 +374,8 @@ GroupSchedule group_extents(i64 T, i64 N, i64 token_chunk, i64 expert_chunk);
 TokenChunkSchedule carve_token_chunk_schedule(Arena& a, i64 T, i64 K, i64 N, i64 token_chunk, i64 expert_chunk);
 void carve_token_chunk_sort(Arena& a, TokenChunkSchedule& s, i64 K);
 
-// SwiGLU backward in place: (u, v, dm) -> (du, m, dv).
-Status shared_mlp_swiglu_backward(DType dtype, void* u, void* v, void* dm, i64 n, cudaStream_t stream);
+// SwiGLU backward in place: (u, v, dm) -> (du, m, dv); without keep_m, v is left as it was.
+Status shared_mlp_swiglu_backward(DType dtype, void* u, void* v, void* dm, i64 n, bool keep_m, cudaStream_t stream);
 // Elementwise copy with conversion: fp32 -> dtype; rows flagged in bad [T] (may be null)
 // become NaN.
 Status store_rows(DType dtype, const float* src, i64 T, i64 H, const int* bad, void* dst, cudaStream_t stream);

@@ -746,8 +746,9 @@ __device__ __forceinline__ void swiglu_backward_one(float& u, float& v, float& d
 // Vec<S>::kN elements a thread with 16-byte loads and stores where the three buffers allow
 // (vec: aligned, whole vectors; the tail element by element). Session t's profile had the
 // element-wise form at 16.5 µs a 4096 x 1024 slice (lm-256x256-t4096), 2.9 TB/s for
-// buffers the products just wrote to L2.
-template <class S, bool kVec>
+// buffers the products just wrote to L2. kM: m is stored (the weight pass's down gradient
+// reads it); the dx products need du and dv alone, and a third of the stores go.
+template <class S, bool kVec, bool kM>
 __global__ void swiglu_backward_kernel(S* __restrict__ u, S* __restrict__ v, S* __restrict__ dm, i64 n) {
   constexpr int V = kVec ? Vec<S>::kN : 1;
   const i64 i = (static_cast<i64>(blockIdx.x) * blockDim.x + threadIdx.x) * V;
@@ -759,7 +760,7 @@ __global__ void swiglu_backward_kernel(S* __restrict__ u, S* __restrict__ v, S* 
 #pragma unroll
     for (int j = 0; j < Vec<S>::kN; ++j) swiglu_backward_one(a[j], b[j], d[j]);
     store16(u + i, a);
-    store16(v + i, b);
+    if (kM) store16(v + i, b);
     store16(dm + i, d);
     return;
   }
@@ -771,7 +772,7 @@ __global__ void swiglu_backward_kernel(S* __restrict__ u, S* __restrict__ v, S* 
     float a = to_f32(u[i + j]), b = to_f32(v[i + j]), d = to_f32(dm[i + j]);
     swiglu_backward_one(a, b, d);
     u[i + j] = from_f32<S>(a);
-    v[i + j] = from_f32<S>(b);
+    if (kM) v[i + j] = from_f32<S>(b);
     dm[i + j] = from_f32<S>(d);
   }
 }
@@ -1094,15 +1095,21 @@ Status experts_backward_rows(const RowsArgs& r, cudaStream_t stream) {
   });
 }
 
-Status shared_mlp_swiglu_backward(DType dtype, void* u, void* v, void* dm, i64 n, cudaStream_t stream) {
+Status shared_mlp_swiglu_backward(DType dtype, void* u, void* v, void* dm, i64 n, bool keep_m,
+                                  cudaStream_t stream) {
   return by_dtype(dtype, [&](auto tag) {
     using S = decltype(tag);
-    if (aligned16(u) && aligned16(v) && aligned16(dm))
-      swiglu_backward_kernel<S, true><<<ceil_div(ceil_div(n, Vec<S>::kN), 256), 256, 0, stream>>>(
-          static_cast<S*>(u), static_cast<S*>(v), static_cast<S*>(dm), n);
-    else
-      swiglu_backward_kernel<S, false>
-          <<<ceil_div(n, 256), 256, 0, stream>>>(static_cast<S*>(u), static_cast<S*>(v), static_cast<S*>(dm), n);
+    const auto launch = [&](auto vec, auto m) {
+      constexpr bool kVec = decltype(vec)::value;
+      swiglu_backward_kernel<S, kVec, decltype(m)::value>
+          <<<ceil_div(kVec ? ceil_div(n, Vec<S>::kN) : n, 256), 256, 0, stream>>>(
+              static_cast<S*>(u), static_cast<S*>(v), static_cast<S*>(dm), n);
+    };
+    const bool vec = aligned16(u) && aligned16(v) && aligned16(dm);
+    if (vec && keep_m) launch(std::true_type{}, std::true_type{});
+    else if (vec) launch(std::true_type{}, std::false_type{});
+    else if (keep_m) launch(std::false_type{}, std::true_type{});
+    else launch(std::false_type{}, std::false_type{});
     OMNIMOE_CUDA_LAUNCH_CHECK("shared_mlp swiglu_backward_kernel");
     return Status::Ok();
   });

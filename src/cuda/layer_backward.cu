@@ -52,7 +52,8 @@ struct BackwardPlan {
 };
 
 // OMNIMOE_CHUNK_BYTES overrides every budget (tests use a tiny one to exercise many chunks).
-BackwardPlan backward_plan(const Config& cfg, i64 T, DType dt) {
+// The budgets' plan; backward_plan (below carve_backward) then widens the MLP's slices.
+BackwardPlan base_plan(const Config& cfg, i64 T, DType dt) {
   const i64 n = cfg.grid_rows + cfg.grid_cols, es = static_cast<i64>(dtype_size(dt)), H = cfg.hidden;
   const char* env = std::getenv("OMNIMOE_CHUNK_BYTES");
   i64 route_bytes = static_cast<i64>(kRouteBytes), mlp_bytes = static_cast<i64>(kMlpBytes);
@@ -118,12 +119,12 @@ struct BackwardBuffers {
   void *wu, *wv, *wdm;  // chunked: the weight pass's [T, mlp_cols] slices, over everything else
 };
 
-BackwardBuffers carve_backward(Arena& a, const Config& cfg, i64 T, DType dt) {
+BackwardBuffers carve_backward(Arena& a, const Config& cfg, i64 T, DType dt, const BackwardPlan& plan) {
   const auto n = static_cast<std::size_t>(cfg.grid_rows + cfg.grid_cols), t = static_cast<std::size_t>(T);
   const std::size_t es = dtype_size(dt), tk = t * static_cast<std::size_t>(cfg.top_k);
   const i64 N = cfg.num_experts(), H = cfg.hidden;
   BackwardBuffers b{};
-  b.plan = backward_plan(cfg, T, dt);
+  b.plan = plan;
   const auto chunks = static_cast<std::size_t>(b.plan.route_chunks * stat_blocks(b.plan.route_rows));
   b.gemm = {a.take<char>(kLayerGemmBytes), kLayerGemmBytes};
   if (b.plan.chunked) {  // the weight pass runs before anything below is written
@@ -223,6 +224,49 @@ BackwardBuffers carve_backward(Arena& a, const Config& cfg, i64 T, DType dt) {
   carve_segment_partials(a, b.seg, tasks, H, room_end > a.mark() ? room_end - a.mark() : 0);
   a.rewind(phase);
   return b;
+}
+
+// The MLP's slices as wide as issue 5's memory goal for the step (64 MiB + 32 bytes per
+// (token, expert) pair beyond the parameters, their gradients, input and output) allows,
+// in fewer, equal slices than the budgets give. Each slice costs more than its share of
+// the products: at T = 4096 its weight-gradient products (w x H over K = T) fill only
+// w / 4096 of an H100's SMs whatever w is (one wave of 256 x 128 tiles at w <= 4224), and
+// its two dx products read and write the fp32 dx once each (their epilogue, ~11 µs each at
+// T = 4096); in the chunked mode every dx chunk pays those two products per slice. The
+// workspace of each candidate is carved to check it (host arithmetic only). Not under
+// OMNIMOE_CHUNK_BYTES, whose tiny budgets the tests use to reach many slices.
+BackwardPlan backward_plan(const Config& cfg, i64 T, DType dt) {
+  BackwardPlan p = base_plan(cfg, T, dt);
+  const i64 I = cfg.intermediate;
+  if (!cfg.has_shared_mlp() || std::getenv("OMNIMOE_CHUNK_BYTES") != nullptr) return p;
+  const auto goal = (std::size_t{64} << 20) + std::size_t{32} * static_cast<std::size_t>(T * cfg.top_k);
+  const auto fits = [&](const BackwardPlan& q) {
+    Arena a;
+    carve_backward(a, cfg, T, dt, q);
+    return a.used() <= goal;
+  };
+  // The widest of 1, 2, .. slices that fits, never narrower than the budgets' width. Widths
+  // are whole 128-column tiles (the last slice takes the rest): at T = 4096 three slices of
+  // 1408, 1408, 1280 columns are 32 tile columns, as many as I = 4096 has; three of 1368
+  // would be 33.
+  const auto widen = [&](i64 BackwardPlan::*cols) {
+    const i64 slices = (I + p.*cols - 1) / p.*cols;
+    for (i64 k = 1; k < slices; ++k) {
+      BackwardPlan q = p;
+      q.*cols = std::min(I, ((I + k - 1) / k + 127) / 128 * 128);
+      if (q.*cols > p.*cols && fits(q)) {
+        p = q;
+        return;
+      }
+    }
+  };
+  if (p.chunked) {
+    widen(&BackwardPlan::mlp_chunk_cols);  // the dx chunks' slices, then the weight pass's
+    widen(&BackwardPlan::mlp_cols);
+  } else {
+    widen(&BackwardPlan::mlp_cols);
+  }
+  return p;
 }
 
 // The gather path's task values (a, dg, dh per task) from the expert side (RowsArgs::values:
@@ -354,7 +398,7 @@ MlpBatches mlp_batches(const Params& p, const Gradients& g, bool weights, i64 te
 Status backward_workspace_size(const Config& cfg, i64 tokens, DType dtype, std::size_t* bytes) {
   OMNIMOE_RETURN_IF_ERROR(check_supported(cfg, dtype, tokens));
   Arena a;
-  carve_backward(a, cfg, tokens, dtype);
+  carve_backward(a, cfg, tokens, dtype, backward_plan(cfg, tokens, dtype));
   *bytes = a.used();
   return Status::Ok();
 }
@@ -368,7 +412,7 @@ Status backward(const Config& cfg, Mode mode, const TensorView& x, const Params&
   OMNIMOE_RETURN_IF_ERROR(check_supported(cfg, dt, T));
   const auto s = static_cast<cudaStream_t>(stream);
   Arena arena(ws.data, ws.bytes);
-  BackwardBuffers b = carve_backward(arena, cfg, T, dt);
+  BackwardBuffers b = carve_backward(arena, cfg, T, dt, backward_plan(cfg, T, dt));
   if (!arena.fits()) return {StatusCode::internal, "cuda backward: workspace plan exceeds the queried size"};
   const std::size_t es = dtype_size(dt);
 
@@ -410,7 +454,7 @@ Status backward(const Config& cfg, Mode mode, const TensorView& x, const Params&
       }
       OMNIMOE_RETURN_IF_ERROR(
           mm(b, s, false, false, rows, w, H, dyc, H, at(p.down.data, i0, dt), I, dm, w, dt, dt, 0.f));
-      OMNIMOE_RETURN_IF_ERROR(shared_mlp_swiglu_backward(dt, u, v, dm, rows * w, s));
+      OMNIMOE_RETURN_IF_ERROR(shared_mlp_swiglu_backward(dt, u, v, dm, rows * w, weights, s));  // m: for down's gradient
       if (weights) {
         OMNIMOE_RETURN_IF_ERROR(mm(b, s, true, false, H, w, rows, dyc, H, v, w,
                                    const_cast<char*>(at(g.down.data, i0, dt)), I, dt, dt, 0.f));
