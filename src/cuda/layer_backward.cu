@@ -227,12 +227,15 @@ BackwardBuffers carve_backward(Arena& a, const Config& cfg, i64 T, DType dt, con
 }
 
 // The MLP's slices as wide as issue 5's memory goal for the step (64 MiB + 32 bytes per
-// (token, expert) pair beyond the parameters, their gradients, input and output) allows,
-// in fewer, equal slices than the budgets give. Each slice costs more than its share of
-// the products: at T = 4096 its weight-gradient products (w x H over K = T) fill only
-// w / 4096 of an H100's SMs whatever w is (one wave of 256 x 128 tiles at w <= 4224), and
-// its two dx products read and write the fp32 dx once each (their epilogue, ~11 µs each at
-// T = 4096); in the chunked mode every dx chunk pays those two products per slice. The
+// (token, expert) pair beyond the parameters, their gradients, input and output) allows:
+// fewer slices than the budgets give, each of whole 128-column tiles. Every slice that
+// adds to dx runs two dx products whose epilogues read and write the fp32 dx (~11 µs each
+// at 4096 tokens, H = 1024), plus the SwiGLU backward's and the products' fixed costs.
+// Measured (H100, session v, training step, three A/Bs each): lm-64x64-t4096 -27 to -34
+// µs (4 -> 3 slices), lm-256x256-t4096 -11 to -20; in the chunked mode the dx chunks'
+// slices (4 -> 3 a chunk) -84 to -166 µs at lm-64x64-t16384, -118 to -142 at
+// lm-256x256-t16384. The chunked weight pass stays at the budget's width: its 640-column
+// slices (7 instead of 8 of 512) were slower (+31 and +43 µs at lm-1024x1024-t16384). The
 // workspace of each candidate is carved to check it (host arithmetic only). Not under
 // OMNIMOE_CHUNK_BYTES, whose tiny budgets the tests use to reach many slices.
 BackwardPlan backward_plan(const Config& cfg, i64 T, DType dt) {
@@ -260,12 +263,7 @@ BackwardPlan backward_plan(const Config& cfg, i64 T, DType dt) {
       }
     }
   };
-  if (p.chunked) {
-    widen(&BackwardPlan::mlp_chunk_cols);  // the dx chunks' slices, then the weight pass's
-    widen(&BackwardPlan::mlp_cols);
-  } else {
-    widen(&BackwardPlan::mlp_cols);
-  }
+  widen(p.chunked ? &BackwardPlan::mlp_chunk_cols : &BackwardPlan::mlp_cols);
   return p;
 }
 
