@@ -1095,8 +1095,7 @@ Status experts_backward_rows(const RowsArgs& r, cudaStream_t stream) {
   });
 }
 
-Status shared_mlp_swiglu_backward(DType dtype, void* u, void* v, void* dm, i64 n, bool keep_m,
-                                  cudaStream_t stream) {
+Status shared_mlp_swiglu_backward(DType dtype, void* u, void* v, void* dm, i64 n, bool keep_m, cudaStream_t stream) {
   return by_dtype(dtype, [&](auto tag) {
     using S = decltype(tag);
     const auto launch = [&](auto vec, auto m) {
@@ -1105,11 +1104,11 @@ Status shared_mlp_swiglu_backward(DType dtype, void* u, void* v, void* dm, i64 n
           <<<ceil_div(kVec ? ceil_div(n, Vec<S>::kN) : n, 256), 256, 0, stream>>>(
               static_cast<S*>(u), static_cast<S*>(v), static_cast<S*>(dm), n);
     };
-    const bool vec = aligned16(u) && aligned16(v) && aligned16(dm);
-    if (vec && keep_m) launch(std::true_type{}, std::true_type{});
-    else if (vec) launch(std::true_type{}, std::false_type{});
-    else if (keep_m) launch(std::false_type{}, std::true_type{});
-    else launch(std::false_type{}, std::false_type{});
+    const auto with_m = [&](auto vec) { keep_m ? launch(vec, std::true_type{}) : launch(vec, std::false_type{}); };
+    if (aligned16(u) && aligned16(v) && aligned16(dm))
+      with_m(std::true_type{});
+    else
+      with_m(std::false_type{});
     OMNIMOE_CUDA_LAUNCH_CHECK("shared_mlp swiglu_backward_kernel");
     return Status::Ok();
   });

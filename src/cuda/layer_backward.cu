@@ -452,7 +452,8 @@ Status backward(const Config& cfg, Mode mode, const TensorView& x, const Params&
       }
       OMNIMOE_RETURN_IF_ERROR(
           mm(b, s, false, false, rows, w, H, dyc, H, at(p.down.data, i0, dt), I, dm, w, dt, dt, 0.f));
-      OMNIMOE_RETURN_IF_ERROR(shared_mlp_swiglu_backward(dt, u, v, dm, rows * w, weights, s));  // m: for down's gradient
+      // m (in v) only where the weight products read it: down's gradient.
+      OMNIMOE_RETURN_IF_ERROR(shared_mlp_swiglu_backward(dt, u, v, dm, rows * w, weights, s));
       if (weights) {
         OMNIMOE_RETURN_IF_ERROR(mm(b, s, true, false, H, w, rows, dyc, H, v, w,
                                    const_cast<char*>(at(g.down.data, i0, dt)), I, dt, dt, 0.f));
