@@ -231,11 +231,13 @@ BackwardBuffers carve_backward(Arena& a, const Config& cfg, i64 T, DType dt, con
 // fewer slices than the budgets give, each of whole 128-column tiles. Every slice that
 // adds to dx runs two dx products whose epilogues read and write the fp32 dx (~11 µs each
 // at 4096 tokens, H = 1024), plus the SwiGLU backward's and the products' fixed costs.
-// Measured (H100, session v, training step, three A/Bs each): lm-64x64-t4096 -27 to -34
-// µs (4 -> 3 slices), lm-256x256-t4096 -11 to -20; in the chunked mode the dx chunks'
-// slices (4 -> 3 a chunk) -84 to -166 µs at lm-64x64-t16384, -118 to -142 at
-// lm-256x256-t16384. The chunked weight pass stays at the budget's width: its 640-column
-// slices (7 instead of 8 of 512) were slower (+31 and +43 µs at lm-1024x1024-t16384). The
+// Measured (H100, session v, training step; docs/bench/ab_mlp_widen_h100_2026-12-07v.csv):
+// lm-64x64-t4096 -26 to -34 µs (4 -> 3 slices, three A/Bs), lm-256x256-t4096 -11 to -20
+// (four); in the chunked mode the dx chunks' slices (4 -> 3 a chunk) -84 and -166 µs at
+// lm-64x64-t16384, -118 and -142 at lm-256x256-t16384 (two A/Bs of this code; single A/Bs
+// at T = 16384 move by about ±50 µs). The chunked weight pass stays at the budget's width:
+// its 640-column slices (7 instead of 8 of 512) read +31 and +43 µs at
+// lm-1024x1024-t16384, within that noise but no gain either. The
 // workspace of each candidate is carved to check it (host arithmetic only). Not under
 // OMNIMOE_CHUNK_BYTES, whose tiny budgets the tests use to reach many slices.
 BackwardPlan backward_plan(const Config& cfg, i64 T, DType dt) {
