@@ -506,6 +506,18 @@ const BCase kBCases[] = {
 INSTANTIATE_TEST_SUITE_P(Cases, CudaBackward, ::testing::ValuesIn(kBCases),
                          [](const auto& info) { return std::string(info.param.name); });
 
+// The shared MLP's backward slices widened to the memory goal (backward_plan): at T = 4096
+// in bf16 the budget alone gives I = 2944 three slices (1024, 1024, 896) and the goal's room
+// two of whole 128-column tiles (1536, then 1408), a plan no case above reaches (their I <=
+// 64 is one slice, and under OMNIMOE_CHUNK_BYTES the plan is not widened). The whole mode:
+// dx over 4096 tokens at H = 64 is 1 MiB of fp32.
+TEST(CudaBackwardWideSlices, MatchesFloat64Reference) {
+  if (!have_gpu()) GTEST_SKIP() << "no CUDA device";
+  if (std::getenv("OMNIMOE_CHUNK_BYTES") != nullptr) GTEST_SKIP() << "OMNIMOE_CHUNK_BYTES fixes the slices";
+  expect_backward_matches_reference(
+      {"wide_slices_bf16", 64, 2944, 8, 8, 2, 4096, RN::batchnorm, Mode::training, GK::softmax, AC::silu, DType::bf16});
+}
+
 // config.schedule decides the backward's experts path (and its workspace plan): each case
 // forces the path that the automatic rule would not take (checked first) and still matches
 // the float64 reference, dense and sparse expert gradients alike. Kept out of the
