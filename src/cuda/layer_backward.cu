@@ -250,16 +250,16 @@ BackwardPlan backward_plan(const Config& cfg, i64 T, DType dt) {
     carve_backward(a, cfg, T, dt, q);
     return a.used() <= goal;
   };
-  // The widest of 1, 2, .. slices that fits, never narrower than the budgets' width. Widths
-  // are whole 128-column tiles (the last slice takes the rest): at T = 4096 three slices of
-  // 1408, 1408, 1280 columns are 32 tile columns, as many as I = 4096 has; three of 1368
-  // would be 33.
+  // The widest of 1, 2, .. slices that fits, fewer than the budgets' (k < slices makes each
+  // candidate wider than their width). Widths are whole 128-column tiles (the last slice
+  // takes the rest): at T = 4096 three slices of 1408, 1408, 1280 columns are 32 tile
+  // columns, as many as I = 4096 has; three of 1368 would be 33.
   const auto widen = [&](i64 BackwardPlan::*cols) {
     const i64 slices = (I + p.*cols - 1) / p.*cols;
     for (i64 k = 1; k < slices; ++k) {
       BackwardPlan q = p;
       q.*cols = std::min(I, ((I + k - 1) / k + 127) / 128 * 128);
-      if (q.*cols > p.*cols && fits(q)) {
+      if (fits(q)) {
         p = q;
         return;
       }

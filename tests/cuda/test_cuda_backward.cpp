@@ -62,6 +62,18 @@ struct DeviceGrads {
   }
 };
 
+// One backward into `out`, its device copy and the workspace poisoned first.
+void device_backward(const Config& cfg, Mode mode, const DeviceProblem& dev, const DeviceTensor& dids,
+                     const DeviceTensor& ddy, DeviceWorkspace& ws, Grads& out) {
+  DeviceGrads dg(out);
+  dg.poison();
+  ws.poison();
+  const Status st = backward(cfg, mode, dev.x.view(), dev.params(), dids.view(), ddy.view(), dg.view(), ws.ws());
+  ASSERT_TRUE(st.ok()) << st.message();
+  ASSERT_TRUE(synchronize(Device::cuda).ok());
+  dg.download(out);
+}
+
 // backward_sparse on the same inputs: the other gradients bitwise as backward's, the active
 // experts ascending with their rows bitwise as backward's dense rows, then -1 and zero rows.
 void expect_sparse_matches_dense(const Config& cfg, Mode mode, const DeviceProblem& dev, const DeviceTensor& dids,
@@ -277,14 +289,8 @@ TEST(CudaBackwardCallerIds, DuplicatesSumAndBadIdsPoisonTheirRow) {
     ASSERT_TRUE(backward_workspace_size(cfg, T, dt, Device::cuda, &bytes).ok());
     DeviceWorkspace ws(bytes);
     auto run = [&](const HostTensor& routing, Grads& out) {
-      DeviceTensor dids(routing);
-      DeviceGrads dg(out);
-      dg.poison();
-      const Status st =
-          backward(cfg, Mode::inference, dev.x.view(), dev.params(), dids.view(), ddy.view(), dg.view(), ws.ws());
-      ASSERT_TRUE(st.ok()) << st.message();
-      ASSERT_TRUE(synchronize(Device::cuda).ok());
-      dg.download(out);
+      const DeviceTensor dids(routing);
+      device_backward(cfg, Mode::inference, dev, dids, ddy, ws, out);
     };
     Grads got = make_grads(cfg, T, dt);
     run(ids, got);
@@ -328,20 +334,6 @@ HostTensor values_test_ids(std::int64_t T, std::int64_t K, std::int64_t N, std::
   ids.set(7 * K + 1, ids.get(7 * K + 0));
   ids.set(9 * K + 4, static_cast<double>(N + 2));
   return ids;
-}
-
-// One training backward of the values tests into `out`, its device copy and the workspace
-// poisoned first (the caller sets the environment switch it compares).
-void values_backward(const Config& cfg, const DeviceProblem& dev, const DeviceTensor& dids, const DeviceTensor& ddy,
-                     DeviceWorkspace& ws, Grads& out) {
-  DeviceGrads dg(out);
-  dg.poison();
-  ws.poison();
-  const Status st =
-      backward(cfg, Mode::training, dev.x.view(), dev.params(), dids.view(), ddy.view(), dg.view(), ws.ws());
-  ASSERT_TRUE(st.ok()) << st.message();
-  ASSERT_TRUE(synchronize(Device::cuda).ok());
-  dg.download(out);
 }
 
 // Every defined gradient of a bitwise equal to b's.
@@ -388,7 +380,7 @@ TEST(CudaBackwardValues, ExpertAndTokenSidesBitwiseEqual) {
     Grads side[2] = {make_grads(cfg, T, sh.dt), make_grads(cfg, T, sh.dt)};  // experts, tokens
     for (int i = 0; i < 2; ++i) {
       const ScopedEnv env("OMNIMOE_BACKWARD_VALUES", i == 0 ? "experts" : "tokens");
-      ASSERT_NO_FATAL_FAILURE(values_backward(cfg, dev, dids, ddy, ws, side[i]));
+      ASSERT_NO_FATAL_FAILURE(device_backward(cfg, Mode::training, dev, dids, ddy, ws, side[i]));
       if (i == 0) {
         const auto x = side[0].x.to_f64();
         EXPECT_TRUE(std::isnan(x[9 * sh.H])) << "the bad id's token row, " << dtype_name(sh.dt);
@@ -428,7 +420,7 @@ TEST(CudaBackwardValues, PrefetchedRowsMatchClassicBitwise) {
     Grads form[2] = {make_grads(cfg, T, dt), make_grads(cfg, T, dt)};  // prefetch, classic
     for (int i = 0; i < 2; ++i) {
       const ScopedEnv env("OMNIMOE_VALUES_ROWS", i == 0 ? "prefetch" : "classic");
-      ASSERT_NO_FATAL_FAILURE(values_backward(cfg, dev, dids, ddy, ws, form[i]));
+      ASSERT_NO_FATAL_FAILURE(device_backward(cfg, Mode::training, dev, dids, ddy, ws, form[i]));
       EXPECT_EQ(form[i].x.count_nonfinite(), H) << "only the bad id's dx row, " << dtype_name(dt);
       ws.poison();
       expect_sparse_matches_dense(cfg, Mode::training, dev, dids, ids, ddy, form[i], dt, ws);
