@@ -54,39 +54,58 @@ __global__ void chunk_moments_kernel(const float* __restrict__ l, i64 rows, i64 
   }
 }
 
-// Combines chunk moments in chunk order (Chan et al.), then writes mean / rstd and updates
-// the running statistics; or reads the running statistics; or writes the identity.
+// Merges the moments of nb rows (mean mb, sum of squared deviations m2b) into (cnt, m, m2)
+// (Chan et al.); merging nothing (nb = 0) or into nothing (cnt = 0) is exact.
+__device__ __forceinline__ void chan_merge(double& cnt, double& m, double& m2, double nb, double mb, double m2b) {
+  const double tot = cnt + nb;
+  if (tot == 0) return;
+  const double d = mb - m, f = nb / tot;
+  m += d * f;
+  m2 += m2b + d * d * cnt * f;
+  cnt = tot;
+}
+
+// Combines the chunks' row-block moments, one warp per column: lane l merges row blocks
+// l, l + 32, .. in order, then the lanes' moments merge in a fixed tree (deterministic; a
+// thread walking all T / 256 blocks in order had cost 9 us at T = 4096, each step waiting
+// on a double division). Then writes mean / rstd and updates the running statistics; or
+// reads the running statistics; or writes the identity.
 __global__ void stats_kernel(RouteStatsArgs a, i64 Nr, i64 n, int norm, int train) {
-  const i64 c = static_cast<i64>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (c >= n) return;
+  const i64 c = (static_cast<i64>(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
+  const int lane = threadIdx.x & 31;
+  if (c >= n) return;  // warp-uniform
   const bool is_row = c < Nr;
   const i64 j = is_row ? c : c - Nr;
   if (!norm) {
-    a.mean[c] = 0.f;
-    a.rstd[c] = 1.f;
+    if (lane == 0) {
+      a.mean[c] = 0.f;
+      a.rstd[c] = 1.f;
+    }
     return;
   }
   float* rm = is_row ? a.running_mean_row : a.running_mean_col;
   float* rv = is_row ? a.running_var_row : a.running_var_col;
   double mean, var;
   if (train) {
+    // Row block g of chunk k = g / blocks is partial[g]: every chunk but the last is full.
+    const i64 blocks = stat_blocks(a.chunk_rows), chunks = (a.T + a.chunk_rows - 1) / a.chunk_rows;
+    const i64 G = (chunks - 1) * blocks + stat_blocks(a.T - (chunks - 1) * a.chunk_rows);
     double cnt = 0, m = 0, m2 = 0;
-    const i64 blocks = stat_blocks(a.chunk_rows);
-    for (i64 start = 0, k = 0; start < a.T; start += a.chunk_rows, ++k) {
-      const i64 rows = min(a.chunk_rows, a.T - start);
-      for (i64 b = 0; b < stat_blocks(rows); ++b) {  // row blocks in order (Chan et al.)
-        const double nb = static_cast<double>(min(kStatBlockRows, rows - b * kStatBlockRows));
-        const double* p = a.partial + (k * blocks + b) * 2 * n;
-        const double mb = p[c], m2b = p[n + c];
-        const double tot = cnt + nb, d = mb - m;
-        m += d * nb / tot;
-        m2 += m2b + d * d * cnt * nb / tot;
-        cnt = tot;
-      }
+    for (i64 g = lane; g < G; g += 32) {
+      const i64 k = g / blocks, rows = min(a.chunk_rows, a.T - k * a.chunk_rows);
+      const double nb = static_cast<double>(min(kStatBlockRows, rows - (g - k * blocks) * kStatBlockRows));
+      const double* p = a.partial + g * 2 * n;
+      chan_merge(cnt, m, m2, nb, p[c], p[n + c]);
+    }
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+      const double oc = __shfl_down_sync(0xffffffffu, cnt, o), om = __shfl_down_sync(0xffffffffu, m, o),
+                   om2 = __shfl_down_sync(0xffffffffu, m2, o);
+      if ((lane & (2 * o - 1)) == 0) chan_merge(cnt, m, m2, oc, om, om2);
     }
     mean = m;
     var = m2 / static_cast<double>(a.T);
-    if (a.update_running) {
+    if (lane == 0 && a.update_running) {
       const double unbiased = var * static_cast<double>(a.T) / static_cast<double>(a.T - 1);
       rm[j] = static_cast<float>((1 - kBatchnormMomentum) * rm[j] + kBatchnormMomentum * mean);
       rv[j] = static_cast<float>((1 - kBatchnormMomentum) * rv[j] + kBatchnormMomentum * unbiased);
@@ -95,8 +114,10 @@ __global__ void stats_kernel(RouteStatsArgs a, i64 Nr, i64 n, int norm, int trai
     mean = rm[j];
     var = rv[j];
   }
-  a.mean[c] = static_cast<float>(mean);
-  a.rstd[c] = static_cast<float>(1.0 / sqrt(var + kBatchnormEps));
+  if (lane == 0) {
+    a.mean[c] = static_cast<float>(mean);
+    a.rstd[c] = static_cast<float>(1.0 / sqrt(var + kBatchnormEps));
+  }
 }
 
 // ---- top-K ------------------------------------------------------------------------------
@@ -402,9 +423,9 @@ __device__ __forceinline__ void topk_token(TopkSmem<THREADS, AX, SEL>& sm, const
   }
 }
 
-// One block per token; or, after the warp kernel, a fixed grid of blocks walking the list
-// of tokens it left (their number is known only on the device).
-constexpr i64 kFallbackBlocks = 1024;
+// One block per token; or, after the warp kernel, one block per SM walking the list of
+// tokens it left (their number is known only on the device, and usually zero: a launch of
+// 1024 blocks that only read the count had cost 3.5 us).
 
 // The small tiles (AX * SEL <= 4: K <= 512, axes <= 512) at 1536 threads per SM: 40
 // registers, no spills (44 before: 5 blocks of 256 threads, 62% occupancy, and the kernel
@@ -440,7 +461,13 @@ Status launch_topk(const RouteTopkArgs& a, cudaStream_t stream) {
   const auto kernel = listed ? topk_list_kernel<THREADS, AX, SEL> : topk_kernel<THREADS, AX, SEL>;
   const int bytes = static_cast<int>(sizeof(TopkSmem<THREADS, AX, SEL>));
   OMNIMOE_CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
-  const i64 blocks = listed ? std::min(a.rows, kFallbackBlocks) : a.rows;
+  i64 blocks = a.rows;
+  if (listed) {
+    int dev = 0, sms = 0;
+    OMNIMOE_CUDA_TRY(cudaGetDevice(&dev));
+    OMNIMOE_CUDA_TRY(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+    blocks = std::min<i64>(a.rows, std::max(sms, 1));
+  }
   kernel<<<static_cast<unsigned>(blocks), THREADS, bytes, stream>>>(a, c.grid_rows, c.grid_cols, c.top_k,
                                                                      c.gate == GateKind::softmax);
   OMNIMOE_CUDA_LAUNCH_CHECK("route topk_kernel");
@@ -451,9 +478,10 @@ Status launch_topk(const RouteTopkArgs& a, cudaStream_t stream) {
 // ---- top-K, small K: one warp per token -------------------------------------------------
 // For K <= 32 and axes of at most 32 * VPL entries. The same three steps as topk_kernel,
 // with the sorted axes reduced to their best min(K, n) entries (one per lane) and the
-// selection done with warp shuffles. Tokens where exact ties touch the threshold (several
-// cells equal to the K-th value, or rows / columns outside the candidate lists reaching it)
-// are flagged for topk_kernel, which resolves ties by id in full generality.
+// selection done with warp shuffles. Tokens where exact ties touch the threshold (rows /
+// columns outside the candidate lists reaching it; for K > kRegionMaxK also several cells
+// equal to the K-th value) are flagged for topk_kernel, which resolves ties by id in full
+// generality.
 constexpr int kWarpTopkWarps = 8;
 
 __device__ __forceinline__ unsigned long long warp_min_u64(unsigned long long v) {
@@ -733,10 +761,59 @@ __device__ unsigned long long warp_axis_best_full(const float* __restrict__ l, c
   return mine;
 }
 
+// The final selection's candidate cells for small K. With both candidate lists sorted, a cell
+// (i, j) has (i + 1)(j + 1) - 1 cells at least as good (the rows above it and the columns
+// before it), so only cells with (i + 1)(j + 1) <= K can be among the K best: the region,
+// a staircase of rows i < rk of width min(ck, K / (i + 1)). Built on the host (topk_region);
+// at most 64 cells, two a lane, which holds for K <= 19 (50 cells at K = 16).
+constexpr int kRegionMaxK = 19;
+struct TopkRegion {
+  unsigned slot[32];        // lane's cells: slot lane in bits 0-15, slot lane + 32 in bits 16-31,
+                            // each (row | column << 8); 0xffff: no cell
+  unsigned char width[32];  // row lane's width in the region (0 for rows beyond rk)
+  int cells;                // cells in the region; 0: not used (the K pops below instead)
+};
+
+TopkRegion topk_region(int K, int rk, int ck) {
+  TopkRegion r{};
+  for (unsigned& s : r.slot) s = 0xffffffffu;
+  if (K > kRegionMaxK) return r;
+  int n = 0;
+  for (int i = 0; i < rk; ++i) {
+    const int w = std::min(ck, K / (i + 1));
+    r.width[i] = static_cast<unsigned char>(w);
+    for (int j = 0; j < w; ++j, ++n) {
+      if (n >= 64) return TopkRegion{};  // cannot happen for K <= 19 (at most 60 cells)
+      const unsigned cell = static_cast<unsigned>(i) | static_cast<unsigned>(j) << 8;
+      unsigned& s = r.slot[n % 32];
+      s = n < 32 ? (s & 0xffff0000u) | cell : (s & 0x0000ffffu) | cell << 16;
+    }
+  }
+  r.cells = n >= K ? n : 0;  // fewer than K cells only where the grid has fewer than K
+  return r;
+}
+
+// The 32 smallest of 64 keys (two a lane), ascending in lane order: each half sorted, the
+// halves merged into a bitonic sequence of the 32 smallest, which a half-cleaner sorts.
+__device__ __forceinline__ unsigned long long warp_best32_of64(unsigned long long k0, unsigned long long k1) {
+  const int lane = threadIdx.x & 31;
+  k0 = warp_sort32(k0);
+  k1 = warp_sort32(k1);
+  const unsigned long long r = __shfl_sync(0xffffffffu, k1, 31 - lane);
+  unsigned long long k = r < k0 ? r : k0;
+#pragma unroll
+  for (int stride = 16; stride > 0; stride >>= 1) {
+    const unsigned long long other = __shfl_xor_sync(0xffffffffu, k, stride);
+    k = (lane & stride) == 0 ? (other < k ? other : k) : (other > k ? other : k);
+  }
+  return k;
+}
+
 // FULL: both axes have 32 VPL entries and 16-byte aligned rows (warp_axis_best_full).
 template <int VPL, bool FULL>
 __global__ void __launch_bounds__(kWarpTopkWarps * 32)
-    topk_warp_kernel(RouteTopkArgs a, int Nr, int Nc, int K, int gate_softmax) {
+    topk_warp_kernel(const __grid_constant__ RouteTopkArgs a, const __grid_constant__ TopkRegion region, int Nr, int Nc,
+                     int K, int gate_softmax) {
   __shared__ unsigned long long cells[kWarpTopkWarps][32];
   __shared__ unsigned long long cand[kWarpTopkWarps][64];  // axis candidates (warp_axis_best)
   // The general form's axis being selected, in shared memory rather than registers: with its
@@ -761,51 +838,84 @@ __global__ void __launch_bounds__(kWarpTopkWarps * 32)
   const float av = lane < rk ? key_value(rkey) : 0.f, bv = lane < ck ? key_value(ckey) : 0.f;
   const float amax = __shfl_sync(0xffffffffu, av, 0), bmax = __shfl_sync(0xffffffffu, bv, 0);
 
-  // 1. tau: K pops of the best remaining cell; lane p owns row p, whose cells are in
-  //    descending order of value along the sorted columns.
-  int head = 0;
-  unsigned tau = 0;
-  for (int r = 0; r < K; ++r) {
-    const float bh = __shfl_sync(0xffffffffu, bv, head & 31);
-    const unsigned cand = (lane < rk && head < ck) ? ord(av + bh) : 0u;
-    const unsigned m = __reduce_max_sync(0xffffffffu, cand);  // one REDUX, not five shuffles
-    const unsigned winner = __ffs(__ballot_sync(0xffffffffu, cand == m && lane < rk && head < ck)) - 1;
-    if (lane == static_cast<int>(winner)) ++head;
-    tau = m;
+  // The K best cells (lane r < K holds the r-th key), unless ties or cells outside the
+  // candidate lists could reach the K-th value: then the token goes to the block kernel's
+  // list (its order does not matter).
+  unsigned long long k = ~0ull;
+  bool simple;
+  if (region.cells > 0) {
+    // The region's cells (at most 64, two a lane), the 32 best of them sorted by key; tau is
+    // the K-th best value. A cell outside the region reaches tau only if the first cell past
+    // the region in some row does (the rows are a staircase: a minimal such cell has all its
+    // better neighbours in the region), so when none does, every cell at or above tau is in
+    // the region and the sorted keys already break ties at tau by id: exact ties among the
+    // region's cells need no fallback. Such ties are not rare (two sums of fp32
+    // log-probabilities rounding to one value): in session w's profile at lm-256x256-t4096,
+    // 2 of 4 forwards left a token to the block kernel, which took ~23 us more for it.
+    const unsigned row_id = key_id(rkey), col_id = key_id(ckey), slots = region.slot[lane];
+    unsigned long long c[2];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const unsigned cell = (slots >> (16 * h)) & 0xffffu;
+      const int i = static_cast<int>(cell & 31u), j = static_cast<int>((cell >> 8) & 31u);
+      const float ai = __shfl_sync(0xffffffffu, av, i), bj = __shfl_sync(0xffffffffu, bv, j);
+      const unsigned ri = __shfl_sync(0xffffffffu, row_id, i), cj = __shfl_sync(0xffffffffu, col_id, j);
+      c[h] = cell != 0xffffu ? key_of(ai + bj, ri * static_cast<unsigned>(Nc) + cj) : ~0ull;
+    }
+    k = warp_best32_of64(c[0], c[1]);
+    const unsigned tau = ~static_cast<unsigned>(__shfl_sync(0xffffffffu, k, K - 1) >> 32);
+    const int w = region.width[lane];
+    const float bw = __shfl_sync(0xffffffffu, bv, w & 31);
+    const bool past = lane < rk && w < ck && ord(av + bw) >= tau;
+    // A row or column outside the lists reaches tau iff its best one does (sums are monotone).
+    const bool outside = (rhas && ord(rnext + bmax) >= tau) || (chas && ord(amax + cnext) >= tau);
+    simple = !__any_sync(0xffffffffu, past) && !outside;
+  } else {
+    // 1. tau: K pops of the best remaining cell; lane p owns row p, whose cells are in
+    //    descending order of value along the sorted columns.
+    int head = 0;
+    unsigned tau = 0;
+    for (int r = 0; r < K; ++r) {
+      const float bh = __shfl_sync(0xffffffffu, bv, head & 31);
+      const unsigned cand = (lane < rk && head < ck) ? ord(av + bh) : 0u;
+      const unsigned m = __reduce_max_sync(0xffffffffu, cand);  // one REDUX, not five shuffles
+      const unsigned winner = __ffs(__ballot_sync(0xffffffffu, cand == m && lane < rk && head < ck)) - 1;
+      if (lane == static_cast<int>(winner)) ++head;
+      tau = m;
+    }
+    // 2. Cells at or above tau per row; the simple case has exactly K of them and nothing
+    //    outside the candidate lists that could reach tau.
+    int ge = 0;
+    for (int q = 0; q < ck; ++q) {
+      const float b = __shfl_sync(0xffffffffu, bv, q);
+      if (lane < rk && ord(av + b) >= tau) ++ge;
+    }
+    const bool outside = (rhas && ord(rnext + bmax) >= tau) || (chas && ord(amax + cnext) >= tau);
+    const int total = __reduce_add_sync(0xffffffffu, ge);
+    simple = total == K && !outside;
+    if (simple) {
+      // 3. Gather the K cells and sort them (descending score, ascending id).
+      int off = ge;  // inclusive scan over lanes
+#pragma unroll
+      for (int o = 1; o < 32; o <<= 1) {
+        const int v = __shfl_up_sync(0xffffffffu, off, o);
+        if (lane >= o) off += v;
+      }
+      off -= ge;
+      const unsigned row_id = key_id(rkey);
+      for (int q = 0; q < ck; ++q) {
+        const float b = __shfl_sync(0xffffffffu, bv, q);
+        const unsigned col_id = key_id(__shfl_sync(0xffffffffu, ckey, q));
+        if (q < ge) cells[warp][off + q] = key_of(av + b, row_id * static_cast<unsigned>(Nc) + col_id);
+      }
+      __syncwarp();
+      k = warp_sort32(lane < K ? cells[warp][lane] : ~0ull);
+    }
   }
-
-  // 2. Cells at or above tau per row; the simple case has exactly K of them and nothing
-  //    outside the candidate lists that could reach tau.
-  int ge = 0;
-  for (int q = 0; q < ck; ++q) {
-    const float b = __shfl_sync(0xffffffffu, bv, q);
-    if (lane < rk && ord(av + b) >= tau) ++ge;
-  }
-  // A row or column outside the lists reaches tau iff its best one does (sums are monotone).
-  const bool outside = (rhas && ord(rnext + bmax) >= tau) || (chas && ord(amax + cnext) >= tau);
-  const int total = __reduce_add_sync(0xffffffffu, ge);
-  const bool simple = total == K && !outside;
-  if (!simple) {  // appended to the block kernel's list (its order does not matter)
+  if (!simple) {
     if (lane == 0) a.fallback_flags[atomicAdd(a.fallback_count, 1)] = static_cast<int>(t);
     return;
   }
-
-  // 3. Gather the K cells, sort them (descending score, ascending id), gates, outputs.
-  int off = ge;  // inclusive scan over lanes
-#pragma unroll
-  for (int o = 1; o < 32; o <<= 1) {
-    const int v = __shfl_up_sync(0xffffffffu, off, o);
-    if (lane >= o) off += v;
-  }
-  off -= ge;
-  const unsigned row_id = key_id(rkey);
-  for (int q = 0; q < ck; ++q) {
-    const float b = __shfl_sync(0xffffffffu, bv, q);
-    const unsigned col_id = key_id(__shfl_sync(0xffffffffu, ckey, q));
-    if (q < ge) cells[warp][off + q] = key_of(av + b, row_id * static_cast<unsigned>(Nc) + col_id);
-  }
-  __syncwarp();
-  const unsigned long long k = warp_sort32(lane < K ? cells[warp][lane] : ~0ull);
   const float sc = key_value(k);
   const float smax = __shfl_sync(0xffffffffu, sc, 0);
   float g = lane < K ? expf(gate_softmax ? sc - smax : sc) : 0.f;
@@ -828,8 +938,10 @@ Status launch_topk_warp(const RouteTopkArgs& a, cudaStream_t stream) {
   const bool full = c.grid_rows == 32 * VPL && c.grid_cols == 32 * VPL && aligned16(a.logits) && aligned16(a.mean) &&
                     aligned16(a.rstd);
   const auto kernel = full ? topk_warp_kernel<VPL, true> : topk_warp_kernel<VPL, false>;
+  const TopkRegion region = topk_region(static_cast<int>(c.top_k), static_cast<int>(std::min(c.top_k, c.grid_rows)),
+                                        static_cast<int>(std::min(c.top_k, c.grid_cols)));
   kernel<<<ceil_div(a.rows, kWarpTopkWarps), kWarpTopkWarps * 32, 0, stream>>>(
-      a, static_cast<int>(c.grid_rows), static_cast<int>(c.grid_cols), static_cast<int>(c.top_k),
+      a, region, static_cast<int>(c.grid_rows), static_cast<int>(c.grid_cols), static_cast<int>(c.top_k),
       c.gate == GateKind::softmax);
   OMNIMOE_CUDA_LAUNCH_CHECK("route topk_warp_kernel");
   return Status::Ok();
@@ -847,7 +959,7 @@ Status route_chunk_moments(const float* logits, i64 rows, i64 n, double* partial
 Status route_stats(const RouteStatsArgs& a, cudaStream_t stream) {
   const Config& c = *a.cfg;
   const i64 n = c.grid_rows + c.grid_cols;
-  stats_kernel<<<ceil_div(n, 256), 256, 0, stream>>>(a, c.grid_rows, n, c.router_norm == RouterNorm::batchnorm,
+  stats_kernel<<<ceil_div(32 * n, 256), 256, 0, stream>>>(a, c.grid_rows, n, c.router_norm == RouterNorm::batchnorm,
                                                      a.mode == Mode::training);
   OMNIMOE_CUDA_LAUNCH_CHECK("route stats_kernel");
   return Status::Ok();
