@@ -57,8 +57,8 @@ __global__ void chunk_moments_kernel(const float* __restrict__ l, i64 rows, i64 
 // Merges the moments of nb rows (mean mb, sum of squared deviations m2b) into (cnt, m, m2)
 // (Chan et al.); merging nothing (nb = 0) or into nothing (cnt = 0) is exact.
 __device__ __forceinline__ void chan_merge(double& cnt, double& m, double& m2, double nb, double mb, double m2b) {
+  if (nb == 0) return;
   const double tot = cnt + nb;
-  if (tot == 0) return;
   const double d = mb - m, f = nb / tot;
   m += d * f;
   m2 += m2b + d * d * cnt * f;
@@ -423,10 +423,6 @@ __device__ __forceinline__ void topk_token(TopkSmem<THREADS, AX, SEL>& sm, const
   }
 }
 
-// One block per token; or, after the warp kernel, one block per SM walking the list of
-// tokens it left (their number is known only on the device, and usually zero: a launch of
-// 1024 blocks that only read the count had cost 3.5 us).
-
 // The small tiles (AX * SEL <= 4: K <= 512, axes <= 512) at 1536 threads per SM: 40
 // registers, no spills (44 before: 5 blocks of 256 threads, 62% occupancy, and the kernel
 // issue-bound, session p); at 2048 threads per SM ptxas spilled.
@@ -461,12 +457,15 @@ Status launch_topk(const RouteTopkArgs& a, cudaStream_t stream) {
   const auto kernel = listed ? topk_list_kernel<THREADS, AX, SEL> : topk_kernel<THREADS, AX, SEL>;
   const int bytes = static_cast<int>(sizeof(TopkSmem<THREADS, AX, SEL>));
   OMNIMOE_CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
+  // One block per token; or, after the warp kernel, one wave of resident blocks walking the
+  // list of tokens it left (their number is known only on the device). The list is usually
+  // empty, but a router whose logits all tie (zero-initialised weights) lists every token:
+  // a block per SM (tried in session w, 0.5 us less when empty) would serve those 8x slower.
   i64 blocks = a.rows;
   if (listed) {
-    int dev = 0, sms = 0;
-    OMNIMOE_CUDA_TRY(cudaGetDevice(&dev));
-    OMNIMOE_CUDA_TRY(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
-    blocks = std::min<i64>(a.rows, std::max(sms, 1));
+    unsigned resident = 0;
+    OMNIMOE_RETURN_IF_ERROR(resident_blocks(kernel, THREADS, resident, static_cast<std::size_t>(bytes)));
+    blocks = std::min<i64>(a.rows, resident);
   }
   kernel<<<static_cast<unsigned>(blocks), THREADS, bytes, stream>>>(a, c.grid_rows, c.grid_cols, c.top_k,
                                                                      c.gate == GateKind::softmax);
@@ -845,10 +844,9 @@ __global__ void __launch_bounds__(kWarpTopkWarps * 32)
   bool simple;
   if (region.cells > 0) {
     // The region's cells (at most 64, two a lane), the 32 best of them sorted by key; tau is
-    // the K-th best value. A cell outside the region reaches tau only if the first cell past
-    // the region in some row does (the rows are a staircase: a minimal such cell has all its
-    // better neighbours in the region), so when none does, every cell at or above tau is in
-    // the region and the sorted keys already break ties at tau by id: exact ties among the
+    // the K-th best value. Columns are sorted, so no cell of row i past the region beats the
+    // first one, (i, width[i]); when none of those reaches tau, every cell at or above tau is
+    // in the region and the sorted keys already break ties at tau by id: exact ties among the
     // region's cells need no fallback. Such ties are not rare (two sums of fp32
     // log-probabilities rounding to one value): in session w's profile at lm-256x256-t4096,
     // 2 of 4 forwards left a token to the block kernel, which took ~23 us more for it.

@@ -449,7 +449,10 @@ TEST(CudaRouted, MatchesCpuForSameRouting) {
 
 // Duplicated router rows and columns make exact score ties across many cells; wherever the
 // K-th and (K+1)-th reference scores tie exactly, the GPU must break the tie by the smaller
-// id as the reference does (this also drives the small-K warp kernel to its fallback).
+// id as the reference does. For K <= 19 the small-K warp kernel breaks ties among its
+// staircase of cells itself and hands the block kernel only ties that reach past its
+// candidate lists (duplicated rows or columns at the lists' edge); at K = 32 every tie at
+// the K-th value goes to the block kernel.
 TEST(CudaRouteTies, SmallerIdWins) {
   if (!have_gpu()) GTEST_SKIP() << "no CUDA device";
   int exact_ties = 0;  // tokens whose K-th and (K+1)-th reference scores tie exactly
