@@ -473,7 +473,6 @@ Status launch_topk(const RouteTopkArgs& a, cudaStream_t stream) {
   return Status::Ok();
 }
 
-
 // ---- top-K, small K: one warp per token -------------------------------------------------
 // For K <= 32 and axes of at most 32 * VPL entries. The same three steps as topk_kernel,
 // with the sorted axes reduced to their best min(K, n) entries (one per lane) and the
@@ -958,7 +957,7 @@ Status route_stats(const RouteStatsArgs& a, cudaStream_t stream) {
   const Config& c = *a.cfg;
   const i64 n = c.grid_rows + c.grid_cols;
   stats_kernel<<<ceil_div(32 * n, 256), 256, 0, stream>>>(a, c.grid_rows, n, c.router_norm == RouterNorm::batchnorm,
-                                                     a.mode == Mode::training);
+                                                          a.mode == Mode::training);
   OMNIMOE_CUDA_LAUNCH_CHECK("route stats_kernel");
   return Status::Ok();
 }
