@@ -49,6 +49,7 @@ struct BackwardPlan {
   i64 mlp_chunk_cols;            // chunked: width slice of the MLP's recompute for one dx chunk
   ExpertsPath path;               // the experts' path (choose_path, Pass::backward)
   bool chunked = false;
+  bool budgets_overridden = false;  // OMNIMOE_CHUNK_BYTES set: backward_plan keeps the slices
 };
 
 // OMNIMOE_CHUNK_BYTES overrides every budget (tests use a tiny one to exercise many chunks).
@@ -62,6 +63,7 @@ BackwardPlan base_plan(const Config& cfg, i64 T, DType dt) {
   if (env != nullptr)
     route_bytes = mlp_bytes = dx_bytes = dx_chunk_bytes = weights_bytes = std::max(1L, std::atol(env));
   BackwardPlan p;
+  p.budgets_overridden = env != nullptr;
   p.path = choose_path(cfg, T, dt, Pass::backward);
   // The experts' dx can come in chunks on the gather path only: the dense path's products
   // add to dx over expert chunks, token chunk by token chunk. And only where dx outweighs
@@ -243,7 +245,7 @@ BackwardBuffers carve_backward(Arena& a, const Config& cfg, i64 T, DType dt, con
 BackwardPlan backward_plan(const Config& cfg, i64 T, DType dt) {
   BackwardPlan p = base_plan(cfg, T, dt);
   const i64 I = cfg.intermediate;
-  if (!cfg.has_shared_mlp() || std::getenv("OMNIMOE_CHUNK_BYTES") != nullptr) return p;
+  if (!cfg.has_shared_mlp() || p.budgets_overridden) return p;
   const auto goal = (std::size_t{64} << 20) + std::size_t{32} * static_cast<std::size_t>(T * cfg.top_k);
   const auto fits = [&](const BackwardPlan& q) {
     Arena a;

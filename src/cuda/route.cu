@@ -491,18 +491,25 @@ __device__ __forceinline__ unsigned long long warp_min_u64(unsigned long long v)
   return v;
 }
 
+// One merge stage of a warp bitonic sort: sorts the bitonic runs of `size` lanes, each
+// ascending where lane & size is 0 (DESCENDING: descending), the other way elsewhere.
+template <bool DESCENDING, class T>
+__device__ __forceinline__ T warp_bitonic_merge(T k, int size) {
+  const int lane = threadIdx.x & 31;
+#pragma unroll
+  for (int stride = size >> 1; stride > 0; stride >>= 1) {
+    const T other = __shfl_xor_sync(0xffffffffu, k, stride);
+    const bool take_first = (((lane & size) == 0) == ((lane & stride) == 0)) != DESCENDING;
+    k = take_first ? (other < k ? other : k) : (other > k ? other : k);
+  }
+  return k;
+}
+
 // Bitonic sort of 32 keys across the warp, one per lane, ascending (DESCENDING: descending).
 template <bool DESCENDING, class T>
 __device__ __forceinline__ T warp_bitonic32(T k) {
-  const int lane = threadIdx.x & 31;
 #pragma unroll
-  for (int size = 2; size <= 32; size <<= 1)
-#pragma unroll
-    for (int stride = size >> 1; stride > 0; stride >>= 1) {
-      const T other = __shfl_xor_sync(0xffffffffu, k, stride);
-      const bool take_first = (((lane & size) == 0) == ((lane & stride) == 0)) != DESCENDING;
-      k = take_first ? (other < k ? other : k) : (other > k ? other : k);
-    }
+  for (int size = 2; size <= 32; size <<= 1) k = warp_bitonic_merge<DESCENDING>(k, size);
   return k;
 }
 
@@ -759,22 +766,14 @@ __device__ unsigned long long warp_axis_best_full(const float* __restrict__ l, c
   return mine;
 }
 
-// The final selection's candidate cells for small K: TopkRegion (cuda/topk_region.hpp).
-
 // The 32 smallest of 64 keys (two a lane), ascending in lane order: each half sorted, the
-// halves merged into a bitonic sequence of the 32 smallest, which a half-cleaner sorts.
+// halves merged into a bitonic sequence of the 32 smallest, which one merge stage sorts.
 __device__ __forceinline__ unsigned long long warp_best32_of64(unsigned long long k0, unsigned long long k1) {
   const int lane = threadIdx.x & 31;
   k0 = warp_sort32(k0);
   k1 = warp_sort32(k1);
   const unsigned long long r = __shfl_sync(0xffffffffu, k1, 31 - lane);
-  unsigned long long k = r < k0 ? r : k0;
-#pragma unroll
-  for (int stride = 16; stride > 0; stride >>= 1) {
-    const unsigned long long other = __shfl_xor_sync(0xffffffffu, k, stride);
-    k = (lane & stride) == 0 ? (other < k ? other : k) : (other > k ? other : k);
-  }
-  return k;
+  return warp_bitonic_merge<false>(r < k0 ? r : k0, 32);
 }
 
 // FULL: both axes have 32 VPL entries and 16-byte aligned rows (warp_axis_best_full).
